@@ -1,0 +1,69 @@
+"""Attention kernels: Triton implementations and their PyTorch references. Imports nothing of this project.
+
+The Triton modules are imported on first call, not here: ``qd_core`` imports this package for the references on
+machines without Triton or a GPU, and Triton fixes at import (decoration) time whether a kernel is compiled or run
+by its interpreter. On a machine without CUDA the first call with CPU tensors therefore sets
+``TRITON_INTERPRET=1`` before importing the kernels, so the same code runs (slowly) on CPU for tests.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from kernels.reference import agent_attention_reference, blocked_keys, masked_attention_reference
+
+__all__ = ["agent_attention", "masked_attention", "agent_attention_reference", "masked_attention_reference",
+           "blocked_keys"]
+
+
+def _triton_module(name: str, t: Tensor) -> ModuleType:
+    """Import ``kernels.<name>`` so that it can run on ``t``'s device (see the module docstring)."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"q: expected a torch.Tensor, got {type(t).__name__}")
+    utils = sys.modules.get("kernels._triton_utils")
+    if t.device.type == "cpu":
+        if utils is None and os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on"):
+            if torch.cuda.is_available():
+                raise ValueError("Triton kernels: got CPU tensors on a CUDA machine; move them to CUDA, or set "
+                                 "TRITON_INTERPRET=1 before the first kernel call to run Triton's interpreter")
+            os.environ["TRITON_INTERPRET"] = "1"
+        elif utils is not None and not utils.INTERPRET:
+            raise ValueError("Triton kernels: got CPU tensors but the kernels were built for CUDA; set "
+                             "TRITON_INTERPRET=1 before the first kernel call to run them on CPU")
+    return importlib.import_module(f"kernels.{name}")
+
+
+def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+    """Triton softmax attention of many queries over a few keys (pixel tokens over agent queries / Rein tokens).
+
+    Args:
+        q: (B, H, N, d) queries, fp32/fp16/bf16.
+        k: (B, H, M, d) or (1, H, M, d) keys shared over the batch; 1 ≤ M ≤ 256.
+        v: same shape as k.
+        scale: logit scale; default d ** -0.5.
+    Returns:
+        (B, H, N, d) in q's dtype, differentiable in q, k and v. Same result as ``agent_attention_reference``.
+    """
+    return _triton_module("agent_triton", q).agent_attention(q, k, v, scale=scale)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_feats: Tensor, *,
+                     scale: float | None = None) -> Tensor:
+    """Triton Mask2Former masked cross-attention, the mask computed inside the kernel from its two factors.
+
+    Args:
+        q: (B, H, Q, d) queries, fp32/fp16/bf16; Q ≤ 256, d ≤ 256.
+        k, v: (B, H, L, d) keys and values.
+        mask_embed: (B, Q, C) mask embeddings; mask_feats: (B, C, L) mask features. Key l is blocked for query i
+            when mask_embed[b, i] · mask_feats[b, :, l] < 0, unless every key is blocked for i (then none is).
+            Not differentiated.
+        scale: logit scale; default d ** -0.5.
+    Returns:
+        (B, H, Q, d) in q's dtype, differentiable in q, k and v. Same result as ``masked_attention_reference``.
+    """
+    return _triton_module("masked_triton", q).masked_attention(q, k, v, mask_embed, mask_feats, scale=scale)

@@ -1,0 +1,100 @@
+"""The attention entry points the model calls, and the choice of implementation behind them.
+
+Three kinds of attention run in the student:
+- ``agent_attention``: many pixel tokens over a few agent queries / Rein tokens (refinement, LoRA-Reins);
+- ``masked_attention``: decoder queries over a memory, blocked by the previous prediction's mask;
+- ``attention``: plain multi-head attention (backbone, decoder self-attention, agent-query encoder).
+
+Backend choice (``QD_ATTENTION`` overrides it): ``triton`` for CUDA tensors, ``torch`` elsewhere. ``sdpa`` uses
+``F.scaled_dot_product_attention`` (with a materialised mask for the masked kind); ``xformers`` and ``flex`` are
+GPU-only options. While tracing for export (torch.jit / torch.onnx / torch.export) the ``torch`` path is always
+taken, so exported graphs never contain a Triton call.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels import agent_attention_reference, blocked_keys, masked_attention_reference
+
+BACKENDS = ("torch", "triton", "sdpa", "xformers", "flex")
+
+
+def _tracing() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def backend_for(t: Tensor) -> str:
+    """The implementation used for tensor ``t`` (see module docstring)."""
+    forced = os.environ.get("QD_ATTENTION", "").strip().lower()
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"QD_ATTENTION={forced!r}: expected one of {', '.join(BACKENDS)}")
+    if _tracing():
+        return "torch"
+    if forced:
+        if forced in ("xformers", "flex") and not t.is_cuda:
+            raise ValueError(f"QD_ATTENTION={forced}: this backend needs CUDA tensors, got {t.device}")
+        return forced
+    return "triton" if t.is_cuda else "torch"
+
+
+def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+    """Softmax(q kᵀ·scale) v with keys shared over the batch allowed.
+
+    q: (B, H, N, d); k, v: (B, H, M, d) or (1, H, M, d). Returns (B, H, N, d).
+    """
+    backend = backend_for(q)
+    if backend == "triton":
+        import kernels
+
+        return kernels.agent_attention(q, k, v, scale=scale)
+    if backend == "torch":
+        return agent_attention_reference(q, k, v, scale=scale)
+    return attention(q, k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1), scale=scale)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_feats: Tensor, *,
+                     scale: float | None = None) -> Tensor:
+    """Mask2Former masked cross-attention with the mask built from its factors.
+
+    q: (B, H, Q, d); k, v: (B, H, L, d); mask_embed: (B, Q, C); mask_feats: (B, C, L). Key l is blocked for query
+    i when ``mask_embed[b, i] · mask_feats[b, :, l] < 0`` (sigmoid < 0.5), unless all of i's keys are blocked.
+    Returns (B, H, Q, d).
+    """
+    backend = backend_for(q)
+    if backend == "triton":
+        import kernels
+
+        return kernels.masked_attention(q, k, v, mask_embed, mask_feats, scale=scale)
+    if backend == "torch":
+        return masked_attention_reference(q, k, v, mask_embed, mask_feats, scale=scale)
+    allowed = ~blocked_keys(mask_embed, mask_feats)[:, None]  # SDPA: True = may attend
+    return attention(q, k, v, scale=scale, allowed=allowed)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, allowed: Tensor | None = None) -> Tensor:
+    """Plain multi-head attention. q: (B, H, N, d); k, v: (B, H, M, d); allowed: bool broadcastable to (B, H, N, M)."""
+    backend = backend_for(q)
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        bias = None
+        if allowed is not None:
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_bias=bias, scale=scale)
+        return out.transpose(1, 2)
+    if backend == "flex" and allowed is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)

@@ -1,0 +1,114 @@
+"""Parameter counts per module and FLOPs of one image, for reports and MFU.
+
+    python -m qd_core.summary --config vitl16_512 [--height 512 --width 512] [--json]
+
+FLOPs are counted by ``torch.utils.flop_counter`` on the meta device (no memory, no compute): matrix products,
+convolutions and attention, 2 FLOPs per multiply-add. Elementwise work (norms, softmax, bilinear sampling) is
+not counted, as is usual for MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from qd_core.config import Config, ConfigError, load_config
+
+
+@dataclass
+class ModuleCount:
+    name: str
+    trainable: int
+    frozen: int
+
+
+def parameter_counts(model: nn.Module) -> list[ModuleCount]:
+    """Trainable and frozen parameter counts of each top-level child of ``model``."""
+    rows = []
+    for name, child in model.named_children():
+        trainable = sum(p.numel() for p in child.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in child.parameters() if not p.requires_grad)
+        rows.append(ModuleCount(name, trainable, frozen))
+    return rows
+
+
+def count_flops(model: nn.Module, height: int, width: int, batch: int = 1) -> tuple[int, dict[str, int]]:
+    """FLOPs of ``model.semantic_logits`` on one (batch, 3, H, W) input; returns (total, per top-level module)."""
+    images = torch.zeros(batch, 3, height, width, device="meta")
+    counter = FlopCounterMode(display=False, depth=2)
+    with counter, torch.no_grad():
+        model.semantic_logits(images)
+    # Keys are module paths such as "QueryDiffStudent.backbone"; keep the direct children of the root.
+    per_module = {key.split(".")[1]: sum(ops.values()) for key, ops in counter.get_flop_counts().items()
+                  if key.count(".") == 1}
+    # The backbone calls the Reins adapter inside its own forward, so the tracker books those FLOPs twice;
+    # keep them on the adapter so the rows add up to the total.
+    if "reins" in per_module and "backbone" in per_module:
+        per_module["backbone"] -= per_module["reins"]
+    return counter.get_total_flops(), per_module
+
+
+def build_meta_student(cfg: Config) -> nn.Module:
+    """The student with parameters on the meta device (a ViT-L builds instantly and takes no memory)."""
+    from qd_core.model import QueryDiffStudent
+
+    with torch.device("meta"):
+        return QueryDiffStudent(cfg).eval()
+
+
+def summarize(cfg: Config, height: int | None = None, width: int | None = None) -> dict:
+    height = height or cfg.inference.window[0]
+    width = width or cfg.inference.window[1]
+    model = build_meta_student(cfg)
+    rows = parameter_counts(model)
+    # FlopCounterMode's module tracker hooks autograd on parameters that require grad; counting needs none.
+    total, per_module = count_flops(model.requires_grad_(False), height, width)
+    modules = [{"name": r.name, "trainable": r.trainable, "frozen": r.frozen,
+                "gflops": per_module.get(r.name, 0) / 1e9} for r in rows]
+    # Work done by the student itself outside its children: the class × mask product of the semantic logits.
+    modules.append({"name": "(combine)", "trainable": 0, "frozen": 0,
+                    "gflops": (total - sum(per_module.get(r.name, 0) for r in rows)) / 1e9})
+    return {
+        "config": cfg.name,
+        "input": [1, 3, height, width],
+        "modules": modules,
+        "trainable": sum(r.trainable for r in rows),
+        "frozen": sum(r.frozen for r in rows),
+        "gflops": total / 1e9,
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"QueryDiff student '{s['config']}', input {'x'.join(map(str, s['input']))}",
+             f"{'module':<16}{'trainable':>14}{'frozen':>14}{'GFLOPs':>10}"]
+    for m in s["modules"]:
+        lines.append(f"{m['name']:<16}{m['trainable']:>14,}{m['frozen']:>14,}{m['gflops']:>10.1f}")
+    lines.append(f"{'total':<16}{s['trainable']:>14,}{s['frozen']:>14,}{s['gflops']:>10.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qd_core.summary", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="vitl16_512", help="shipped config name or YAML path (default vitl16_512)")
+    ap.add_argument("--height", type=int, default=None, help="input height (default: the inference window)")
+    ap.add_argument("--width", type=int, default=None, help="input width (default: the inference window)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.head.decoder_layers=6")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = summarize(cfg, args.height, args.width)
+    print(json.dumps(s, indent=2) if args.json else format_summary(s))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Agent-query encoder (METHOD §3.3): image-dependent layer queries, per-slot progressive merging."""
+import torch
+
+from qd_core.agent_queries import AgentQueryEncoder, StageMerger
+
+
+def encoder(image_dependent=True, own_tokens=False, layers=8, stages=(4, 2, 1)):
+    torch.manual_seed(0)
+    return AgentQueryEncoder(layers, 32, 5, num_heads=2, merge_stages=list(stages), merge_dim=16, merge_heads=2,
+                             mlp_ratio=2.0, image_dependent=image_dependent, own_tokens=own_tokens)
+
+
+def test_output_is_one_query_per_token_slot():
+    enc = encoder()
+    feats = [torch.randn(3, 12, 32) for _ in range(8)]
+    q = enc(feats, torch.randn(8, 5, 32))
+    assert q.shape == (3, 5, 32)
+
+
+def test_image_dependent_queries_differ_between_images():
+    enc = encoder()
+    tokens = torch.randn(8, 5, 32)
+    feats = [torch.randn(2, 12, 32) for _ in range(8)]
+    q = enc(feats, tokens)
+    assert not torch.allclose(q[0], q[1])
+
+
+def test_image_independent_variant_ignores_features():
+    enc = encoder(image_dependent=False)
+    tokens = torch.randn(8, 5, 32)
+    q1 = enc([torch.randn(2, 12, 32) for _ in range(8)], tokens)
+    q2 = enc([torch.randn(2, 12, 32) for _ in range(8)], tokens)
+    torch.testing.assert_close(q1, q2)
+    torch.testing.assert_close(q1[0], q1[1])
+
+
+def test_merging_stages_shrink_layer_groups():
+    merger = StageMerger(3, 32, 16, 2)
+    assert merger(torch.randn(10, 7, 32)).shape == (10, 3, 32)
+
+
+def test_slots_are_merged_independently():
+    enc = encoder(image_dependent=False)
+    tokens = torch.randn(8, 5, 32)
+    feats = [torch.randn(1, 12, 32) for _ in range(8)]
+    base = enc(feats, tokens)
+    tokens2 = tokens.clone()
+    tokens2[:, 3] += 1.0  # change slot 3 in every layer
+    changed = enc(feats, tokens2)
+    same = [j for j in range(5) if j != 3]
+    torch.testing.assert_close(changed[:, same], base[:, same])
+    assert not torch.allclose(changed[:, 3], base[:, 3])
+
+
+def test_gradients_reach_tokens_and_merger():
+    enc = encoder()
+    tokens = torch.randn(8, 5, 32, requires_grad=True)
+    enc([torch.randn(2, 12, 32) for _ in range(8)], tokens).sum().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    assert enc.mergers[0].group_tokens.grad is not None
+
+
+def test_own_tokens_when_no_reins():
+    enc = encoder(own_tokens=True)
+    assert enc([torch.randn(1, 12, 32) for _ in range(8)]).shape == (1, 5, 32)

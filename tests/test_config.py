@@ -1,0 +1,89 @@
+"""Typed configs: shipped files, dotted overrides, and errors that name the key."""
+import pytest
+
+from qd_core.config import (ConfigError, apply_overrides, config_from_dict, default_merge_stages,
+                            default_out_indices, dump_config, load_config)
+
+SHIPPED = ["tiny", "vits16_256", "vitl16_512", "vitl16_1024"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_and_validate(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert cfg.model.head.num_queries == cfg.model.reins.token_length
+
+
+def test_paper_default_matches_method():
+    m = load_config("vitl16_512").model
+    assert (m.backbone.embed_dim, m.backbone.depth, m.backbone.num_heads, m.backbone.patch_size) == (1024, 24, 16, 16)
+    assert (m.reins.token_length, m.reins.lora_dim) == (100, 16)
+    assert (m.head.dim, m.head.num_heads, m.head.pixel_decoder_layers, m.head.decoder_layers) == (256, 8, 6, 9)
+    assert default_out_indices(24) == [7, 11, 15, 23]
+    assert default_merge_stages(24) == [12, 6, 3]
+
+
+def test_1024_inherits_from_512_and_overrides_window():
+    cfg = load_config("vitl16_1024")
+    assert cfg.model.backbone.embed_dim == 1024
+    assert cfg.model.backbone.pos_grid_size == 1024
+    assert cfg.inference.window == [1024, 1024] and cfg.inference.stride == [683, 683]
+
+
+def test_out_indices_scale_with_depth():
+    assert default_out_indices(12) == [3, 5, 7, 11]
+    assert default_out_indices(4) == [0, 1, 2, 3]
+
+
+def test_dotted_override_sets_nested_value():
+    cfg = load_config("tiny", ["model.backbone.depth=8", "inference.mode=whole", "model.head.refine=false"])
+    assert cfg.model.backbone.depth == 8
+    assert cfg.inference.mode == "whole"
+    assert cfg.model.head.refine is False
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.head.dimm'"):
+        load_config("tiny", ["model.head.dimm=3"])
+
+
+def test_wrong_type_is_named_with_value():
+    with pytest.raises(ConfigError, match=r"'model.head.dim' = 'abc': expected an integer"):
+        load_config("tiny", ["model.head.dim=abc"])
+
+
+def test_cross_field_validation_names_key():
+    with pytest.raises(ConfigError, match=r"model.head.num_queries"):
+        load_config("tiny", ["model.head.num_queries=7"])
+    with pytest.raises(ConfigError, match=r"model.backbone.num_heads"):
+        load_config("tiny", ["model.backbone.num_heads=3"])
+    with pytest.raises(ConfigError, match=r"inference.mode"):
+        load_config("tiny", ["inference.mode=tiles"])
+
+
+def test_missing_config_names_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"shipped: .*tiny"):
+        load_config("no_such_config")
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*not valid YAML"):
+        load_config(p)
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["model.head.dim"])
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config("tiny", ["model.head.decoder_layers=2"])
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    again = load_config(p)
+    assert again.to_dict() == cfg.to_dict()
+    assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()

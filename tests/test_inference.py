@@ -1,0 +1,75 @@
+"""Slide and whole inference (METHOD §6.4): window grid, averaging, small images."""
+import torch
+
+from qd_core.inference import slide_inference, whole_inference, window_grid
+
+
+def method_grid(h, w, win, stride):
+    """METHOD §6.4 written out: count per axis, last window clamped to the border."""
+    def axis(size, win_, st):
+        n = max(size - win_ + st - 1, 0) // st + 1
+        out = []
+        for i in range(n):
+            end = min(i * st + win_, size)
+            out.append((max(end - win_, 0), end))
+        return out
+    return [(y1, y2, x1, x2) for (y1, y2) in axis(h, win, stride) for (x1, x2) in axis(w, win, stride)]
+
+
+def test_grid_matches_method_formula_on_multiples_and_non_multiples():
+    for h, w in [(512, 512), (1024, 2048), (1024, 1365), (700, 1000), (853, 512)]:
+        assert window_grid((h, w), (512, 512), (341, 341)) == method_grid(h, w, 512, 341)
+
+
+def test_grid_counts_for_cityscapes_half_res():
+    # 1024x512 (resized Cityscapes): rows (512-512+340)//341+1 = 1, cols (1024-512+340)//341+1 = 3.
+    boxes = window_grid((512, 1024), (512, 512), (341, 341))
+    assert len(boxes) == 3
+    assert boxes[-1] == (0, 512, 512, 1024)  # last window pushed back to touch the border
+
+
+def test_slide_average_equals_per_pixel_mean_of_window_outputs():
+    h, w, win, st = 96, 160, (64, 64), (40, 40)
+    images = torch.randn(2, 3, h, w)
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape[-2:])
+        k = float(len(calls))  # a different constant per window makes averaging visible
+        return torch.full((x.shape[0], 2, *x.shape[-2:]), k) + x[:, :1]
+
+    out = slide_inference(fn, images, win, st, num_classes=2, multiple=32)
+    # Independent accumulation.
+    acc = torch.zeros(2, 2, h, w)
+    cnt = torch.zeros(h, w)
+    for i, (y1, y2, x1, x2) in enumerate(method_grid(h, w, 64, 40)):
+        acc[:, :, y1:y2, x1:x2] += float(i + 1) + images[:, :1, y1:y2, x1:x2]
+        cnt[y1:y2, x1:x2] += 1
+    torch.testing.assert_close(out, acc / cnt)
+    assert all(tuple(s) == (64, 64) for s in calls)
+
+
+def test_image_smaller_than_window_is_padded_to_window_and_cropped_back():
+    images = torch.randn(1, 3, 50, 70)
+    seen = []
+
+    def fn(x):
+        seen.append(tuple(x.shape[-2:]))
+        return x[:, :2] * 2
+
+    out = slide_inference(fn, images, (64, 96), (40, 40), num_classes=2, multiple=32)
+    assert seen == [(64, 96)]
+    torch.testing.assert_close(out, images[:, :2] * 2)
+
+
+def test_whole_pads_to_multiple_and_crops():
+    images = torch.randn(1, 3, 40, 70)
+    seen = []
+
+    def fn(x):
+        seen.append(tuple(x.shape[-2:]))
+        return x[:, :3] + 1
+
+    out = whole_inference(fn, images, multiple=32)
+    assert seen == [(64, 96)]
+    torch.testing.assert_close(out, images + 1)

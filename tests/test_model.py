@@ -1,0 +1,109 @@
+"""The QueryDiff student end to end: outputs, trainable set, frozen backbone, inference, bad input."""
+import pytest
+import torch
+
+from qd_core import build_student, load_config
+from qd_core.model import QueryDiffStudent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    return build_student(cfg).eval()
+
+
+def test_forward_returns_every_decoder_output(tiny):
+    cfg = tiny.cfg.model
+    out = tiny(torch.randn(2, 3, 128, 160))
+    n_out = cfg.head.decoder_layers + 1
+    assert len(out.class_logits) == len(out.mask_logits) == n_out
+    for cls, mask in zip(out.class_logits, out.mask_logits):
+        assert cls.shape == (2, cfg.head.num_queries, cfg.head.num_classes + 1)
+        assert mask.shape == (2, cfg.head.num_queries, 32, 40)
+    assert out.agent_queries.shape == (2, cfg.head.num_queries, cfg.backbone.embed_dim)
+
+
+def test_semantic_logits_combine_class_and_mask_probabilities(tiny):
+    images = torch.randn(1, 3, 128, 128)
+    logits = tiny.semantic_logits(images)
+    assert logits.shape == (1, 19, 32, 32)
+    out = tiny(images)
+    probs = out.class_logits[-1].softmax(-1)[..., :19]
+    expected = torch.einsum("bqc,bqhw->bchw", probs, out.mask_logits[-1].sigmoid())
+    torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_predict_returns_labels_at_input_size_for_any_size(tiny, mode):
+    labels = tiny.predict(torch.randn(2, 3, 100, 230), mode=mode)
+    assert labels.shape == (2, 100, 230) and labels.dtype == torch.int64
+    assert int(labels.min()) >= 0 and int(labels.max()) < 19
+
+
+def test_whole_and_slide_agree_on_one_window(tiny):
+    images = torch.randn(1, 3, 128, 128)  # equal to the tiny config's window
+    torch.testing.assert_close(tiny.predict_logits(images, "whole"), tiny.predict_logits(images, "slide"))
+
+
+def test_trainable_set_is_reins_agent_queries_link_and_head():
+    student = QueryDiffStudent(load_config("tiny"))
+    trainable = {n.split(".")[0] for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {"reins", "agent_queries", "query_link", "pixel_decoder", "refine", "decoder"}
+    assert not any(p.requires_grad for p in student.backbone.parameters())
+
+
+def test_backbone_stays_in_eval_mode_after_train():
+    student = QueryDiffStudent(load_config("tiny")).train()
+    assert student.decoder.training
+    assert not student.backbone.training
+    assert not any(m.training for m in student.backbone.modules())
+
+
+def test_every_trainable_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    student = QueryDiffStudent(load_config("tiny")).train()
+    out = student(torch.randn(2, 3, 128, 128))
+    loss = sum(c.square().mean() for c in out.class_logits) + sum(m.square().mean() for m in out.mask_logits)
+    loss = loss + out.agent_queries.square().mean()
+    loss.backward()
+    missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_without_reins_agent_queries_use_their_own_tokens():
+    student = QueryDiffStudent(load_config("tiny", ["model.reins.enabled=false"]))
+    assert student.reins is None
+    out = student(torch.randn(1, 3, 128, 128))
+    assert out.agent_queries.shape == (1, 20, 64)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.randn(1, 4, 128, 128), "3 channels"),
+    (torch.zeros(1, 3, 128, 128, dtype=torch.uint8), "float"),
+    (torch.randn(3, 128, 128), r"\(B, 3, H, W\)"),
+    (torch.randn(1, 3, 120, 128), "multiples of 32"),
+])
+def test_bad_input_gives_clear_value_error(tiny, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(bad)
+
+
+def test_normalize_applies_imagenet_statistics(tiny):
+    rgb = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    torch.testing.assert_close(tiny.normalize(rgb), torch.zeros(1, 3, 2, 2))
+
+
+@pytest.mark.slow
+def test_vitl16_512_forward_on_cpu_has_documented_shapes():
+    torch.manual_seed(0)
+    student = build_student(load_config("vitl16_512")).eval()
+    with torch.no_grad():
+        out = student(torch.randn(1, 3, 512, 512))
+        sem = student.combine(out.class_logits[-1], out.mask_logits[-1])
+    assert len(out.class_logits) == 10
+    assert out.class_logits[-1].shape == (1, 100, 20)
+    assert out.mask_logits[-1].shape == (1, 100, 128, 128)
+    assert out.agent_queries.shape == (1, 100, 1024)
+    assert sem.shape == (1, 19, 128, 128)
+    assert torch.isfinite(sem).all()

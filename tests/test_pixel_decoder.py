@@ -1,0 +1,98 @@
+"""MSDeformAttn pixel decoder (METHOD §6.1) on the tiny config, and the sine positional encoding."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qd_core.config import load_config
+from qd_core.head.msda import MSDeformAttn
+from qd_core.head.pixel_decoder import MSDeformAttnPixelDecoder
+from qd_core.head.position import sine_position_encoding
+
+IN_CHANNELS = 64
+
+
+def make_decoder(seed: int = 0) -> MSDeformAttnPixelDecoder:
+    torch.manual_seed(seed)
+    return MSDeformAttnPixelDecoder(IN_CHANNELS, load_config("tiny").model.head)
+
+
+def pyramid(batch: int, height: int, width: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, IN_CHANNELS, height // s, width // s, generator=g) for s in (4, 8, 16, 32)]
+
+
+@pytest.mark.parametrize("height, width", [(128, 128), (128, 192)])
+def test_output_shapes(height: int, width: int) -> None:
+    decoder = make_decoder()
+    dim = decoder.dim
+    mask_features, memories = decoder(pyramid(2, height, width))
+    assert mask_features.shape == (2, dim, height // 4, width // 4)
+    assert [tuple(m.shape) for m in memories] == [(2, dim, height // s, width // s) for s in (32, 16, 8)]
+
+
+def test_gather_and_grid_sample_modes_agree() -> None:
+    decoder = make_decoder().eval()
+    feats = pyramid(2, 128, 192)
+    with torch.no_grad():
+        decoder.set_msda_sampling("grid_sample")
+        ref_mask, ref_mem = decoder(feats)
+        decoder.set_msda_sampling("gather")
+        mask, mem = decoder(feats)
+    assert all(m.sampling == "gather" for m in decoder.modules() if isinstance(m, MSDeformAttn))
+    # fp32, two encoder layers: the two cores differ only in summation order.
+    torch.testing.assert_close(mask, ref_mask, atol=1e-5, rtol=1e-5)
+    for a, b in zip(mem, ref_mem):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_sampling_mode_is_rejected() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        make_decoder().set_msda_sampling("nearest")
+
+
+def test_gradients_reach_input_convs_and_sampling_offsets() -> None:
+    decoder = make_decoder()
+    mask_features, memories = decoder(pyramid(1, 128, 128))
+    (mask_features.square().mean() + sum(m.square().mean() for m in memories)).backward()
+    for i, conv_norm in enumerate(decoder.input_convs):
+        assert conv_norm.conv.weight.grad is not None and conv_norm.conv.weight.grad.abs().sum() > 0, i
+    for i, layer in enumerate(decoder.encoder.layers):
+        grad = layer.attn.sampling_offsets.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, i
+
+
+def test_wrong_number_of_levels_is_rejected() -> None:
+    with pytest.raises(ValueError, match="feats"):
+        make_decoder()(pyramid(1, 128, 128)[1:])
+
+
+def test_wrong_input_width_is_rejected() -> None:
+    feats = pyramid(1, 128, 128)
+    feats[2] = feats[2][:, :32]
+    with pytest.raises(ValueError, match=r"feats\[2\]"):
+        make_decoder()(feats)
+
+
+def test_position_encoding_matches_formula_on_2x3_grid() -> None:
+    num_feats, h, w, temperature, eps = 4, 2, 3, 10000.0, 1e-6
+    pos = sine_position_encoding(2, h, w, num_feats, device="cpu", dtype=torch.float64)
+    assert pos.shape == (2, 2 * num_feats, h, w)
+    expected = torch.empty(2 * num_feats, h, w, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            coords = ((i + 1) / (h + eps) * 2 * math.pi, (j + 1) / (w + eps) * 2 * math.pi)  # (y, x)
+            for axis, c in enumerate(coords):
+                for k in range(num_feats):
+                    freq = temperature ** (2 * (k // 2) / num_feats)
+                    expected[axis * num_feats + k, i, j] = math.sin(c / freq) if k % 2 == 0 else math.cos(c / freq)
+    # The encoding is computed in fp32 and cast: fp32 rounding of angles below 2π is ~5e-7.
+    torch.testing.assert_close(pos[0], expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(pos[1], expected, atol=2e-6, rtol=0)
+
+
+def test_position_encoding_rejects_odd_num_feats() -> None:
+    with pytest.raises(ValueError, match="num_feats"):
+        sine_position_encoding(1, 2, 3, 5)

@@ -1,0 +1,39 @@
+"""Parameter and FLOP summary (used by the benchmarks for MFU)."""
+from qd_core import load_config
+from qd_core.summary import main, summarize
+
+
+def vit_flops(tokens: int, dim: int, depth: int, patch: int) -> float:
+    """2 FLOPs per MAC: qkv + proj + 2 MLP matmuls (12·D²·T) + QKᵀ and PV (2·T²·D), plus the patch conv."""
+    per_block = 12 * dim * dim * tokens + 2 * tokens * tokens * dim
+    patch_embed = 3 * patch * patch * dim * (tokens - 1)
+    return 2.0 * (depth * per_block + patch_embed)
+
+
+def test_backbone_flops_match_the_vit_formula():
+    s = summarize(load_config("vitl16_512"))
+    backbone = next(m for m in s["modules"] if m["name"] == "backbone")
+    expected = vit_flops(1 + 32 * 32, 1024, 24, 16) / 1e9
+    assert abs(backbone["gflops"] - expected) / expected < 0.01
+    assert s["gflops"] > backbone["gflops"]
+
+
+def test_vitl16_512_counts_backbone_frozen_rest_trainable():
+    s = summarize(load_config("vitl16_512"))
+    rows = {m["name"]: m for m in s["modules"]}
+    assert rows["backbone"]["trainable"] == 0
+    assert 300e6 < rows["backbone"]["frozen"] < 310e6  # DINOv2 ViT-L/16 at a 32x32 grid
+    assert all(m["frozen"] == 0 for n, m in rows.items() if n != "backbone")
+    # LoRA-Reins: 24 layers x (100x16 + 16x1024) tokens + two 1024x1024 linears + scale.
+    assert rows["reins"]["trainable"] == 24 * (100 * 16 + 16 * 1024) + 2 * (1024 * 1024 + 1024) + 1
+
+
+def test_cli_prints_table(capsys):
+    assert main(["--config", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone" in out and "total" in out
+
+
+def test_module_rows_add_up_to_the_total():
+    s = summarize(load_config("tiny"))
+    assert abs(sum(m["gflops"] for m in s["modules"]) - s["gflops"]) < 1e-6 * max(s["gflops"], 1)
