@@ -114,13 +114,107 @@ class InferenceConfig:
     stride: list[int] = field(default_factory=lambda: [341, 341])  # (h, w)
 
 
+DATASET_KINDS = ("synthetic", "cityscapes", "gta", "mapillary", "bdd", "acdc", "folder")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset split in its published layout (METHOD §8)."""
+
+    kind: str = "synthetic"  # one of DATASET_KINDS
+    root: str = ""  # dataset root; for "synthetic", empty = data.synthetic.root
+    split: str = "val"
+    # Display name in tables (default: kind, or kind/domain|condition).
+    name: str = ""
+    # synthetic: domain ("source", "fog", "snow", ...); acdc: condition ("fog", "night", "rain", "snow").
+    domain: str = ""
+    # Test-time keep-ratio resize to fit (long, short); empty = keep the image size (METHOD §6.4).
+    test_size: list[int] = field(default_factory=list)
+
+    def display_name(self) -> str:
+        return self.name or (f"{self.kind}/{self.domain}" if self.domain else self.kind)
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The embedded street scenes (DESIGN §7), generated once into ``root``."""
+
+    root: str = "data/synthetic"
+    seed: int = 0
+    num_train: int = 200
+    num_val: int = 30
+    size: list[int] = field(default_factory=lambda: [256, 512])  # (h, w)
+
+
+@dataclass
+class DataConfig:
+    train: DatasetSpec = field(default_factory=lambda: DatasetSpec(kind="synthetic", split="train", domain="source"))
+    val: list[DatasetSpec] = field(default_factory=list)
+    crop_size: int = 512
+    # Short-edge resize scales are crop_size·k/10 for k in [scale_min, scale_max] (METHOD §7: 5..20).
+    scale_min: int = 5
+    scale_max: int = 20
+    cat_max_ratio: float = 0.75
+    num_workers: int = 2
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class TeacherConfig:
+    """Frozen diffusion teacher and the guidance losses (METHOD §4). Training only."""
+
+    enabled: bool = True
+    # Local diffusers folder (Stable Diffusion 2 / 2.1-base, or the tiny teacher made by `python -m train teacher`).
+    path: str = ""
+    t_weak: int = 0
+    t_strong: int = 100
+    # Hyperfeature aggregation resolution (METHOD §4.4: 64 for a 64x64 latent; 32 is a cheaper option).
+    feature_size: int = 64
+    bottleneck_dim: int = 256
+    lambda_dist: float = 1.0
+    lambda_sup: float = 1.0
+    share_noise: bool = False
+    seed: int = 2024
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run control (METHOD §7)."""
+
+    iters: int = 40000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU) | "bf16" | "fp16" | "off"
+    seed: int = 42
+    # Mask2Former loss (METHOD §6.3).
+    num_points: int = 12544
+    no_object_weight: float = 0.1
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    log_interval: int = 50
+    eval_interval: int = 4000
+    checkpoint_interval: int = 4000
+    out_dir: str = ""  # default runs/<config name>
+
+
 @dataclass
 class Config:
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
-    # Sections owned by later stages (data, train, teacher) are free-form until their schema lands.
-    extra: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +294,25 @@ def validate(cfg: Config) -> Config:
     need(len(cfg.model.pixel_mean) == 3, "model.pixel_mean", cfg.model.pixel_mean, "3 numbers (RGB)")
     need(len(cfg.model.pixel_std) == 3 and all(s > 0 for s in cfg.model.pixel_std), "model.pixel_std",
          cfg.model.pixel_std, "3 positive numbers (RGB)")
+    d, t, tr = cfg.data, cfg.teacher, cfg.train
+    for key, spec in [("data.train", d.train)] + [(f"data.val[{i}]", v) for i, v in enumerate(d.val)]:
+        need(spec.kind in DATASET_KINDS, f"{key}.kind", spec.kind, f"one of {', '.join(DATASET_KINDS)}")
+        need(not spec.test_size or (len(spec.test_size) == 2 and min(spec.test_size) > 0), f"{key}.test_size",
+             spec.test_size, "[long, short] positive, or empty")
+    need(d.crop_size > 0 and d.crop_size % 32 == 0, "data.crop_size", d.crop_size, "a positive multiple of 32")
+    need(0 < d.scale_min <= d.scale_max, "data.scale_max", d.scale_max, f">= data.scale_min ({d.scale_min}) > 0")
+    need(len(d.synthetic.size) == 2 and min(d.synthetic.size) >= 32, "data.synthetic.size", d.synthetic.size,
+         "[h, w], each at least 32")
+    need(0 <= t.t_weak <= t.t_strong < 1000, "teacher.t_strong", t.t_strong,
+         f"an integer with teacher.t_weak ({t.t_weak}) <= t_strong < 1000")
+    need(t.feature_size > 0, "teacher.feature_size", t.feature_size, "a positive integer")
+    for key, v in [("train.iters", tr.iters), ("train.batch_size", tr.batch_size), ("train.grad_accum", tr.grad_accum),
+                   ("train.num_points", tr.num_points), ("train.log_interval", tr.log_interval),
+                   ("train.eval_interval", tr.eval_interval), ("train.checkpoint_interval", tr.checkpoint_interval)]:
+        need(v > 0, key, v, "a positive integer")
+    need(tr.lr > 0, "train.lr", tr.lr, "a positive number")
+    need(len(tr.betas) == 2 and all(0 <= b_ < 1 for b_ in tr.betas), "train.betas", tr.betas, "[beta1, beta2] in [0, 1)")
+    need(tr.amp in ("auto", "bf16", "fp16", "off"), "train.amp", tr.amp, "'auto', 'bf16', 'fp16' or 'off'")
     inf = cfg.inference
     need(inf.mode in ("whole", "slide"), "inference.mode", inf.mode, "'whole' or 'slide'")
     need(len(inf.window) == 2 and all(w > 0 and w % 32 == 0 for w in inf.window), "inference.window", inf.window,

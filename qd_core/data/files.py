@@ -1,0 +1,79 @@
+"""Image and label file I/O with one clear error per bad file, and atomic writes (temp file, then rename)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# PNG label modes that store one class index per pixel ("P" keeps the index, not the palette colour).
+_LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3); grey, palette and alpha images are converted to RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"{path}: unreadable image ({err})") from None
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read a single-channel label PNG as (H, W) integers (uint8, or int32 for 16-bit files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label file not found")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            if mode not in _LABEL_MODES:
+                raise ValueError(f"{path}: label image has mode {mode!r}; expected a single-channel class-index "
+                                 f"PNG (one of {', '.join(_LABEL_MODES)}), not a colour rendering")
+            label = np.asarray(img)
+    except ValueError:
+        raise
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: unreadable label ({err})") from None
+    return label if label.dtype == np.uint8 else label.astype(np.int32)
+
+
+def _temp_sibling(path: Path) -> Path:
+    # Same folder (so the rename is atomic on one file system) and same suffix (so Pillow picks the format).
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def save_image_atomic(image: Image.Image, path: str | Path, **save_kwargs: object) -> None:
+    """Save a Pillow image to ``path`` via a temporary sibling file renamed into place."""
+    path = Path(path)
+    tmp = _temp_sibling(path)
+    try:
+        image.save(tmp, **save_kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_label_atomic(label: np.ndarray, path: str | Path) -> None:
+    """Save a (H, W) label with values in 0..255 as an 8-bit single-channel PNG, atomically."""
+    if label.ndim != 2:
+        raise ValueError(f"label for {path} must be (H, W), got shape {tuple(label.shape)}")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"label for {path} holds values outside 0..255 (min {label.min()}, max {label.max()})")
+    save_image_atomic(Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)), path)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst`` only after ``src`` is complete."""
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
