@@ -1,0 +1,237 @@
+"""Kernel microbenchmarks: the Triton agent and masked attention against their PyTorch references,
+``F.scaled_dot_product_attention``, FlexAttention and xformers (the last two on CUDA, where installed).
+
+On CUDA every case runs at the paper's shapes in bf16, forward (inference, no graph) and forward+backward; each
+timed call ends in ``torch.cuda.synchronize()`` and ``extra_info`` records the peak memory of one call
+(``torch.cuda.max_memory_allocated``, and the part of it above the inputs), the shapes and the forward FLOP count. Without CUDA the same code runs at tiny shapes under Triton's
+interpreter; run it with ``--benchmark-disable`` (one call each) as a check that every benchmark runs and agrees
+with the reference.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+import kernels  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+HAS_FLEX = CUDA and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+HAS_XFORMERS = CUDA and importlib.util.find_spec("xformers") is not None
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class AgentCase:
+    """q (b, h, n, d) over keys (b or 1, h, m, d)."""
+
+    name: str
+    b: int
+    h: int
+    n: int
+    m: int
+    d: int
+    shared: bool
+
+
+@dataclass(frozen=True)
+class MaskedCase:
+    """q (b, h, nq, d) over keys (b, h, seq, d), mask factors (b, nq, c) and (b, c, seq)."""
+
+    name: str
+    b: int
+    h: int
+    nq: int
+    seq: int
+    d: int
+    c: int
+
+
+if CUDA:
+    # Refinement: pixel tokens of the four pyramid levels of a 512² crop (128² + 64² + 32² + 16²) over 100 agent
+    # queries, 8 heads × 32. Rein: 32² patch tokens over the 100 layer tokens shared by the batch, one 1024 head.
+    AGENT_CASES = [AgentCase(f"refine-b{b}", b, 8, 21760, 100, 32, False) for b in (1, 8)] + \
+                  [AgentCase(f"rein-b{b}", b, 1, 1024, 100, 1024, True) for b in (1, 8)]
+    # Decoder: 100 queries over the 16², 32², 64² memories of a 512² crop, 8 heads × 32, 256 mask channels.
+    MASKED_CASES = [MaskedCase(f"decoder-b{b}-L{seq}", b, 8, 100, seq, 32, 256) for b in (1, 8)
+                    for seq in (256, 1024, 4096)]
+    # torch.compile builds FlexAttention for each shape (tens of seconds each): batch 1 only.
+    FLEX_CASES = {"refine-b1", "decoder-b1-L256", "decoder-b1-L1024", "decoder-b1-L4096"}
+else:
+    AGENT_CASES = [AgentCase("refine-tiny", 2, 2, 150, 20, 32, False), AgentCase("rein-tiny", 2, 1, 40, 20, 256, True)]
+    MASKED_CASES = [MaskedCase("decoder-tiny", 1, 2, 20, 100, 32, 16)]
+    FLEX_CASES = set()
+
+
+def _impls(case_name: str, wide_head: bool) -> list[str]:
+    impls = ["triton", "reference", "sdpa"]
+    if HAS_FLEX and case_name in FLEX_CASES:
+        impls.append("flex")
+    if HAS_XFORMERS and not wide_head:  # xformers' kernels stop short of a 1024-wide head
+        impls.append("xformers")
+    return impls
+
+
+AGENT_PARAMS = [pytest.param(case, impl, mode, id=f"{case.name}-{impl}-{mode}")
+                for case in AGENT_CASES for impl in _impls(case.name, case.d > 256) for mode in MODES]
+MASKED_PARAMS = [pytest.param(case, impl, mode, id=f"{case.name}-{impl}-{mode}")
+                 for case in MASKED_CASES for impl in _impls(case.name, False) for mode in MODES]
+
+
+# ------------------------------------------------------------------------------------------ implementations
+
+_compiled: dict[str, Callable] = {}
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, scale: float, allowed: Tensor | None) -> Tensor:
+    if "flex" not in _compiled:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def run(q: Tensor, k: Tensor, v: Tensor, scale: float, allowed: Tensor | None) -> Tensor:
+            if allowed is None:
+                return flex_attention(q, k, v, scale=scale)
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return torch.where(allowed[b, q_idx, kv_idx], score, -float("inf"))
+
+            return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+
+        # One build per shape, grad mode and masking: lift dynamo's per-function recompile cap above that count.
+        for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+        _compiled["flex"] = torch.compile(run, dynamic=False)
+    return _compiled["flex"](q, k, v, scale, allowed)
+
+
+def _xformers(q: Tensor, k: Tensor, v: Tensor, scale: float, allowed: Tensor | None) -> Tensor:
+    import xformers.ops as xops
+
+    bias = None
+    if allowed is not None:  # additive bias, (B, H, Q, L), 0 where allowed and -inf where blocked
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        bias = bias[:, None].expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias,
+                                          scale=scale)
+    return out.transpose(1, 2)
+
+
+def agent_fn(impl: str, scale: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """q (B, H, N, d), k/v (B or 1, H, M, d) → (B, H, N, d) for one implementation."""
+    if impl == "triton":
+        return lambda q, k, v: kernels.agent_attention(q, k, v, scale=scale)
+    if impl == "reference":
+        return lambda q, k, v: kernels.agent_attention_reference(q, k, v, scale=scale)
+
+    def expanded(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+
+    if impl == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, *expanded(q, k, v), scale=scale)
+    if impl == "flex":
+        return lambda q, k, v: _flex(q, *expanded(q, k, v), scale, None)
+    return lambda q, k, v: _xformers(q, *expanded(q, k, v), scale, None)
+
+
+def masked_fn(impl: str, scale: float, me: Tensor, mf: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """q (B, H, Q, d), k/v (B, H, L, d) → (B, H, Q, d); the other implementations build the (B, Q, L) mask in the
+    timed call, as the model would, since the Triton kernel builds it in-kernel from the same factors."""
+    if impl == "triton":
+        return lambda q, k, v: kernels.masked_attention(q, k, v, me, mf, scale=scale)
+    if impl == "reference":
+        return lambda q, k, v: kernels.masked_attention_reference(q, k, v, me, mf, scale=scale)
+
+    def allowed() -> Tensor:
+        return ~kernels.blocked_keys(me, mf)  # (B, Q, L), True = may attend
+
+    if impl == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed()[:, None], scale=scale)
+    if impl == "flex":
+        return lambda q, k, v: _flex(q, k, v, scale, allowed())
+    return lambda q, k, v: _xformers(q, k, v, scale, allowed())
+
+
+# ------------------------------------------------------------------------------------------------- harness
+
+
+def _run(benchmark, fn: Callable[[Tensor, Tensor, Tensor], Tensor], inputs: list[Tensor], mode: str,
+         group: str, flops: int) -> Tensor:
+    """Benchmark ``fn`` on ``inputs`` in ``mode`` and return its output (detached)."""
+    grad_out = torch.randn(inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device)
+
+    def step() -> Tensor:
+        if mode == "fwd":
+            with torch.no_grad():
+                out = fn(*inputs)
+        else:
+            out = fn(*inputs)
+            torch.autograd.grad(out, inputs, grad_out)
+        if CUDA:
+            torch.cuda.synchronize()
+        return out.detach()
+
+    benchmark.group = group
+    benchmark.extra_info.update(mode=mode, dtype=str(inputs[0].dtype).removeprefix("torch."),
+                                device=torch.cuda.get_device_name() if CUDA else "cpu",
+                                shapes=[list(t.shape) for t in inputs], fwd_flops=flops)
+    if CUDA:
+        step()  # compile / autotune outside the measurement
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated()
+        benchmark.extra_info.update(peak_mem_mib=peak / 2 ** 20, added_mem_mib=(peak - base) / 2 ** 20)
+    return benchmark(step)
+
+
+def _assert_agrees(out: Tensor, expected: Tensor) -> None:
+    # The benchmark dtype's rounding of P and of the output: a few eps of the output's scale (see tests/).
+    eps = torch.finfo(out.dtype).eps if out.dtype != torch.float32 else 1e-6
+    err = float((out.float() - expected).abs().max())
+    assert err <= 8 * eps * max(1.0, float(expected.abs().max())), f"max error {err:.3e} against the reference"
+
+
+@pytest.mark.parametrize("case, impl, mode", AGENT_PARAMS)
+def test_agent_attention(benchmark, case: AgentCase, impl: str, mode: str):
+    torch.manual_seed(0)
+    kb = 1 if case.shared else case.b
+    q = torch.randn(case.b, case.h, case.n, case.d, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    k = torch.randn(kb, case.h, case.m, case.d, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    v = torch.randn(kb, case.h, case.m, case.d, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    scale = case.d ** -0.5
+    flops = 4 * case.b * case.h * case.n * case.m * case.d
+    out = _run(benchmark, agent_fn(impl, scale), [q, k, v], mode, f"agent {case.name} {mode}", flops)
+    with torch.no_grad():
+        _assert_agrees(out, kernels.agent_attention_reference(q.float(), k.float(), v.float(), scale=scale))
+
+
+@pytest.mark.parametrize("case, impl, mode", MASKED_PARAMS)
+def test_masked_attention(benchmark, case: MaskedCase, impl: str, mode: str):
+    torch.manual_seed(0)
+    shape_q, shape_k = (case.b, case.h, case.nq, case.d), (case.b, case.h, case.seq, case.d)
+    q = torch.randn(shape_q, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    k = torch.randn(shape_k, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    v = torch.randn(shape_k, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    # Integer factors: every mask logit is exact, so all implementations block the same keys.
+    me = torch.randint(-2, 3, (case.b, case.nq, case.c), device=DEVICE).to(DTYPE)
+    mf = torch.randint(-2, 3, (case.b, case.c, case.seq), device=DEVICE).to(DTYPE)
+    scale = case.d ** -0.5
+    flops = 4 * case.b * case.h * case.nq * case.seq * case.d
+    out = _run(benchmark, masked_fn(impl, scale, me, mf), [q, k, v], mode, f"masked {case.name} {mode}", flops)
+    with torch.no_grad():
+        _assert_agrees(out, kernels.masked_attention_reference(q.float(), k.float(), v.float(), me, mf, scale=scale))

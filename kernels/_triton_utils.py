@@ -1,0 +1,101 @@
+"""Helpers shared by the Triton kernel modules.
+
+Importing this module imports Triton, so it must happen after ``TRITON_INTERPRET`` is settled: Triton decides
+at decoration time whether ``@triton.jit`` builds a compiled or an interpreted function. ``kernels/__init__.py``
+takes care of that by importing the kernel modules only on first use.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read the same way Triton reads it when the decorators below run, so the launch-side choices (fixed configs,
+# the bf16 workaround) always agree with the kind of function Triton built.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is one instruction): exp(x) = exp2(x · log2 e)
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot`` on inputs of ``dtype``.
+
+    fp32 inputs would default to TF32 (10-bit mantissa, ~1e-3 relative error), far outside the fp32 tolerances the
+    references are held to; ``tf32x3`` splits each operand into a big and a small TF32 part and keeps fp32-level
+    accuracy at three tensor-core products instead of one. Half-precision inputs ignore the setting.
+    """
+    if INTERPRET:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def needs_upcast(dtype: torch.dtype) -> bool:
+    """Whether dot operands of ``dtype`` must be widened to fp32 before ``tl.dot``.
+
+    The interpreter keeps bf16 tiles as raw uint16 words and multiplies those integers; widening first gives the
+    product the GPU computes (bf16 × bf16 is exact in fp32, and the tensor core accumulates in fp32).
+    """
+    return INTERPRET and dtype == torch.bfloat16
+
+
+@triton.jit
+def mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(P, R) @ (R, S) → (P, S) fp32 tile, see ``dot_precision`` and ``needs_upcast``."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+def tile(n: int, cap: int | None = None) -> int:
+    """Smallest power of two ≥ n (and ≥ 16, the smallest ``tl.dot`` operand side), optionally capped."""
+    size = max(16, triton.next_power_of_2(n))
+    return min(size, cap) if cap is not None else size
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a split launch aims for: two waves of the GPU's SMs.
+
+    Under the interpreter programs run one after another, so a small number still exercises the split paths.
+    """
+    if INTERPRET or device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_extent(extent: int, quantum: int, programs_per_split: int, device: torch.device,
+                 max_splits: int | None = None) -> tuple[int, int]:
+    """Cut ``extent`` rows/keys into splits of a whole number of ``quantum``-sized blocks.
+
+    Returns (number of splits, length of each split). The split count is chosen so that splits × the other grid
+    axis (``programs_per_split``) fills the GPU, without splitting finer than one quantum.
+    """
+    quanta = triton.cdiv(extent, quantum)
+    splits = min(quanta, max(1, triton.cdiv(target_programs(device), programs_per_split)))
+    if max_splits is not None:
+        splits = max(1, min(splits, max_splits))
+    length = triton.cdiv(quanta, splits) * quantum
+    return triton.cdiv(extent, length), length
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError unless ``t`` is an fp32/fp16/bf16 tensor on a CUDA or CPU device."""
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a float32, float16 or bfloat16 tensor, got {t.dtype}")
+    if t.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name}: expected a CUDA tensor (or CPU under TRITON_INTERPRET=1), got {t.device}")
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    """The logit scale: ``scale`` or head_dim ** -0.5; a finite float is expected."""
+    if scale is None:
+        return head_dim ** -0.5
+    value = float(scale)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
+    return value

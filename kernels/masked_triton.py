@@ -1,0 +1,362 @@
+"""Mask2Former masked cross-attention in Triton: ~100 queries over L = 256–4096+ keys, the mask built in-kernel.
+
+The mask. Key l is blocked for query i when mask_embed[b, i] · mask_feats[b, :, l] < 0 (sigmoid of the mask logit
+below 0.5). Each key tile therefore costs one extra (BLOCK_Q, C) × (C, BLOCK_L) product next to QKᵀ; the
+(B·H, Q, L) boolean that Mask2Former materialises is never written. The mask is shared by the heads but recomputed
+per head: the C·L·Q products are a few GFLOP at the paper's shapes and the repeated factor reads hit L2, which costs
+less than materialising and re-reading a mask.
+
+Forward tiling (flash-decoding). With Q ≈ 100 all queries of a (batch, head) fit one BLOCK_Q tile, so a grid over
+query blocks would leave batch 1 with 8 programs; instead the keys are cut into splits and each program runs an
+online softmax over the key tiles of one split, writing an fp32 partial output normalised by its own sum, and its
+log-sum-exp. A combine kernel merges the splits: O = Σ_s exp2(lse_s − lse) · O_s with lse = log2 Σ_s exp2(lse_s).
+
+Fully blocked rows. Whether query i has any open key is only known after all splits, so every split tracks two
+softmax states: over the open keys and over all keys, plus the count of open keys. The combine takes, per row,
+the masked state where the count is positive and the unmasked one otherwise. Both states see the same in-kernel
+mask decisions, so a row the count calls open always has a positive masked sum (no 0/0). Tracking both costs a
+second P·V product per tile, far less than a separate pass that would recompute the mask.
+
+Backward. dS = P ∘ (dP − δ), δ = rowsum(dO ∘ O) computed once in torch; P is recomputed from the saved
+log-sum-exp with the mask recomputed from its factors and the saved per-row "has open keys" flag. Keys are split
+across programs as in the forward: each key tile's dK and dV are complete after one sweep over the (single) query
+tile and are written directly; dQ sums over all keys, so each program keeps it in registers across its split and
+writes one fp32 partial per split, summed in torch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from kernels._triton_utils import (INTERPRET, LOG2E, check_float, check_scale, dot_precision, mm, needs_upcast,
+                                   split_extent, tile)
+
+MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
+MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
+_KEY_QUANTUM = 64 if INTERPRET else 128  # every BLOCK_L below divides it, so splits hold whole key tiles
+_MAX_BLOCK_C = 64  # mask-channel chunk of the in-kernel mask product; fixed so forward and backward sum alike
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_L": _KEY_QUANTUM}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
+            for bl, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
+
+
+def _bwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_L": _KEY_QUANTUM}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
+            for bl, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2))]
+
+
+@triton.jit
+def _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
+                 MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+                 MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr):
+    """(BLOCK_Q, BLOCK_L) fp32 tile of mask_embed[b] · mask_feats[b], summed over BLOCK_C-wide channel chunks."""
+    offs_c = tl.arange(0, BLOCK_C)
+    logits = tl.zeros((BLOCK_Q, BLOCK_L), dtype=tl.float32)
+    for c in range(0, MASK_DIM, BLOCK_C):
+        c_ok = (c + offs_c) < MASK_DIM
+        me = tl.load(ME + b * smeb + offs_q[:, None] * smeq + (c + offs_c)[None, :] * smec,
+                     mask=q_ok[:, None] & c_ok[None, :], other=0.0)
+        mf = tl.load(MF + b * smfb + (c + offs_c)[:, None] * smfc + offs_l[None, :] * smfl,
+                     mask=c_ok[:, None] & l_ok[None, :], other=0.0)
+        logits += mm(me, mf, MASK_PRECISION, MASK_UPCAST)
+    return logits
+
+
+@triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"])
+@triton.jit
+def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
+                       sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                       smeb, smeq, smec, smfb, smfc, smfl,
+                       H, NQ, L, keys_per_split, scale_log2e,
+                       HEAD_DIM: tl.constexpr, MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr, BLOCK_L: tl.constexpr):
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_splits = tl.num_programs(0)
+    n_bh = tl.num_programs(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < NQ
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + offs_q[:, None] * sqq + offs_d[None, :] * sqd,
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, L)
+
+    m_open = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_open = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc_open = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    m_all = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_all = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc_all = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    n_open = tl.zeros((BLOCK_Q,), dtype=tl.int32)
+    for start in range(lo, hi, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        l_ok = offs_l < hi
+        logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
+                              MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
+        is_open = (logits >= 0) & l_ok[None, :]
+        n_open += tl.sum(is_open.to(tl.int32), axis=1)
+
+        ld_mask = l_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :] * svd, mask=ld_mask, other=0.0)
+        s = mm(q, tl.trans(k), PRECISION, UPCAST) * scale_log2e
+
+        # Unmasked state: every tile has at least one real key, so its running max is finite from the first tile.
+        s_all = tl.where(l_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_all, tl.max(s_all, axis=1))
+        alpha = tl.exp2(m_all - m_new)
+        p = tl.exp2(s_all - m_new[:, None])
+        l_all = l_all * alpha + tl.sum(p, axis=1)
+        acc_all = acc_all * alpha[:, None] + mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
+        m_all = m_new
+
+        # Masked state: a row may have seen no open key yet (max = -inf); shift by 0 then so exp2 gives 0, not NaN.
+        s_open = tl.where(is_open, s, float("-inf"))
+        m_new = tl.maximum(m_open, tl.max(s_open, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_open - m_safe)
+        p = tl.exp2(s_open - m_safe[:, None])
+        l_open = l_open * alpha + tl.sum(p, axis=1)
+        acc_open = acc_open * alpha[:, None] + mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
+        m_open = m_new
+
+    # Partials: (2, splits, B·H, NQ, HEAD_DIM) outputs and (2, splits, B·H, NQ) log-sum-exps; index 0 = masked.
+    row = (split * n_bh + pid_bh) * NQ + offs_q
+    other = n_splits * n_bh * NQ
+    od_mask = q_ok[:, None] & d_ok[None, :]
+    has_open = l_open > 0
+    o_open = acc_open / tl.where(has_open, l_open, 1.0)[:, None]
+    lse_open = tl.where(has_open, m_open + tl.log2(tl.where(has_open, l_open, 1.0)), float("-inf"))
+    tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], o_open, mask=od_mask)
+    tl.store(LSE_PART + row, lse_open, mask=q_ok)
+    tl.store(O_PART + (other + row)[:, None] * HEAD_DIM + offs_d[None, :], acc_all / l_all[:, None], mask=od_mask)
+    tl.store(LSE_PART + other + row, m_all + tl.log2(l_all), mask=q_ok)
+    tl.store(OPEN_PART + row, n_open, mask=q_ok)
+
+
+@triton.jit
+def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, O, LSE, ROW_OPEN, sob, soh, soq, sod,
+                           H, NQ, N_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    n_bh = tl.num_programs(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < NQ
+    od_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    n_open = tl.zeros((BLOCK_Q,), dtype=tl.int32)
+    for s in range(N_SPLITS):
+        n_open += tl.load(OPEN_PART + (s * n_bh + pid_bh) * NQ + offs_q, mask=q_ok, other=0)
+    row_open = n_open > 0
+    # Per row: the masked partials (first half) if any key is open, the unmasked ones (second half) otherwise.
+    half = tl.where(row_open, 0, N_SPLITS * n_bh * NQ)
+
+    m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    w_sum = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for s in range(N_SPLITS):
+        row = half + (s * n_bh + pid_bh) * NQ + offs_q
+        lse_s = tl.load(LSE_PART + row, mask=q_ok, other=float("-inf"))
+        o_s = tl.load(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=od_mask, other=0.0)
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse_s - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        w_sum = w_sum * alpha + w
+        m = m_new
+    w_sum = tl.where(q_ok, w_sum, 1.0)  # padding rows only; every real row has a positive weight
+    tl.store(O + b * sob + h * soh + offs_q[:, None] * soq + offs_d[None, :] * sod,
+             (acc / w_sum[:, None]).to(O.dtype.element_ty), mask=od_mask)
+    tl.store(LSE + pid_bh * NQ + offs_q, m + tl.log2(w_sum), mask=q_ok)
+    tl.store(ROW_OPEN + pid_bh * NQ + offs_q, row_open.to(tl.int8), mask=q_ok)
+
+
+@triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"])
+@triton.jit
+def _masked_bwd_kernel(Q, K, V, ME, MF, DO, LSE, DELTA, ROW_OPEN, DQ_PART, DK, DV,
+                       sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                       smeb, smeq, smec, smfb, smfc, smfl, sdob, sdoh, sdoq, sdod,
+                       sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
+                       H, NQ, L, keys_per_split, scale, scale_log2e,
+                       HEAD_DIM: tl.constexpr, MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr, BLOCK_L: tl.constexpr):
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_bh = tl.num_programs(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < NQ
+    d_ok = offs_d < HEAD_DIM
+    qd_mask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_q[:, None] * sqq + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_q[:, None] * sdoq + offs_d[None, :] * sdod, mask=qd_mask,
+                 other=0.0)
+    lse = tl.load(LSE + pid_bh * NQ + offs_q, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh * NQ + offs_q, mask=q_ok, other=0.0)
+    unmasked_row = tl.load(ROW_OPEN + pid_bh * NQ + offs_q, mask=q_ok, other=1) == 0
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, L)
+
+    dq = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        l_ok = offs_l < hi
+        logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
+                              MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
+        keep = ((logits >= 0) | unmasked_row[:, None]) & q_ok[:, None] & l_ok[None, :]
+
+        ld_mask = l_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :] * svd, mask=ld_mask, other=0.0)
+        s = mm(q, tl.trans(k), PRECISION, UPCAST)
+        p = tl.where(keep, tl.exp2(s * scale_log2e - lse[:, None]), 0.0)
+        dp = mm(do, tl.trans(v), PRECISION, UPCAST)
+        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+        dv = mm(tl.trans(p.to(DO.dtype.element_ty)), do, PRECISION, UPCAST)
+        dk = mm(tl.trans(ds), q, PRECISION, UPCAST) * scale
+        tl.store(DV + b * sdvb + h * sdvh + offs_l[:, None] * sdvl + offs_d[None, :] * sdvd,
+                 dv.to(DV.dtype.element_ty), mask=ld_mask)
+        tl.store(DK + b * sdkb + h * sdkh + offs_l[:, None] * sdkl + offs_d[None, :] * sdkd,
+                 dk.to(DK.dtype.element_ty), mask=ld_mask)
+        dq += mm(ds, k, PRECISION, UPCAST)
+    # dQ partials: (splits, B·H, NQ, HEAD_DIM) fp32
+    row = (split * n_bh + pid_bh) * NQ + offs_q
+    tl.store(DQ_PART + row[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=qd_mask)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_feats: Tensor) -> None:
+    for name, t, dims in (("q", q, "(B, H, Q, d)"), ("k", k, "(B, H, L, d)"), ("v", v, "(B, H, L, d)"),
+                          ("mask_embed", mask_embed, "(B, Q, C)"), ("mask_feats", mask_feats, "(B, C, L)")):
+        check_float(name, t)
+        if t.dim() != len(dims.split(",")):
+            raise ValueError(f"{name}: expected a tensor of shape {dims}, got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected the device of q ({q.device}), got {t.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, nq, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[3] != d:
+        raise ValueError(f"k, v: expected shape ({b}, {h}, L, {d}) to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    seq = k.shape[2]
+    if mask_embed.shape[:2] != (b, nq):
+        raise ValueError(f"mask_embed: expected shape ({b}, {nq}, C), got {tuple(mask_embed.shape)}")
+    if mask_feats.shape != (b, mask_embed.shape[2], seq):
+        raise ValueError(f"mask_feats: expected shape ({b}, {mask_embed.shape[2]}, {seq}), "
+                         f"got {tuple(mask_feats.shape)}")
+    if not 1 <= nq <= MAX_QUERIES:
+        raise ValueError(f"q: expected 1 to {MAX_QUERIES} queries (dim 2), got {nq}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected a head width (dim 3) of 1 to {MAX_HEAD_DIM}, got {d}")
+    if min(b, h, seq, mask_embed.shape[2]) < 1:
+        raise ValueError(f"expected non-empty inputs, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"mask_embed {tuple(mask_embed.shape)}")
+
+
+def _mask_factors(mask_embed: Tensor, mask_feats: Tensor) -> tuple[Tensor, Tensor]:
+    """Both factors in one dtype (the promoted one), detached: the mask is not differentiated."""
+    dtype = torch.promote_types(mask_embed.dtype, mask_feats.dtype)
+    return mask_embed.detach().to(dtype), mask_feats.detach().to(dtype)
+
+
+def _mask_args(mask_embed: Tensor) -> dict:
+    """Constexprs of the in-kernel mask product for factors like ``mask_embed`` (B, Q, C)."""
+    return dict(MASK_DIM=mask_embed.shape[2], BLOCK_C=tile(mask_embed.shape[2], _MAX_BLOCK_C),
+                MASK_PRECISION=dot_precision(mask_embed.dtype), MASK_UPCAST=needs_upcast(mask_embed.dtype))
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    b, h, nq, d = q.shape
+    seq = k.shape[2]
+    splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
+    o_part = torch.empty((2, splits, b * h, nq, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((2, splits, b * h, nq), dtype=torch.float32, device=q.device)
+    open_part = torch.empty((splits, b * h, nq), dtype=torch.int32, device=q.device)
+    block_q, block_d = tile(nq), tile(d)
+    _masked_fwd_kernel[(splits, b * h)](
+        q, k, v, me, mf, o_part, lse_part, open_part,
+        *q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(),
+        h, nq, seq, keys_per_split, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
+        UPCAST=needs_upcast(q.dtype), **_mask_args(me))
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    row_open = torch.empty((b, h, nq), dtype=torch.int8, device=q.device)
+    _masked_combine_kernel[(b * h,)](o_part, lse_part, open_part, o, lse, row_open, *o.stride(), h, nq, splits,
+                                     HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+    return o, lse, row_open
+
+
+def _backward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, o: Tensor, lse: Tensor, row_open: Tensor,
+              do: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    b, h, nq, d = q.shape
+    seq = k.shape[2]
+    splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
+    delta = (do.float() * o.float()).sum(dim=-1).contiguous()  # (B, H, Q): rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    dq_part = torch.empty((splits, b, h, nq, d), dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    _masked_bwd_kernel[(splits, b * h)](
+        q, k, v, me, mf, do, lse, delta, row_open, dq_part, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *do.stride(), *dk.stride(),
+        *dv.stride(), h, nq, seq, keys_per_split, scale, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_Q=tile(nq), BLOCK_D=tile(d), PRECISION=dot_precision(q.dtype),
+        UPCAST=needs_upcast(q.dtype), **_mask_args(me))
+    return dq_part.sum(dim=0).to(q.dtype), dk, dv
+
+
+class MaskedAttention(torch.autograd.Function):
+    """Masked cross-attention with the mask computed in-kernel; see the module docstring for the tiling."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_feats: Tensor,  # type: ignore[override]
+                scale: float) -> Tensor:
+        me, mf = _mask_factors(mask_embed, mask_feats)
+        o, lse, row_open = _forward(q, k, v, me, mf, scale)
+        ctx.save_for_backward(q, k, v, me, mf, o, lse, row_open)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None, None]:  # type: ignore[override]
+        q, k, v, me, mf, o, lse, row_open = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, me, mf, o, lse, row_open, do, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_feats: Tensor, *,
+                     scale: float | None = None) -> Tensor:
+    """Mask2Former masked cross-attention, Triton forward and backward, mask built in-kernel from its factors.
+
+    Args:
+        q: (B, H, Q, d) queries, fp32/fp16/bf16; 1 ≤ Q ≤ 256, 1 ≤ d ≤ 256.
+        k, v: (B, H, L, d) keys and values (flattened memory), q's dtype and device.
+        mask_embed: (B, Q, C) mask embeddings; mask_feats: (B, C, L) mask features (any float dtype; not
+            differentiated). Key l is blocked for query i when their dot product is < 0, unless all of i's keys are.
+        scale: logit scale; default d ** -0.5.
+    Returns:
+        (B, H, Q, d) in q's dtype, differentiable in q, k and v (accumulation in fp32).
+    """
+    _check_inputs(q, k, v, mask_embed, mask_feats)
+    return MaskedAttention.apply(q, k, v, mask_embed, mask_feats, check_scale(scale, q.shape[-1]))

@@ -1,0 +1,353 @@
+"""The Triton attention kernels equal their PyTorch references, forward and backward, in every dtype and edge shape.
+
+Without CUDA the kernels run under Triton's interpreter, which must be switched on before any kernel module is
+imported (Triton decides at decoration time); the shapes here are therefore small and chosen to reach every code
+path: ragged tails, several splits, shared keys, M = 1, the chunked d = 1024 head, fully blocked and single-key
+rows. The ``gpu`` tests repeat the comparison at the paper's shapes.
+
+Tolerances. fp32: both sides accumulate in fp32 in a different order over at most a few hundred terms of O(1)
+values, so ~1e-5 on outputs and ~1e-4 on gradients (which sum over all rows). fp16/bf16: the kernel is compared
+with the fp32 reference run on the same rounded inputs; it rounds P and dS to the input dtype before the tensor-core
+products (relative error eps/2 per term) and rounds its result (eps/2), so the error is about one eps of the
+result's scale: we allow 2·eps in norm (‖err‖ ≤ 2·eps·‖ref‖) and 4·eps of the largest magnitude per
+element. Gradients flowing in are rounded to the input dtype first, for both sides.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmul():
+    """The fp32 references must not run as TF32, whatever another test left set."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def leaf(*shape: int, dtype: torch.dtype = torch.float32, device: str = DEVICE) -> torch.Tensor:
+    return torch.randn(*shape, device=device).to(dtype).requires_grad_()
+
+
+def fp32_copies(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Independent fp32 leaves holding the same (already rounded) values, for the reference's own autograd."""
+    return [t.detach().float().requires_grad_() for t in tensors]
+
+
+def outputs_and_grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor, *extra) -> list[torch.Tensor]:
+    out = fn(*inputs, *extra)
+    return [out.detach(), *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))]
+
+
+def assert_fp32_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
+    for name, a, e in zip(("dq", "dk", "dv"), actual[1:], expected[1:]):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_low_precision_close(actual: list[torch.Tensor], expected: list[torch.Tensor], eps: float) -> None:
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        err = a.float() - e
+        norm_err, max_err = float(err.norm()), float(err.abs().max())
+        assert norm_err <= 2 * eps * float(e.norm()), f"{name}: norm error {norm_err:.3e}"
+        assert max_err <= 4 * eps * float(e.abs().max()), f"{name}: max error {max_err:.3e}"
+
+
+def check_agent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> None:
+    grad_out = torch.randn(q.shape, device=q.device).to(q.dtype)
+    actual = outputs_and_grads(lambda *t: kernels.agent_attention(*t, **kw), [q, k, v], grad_out)
+    expected = outputs_and_grads(lambda *t: kernels.agent_attention_reference(*t, **kw), fp32_copies(q, k, v),
+                                 grad_out)
+    for a, t in zip(actual, (q, q, k, v)):
+        assert a.dtype == t.dtype and a.shape == t.shape
+    if q.dtype == torch.float32:
+        assert_fp32_close(actual, expected)
+    else:
+        assert_low_precision_close(actual, expected, torch.finfo(q.dtype).eps)
+
+
+# ---------------------------------------------------------------------------------------------- agent attention
+
+
+def test_agent_matches_reference_with_ragged_rows_over_several_splits():
+    torch.manual_seed(0)
+    check_agent(leaf(2, 2, 300, 32), leaf(2, 2, 100, 32), leaf(2, 2, 100, 32))  # 300 = 2 blocks of 128 + 44
+
+
+def test_agent_keys_shared_over_the_batch_get_the_gradient_of_every_image():
+    torch.manual_seed(1)
+    check_agent(leaf(3, 2, 150, 32), leaf(1, 2, 100, 32), leaf(1, 2, 100, 32))
+
+
+def test_agent_single_key_returns_its_value_and_gets_all_the_gradient():
+    torch.manual_seed(2)
+    q, k, v = leaf(2, 2, 70, 32), leaf(2, 2, 1, 32), leaf(2, 2, 1, 32)
+    out = kernels.agent_attention(q, k, v)
+    torch.testing.assert_close(out, v.detach().expand_as(out))
+    check_agent(q, k, v)
+
+
+def test_agent_wide_rein_head_is_chunked_over_d():
+    torch.manual_seed(3)
+    # d = 1024 is sixteen 64-wide chunks in fp32; keys shared as the Rein tokens are; 150 rows make two splits.
+    check_agent(leaf(2, 1, 150, 1024), leaf(1, 1, 20, 1024), leaf(1, 1, 20, 1024))
+
+
+def test_agent_handles_widths_and_key_counts_that_are_not_powers_of_two():
+    torch.manual_seed(4)
+    check_agent(leaf(1, 3, 45, 48), leaf(1, 3, 37, 48), leaf(1, 3, 37, 48))
+
+
+def test_agent_applies_an_explicit_scale():
+    torch.manual_seed(5)
+    check_agent(leaf(1, 2, 64, 32), leaf(1, 2, 16, 32), leaf(1, 2, 16, 32), scale=0.05)
+
+
+def test_agent_accepts_strided_heads_views():
+    torch.manual_seed(6)
+    # (B, N, H·d) projections viewed as heads, as nn attention layers produce them: d contiguous, N strided.
+    q = torch.randn(2, 90, 2 * 32, device=DEVICE).view(2, 90, 2, 32).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 20, 2 * 32, device=DEVICE).view(2, 20, 2, 32).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 20, 2 * 32, device=DEVICE).view(2, 20, 2, 32).transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous()
+    check_agent(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_agent_low_precision_matches_fp32_reference_on_rounded_inputs(dtype):
+    torch.manual_seed(7)
+    check_agent(leaf(2, 2, 150, 32, dtype=dtype), leaf(2, 2, 100, 32, dtype=dtype), leaf(2, 2, 100, 32, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_agent_low_precision_wide_shared_head(dtype):
+    torch.manual_seed(8)
+    check_agent(leaf(2, 1, 40, 1024, dtype=dtype), leaf(1, 1, 20, 1024, dtype=dtype), leaf(1, 1, 20, 1024, dtype=dtype))
+
+
+@pytest.mark.parametrize("k_shape, match", [((2, 3, 10, 32), "k: expected shape"),
+                                            ((2, 2, 300, 32), "1 to 256 keys"),
+                                            ((2, 2, 10, 16), "k: expected shape")])
+def test_agent_rejects_keys_that_do_not_fit_the_queries(k_shape, match):
+    q, k = torch.randn(2, 2, 8, 32, device=DEVICE), torch.randn(*k_shape, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        kernels.agent_attention(q, k, k)
+
+
+def test_agent_rejects_mixed_dtypes():
+    q, k = torch.randn(1, 1, 8, 32, device=DEVICE), torch.randn(1, 1, 4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.agent_attention(q, k.half(), k.half())
+
+
+# --------------------------------------------------------------------------------------------- masked attention
+
+
+def integer_factors(b: int, nq: int, c: int, seq: int, device: str = DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask factors with small integer entries: every dot product is exact in any dtype and summation order, so
+    the kernel and the reference take identical mask decisions (zeros included, which count as open).
+
+    Channel 0 of the features is all ones and channel 1 is one-hot at key ``seq // 2``, so a query's embedding can
+    block every key (-5 on channel 0) or open exactly one key ((-1, 1) on channels 0, 1: logit 0 there, -1 elsewhere).
+    """
+    me = torch.randint(-2, 3, (b, nq, c), device=device).float()
+    mf = torch.randint(-2, 3, (b, c, seq), device=device).float()
+    mf[:, 0] = 1.0
+    mf[:, 1] = 0.0
+    mf[:, 1, seq // 2] = 1.0
+    return me, mf
+
+
+def block_all_keys(me: torch.Tensor, row: int) -> None:
+    me[:, row] = 0.0
+    me[:, row, 0] = -5.0
+
+
+def open_one_key(me: torch.Tensor, row: int) -> None:
+    me[:, row] = 0.0
+    me[:, row, 0] = -1.0
+    me[:, row, 1] = 1.0
+
+
+def check_masked(q, k, v, me, mf, **kw) -> list[torch.Tensor]:
+    grad_out = torch.randn(q.shape, device=q.device).to(q.dtype)
+    actual = outputs_and_grads(lambda *t: kernels.masked_attention(*t, me, mf, **kw), [q, k, v], grad_out)
+    expected = outputs_and_grads(lambda *t: kernels.masked_attention_reference(*t, me, mf, **kw),
+                                 fp32_copies(q, k, v), grad_out)
+    for a, t in zip(actual, (q, q, k, v)):
+        assert a.dtype == t.dtype and a.shape == t.shape
+    if q.dtype == torch.float32:
+        assert_fp32_close(actual, expected)
+    else:
+        assert_low_precision_close(actual, expected, torch.finfo(q.dtype).eps)
+    return actual
+
+
+def test_masked_matches_reference_with_ragged_keys_over_several_splits():
+    torch.manual_seed(10)
+    me, mf = integer_factors(1, 100, 24, 200)
+    check_masked(leaf(1, 2, 100, 32), leaf(1, 2, 200, 32), leaf(1, 2, 200, 32), me, mf)
+
+
+def test_masked_sums_mask_channels_in_chunks_for_every_image():
+    torch.manual_seed(11)
+    me, mf = integer_factors(2, 20, 80, 300)  # 80 channels: two chunks of 64; 300 keys: ragged last tile
+    check_masked(leaf(2, 2, 20, 32), leaf(2, 2, 300, 32), leaf(2, 2, 300, 32), me, mf)
+
+
+def test_masked_mask_changes_the_result():
+    torch.manual_seed(12)
+    me, mf = integer_factors(1, 30, 16, 100)
+    q, k, v = leaf(1, 2, 30, 32), leaf(1, 2, 100, 32), leaf(1, 2, 100, 32)
+    with torch.no_grad():
+        masked = kernels.masked_attention(q, k, v, me, mf)
+        unmasked = kernels.agent_attention_reference(q, k, v)
+    assert float((masked - unmasked).abs().max()) > 0.1
+
+
+def test_masked_fully_blocked_row_attends_to_every_key():
+    torch.manual_seed(13)
+    me, mf = integer_factors(1, 20, 16, 150)
+    block_all_keys(me, 3)
+    q, k, v = leaf(1, 2, 20, 32), leaf(1, 2, 150, 32), leaf(1, 2, 150, 32)
+    out = check_masked(q, k, v, me, mf)[0]
+    plain = kernels.agent_attention_reference(q[:, :, 3:4], k, v)
+    torch.testing.assert_close(out[:, :, 3:4], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_row_with_a_single_open_key_returns_that_value():
+    torch.manual_seed(14)
+    me, mf = integer_factors(1, 20, 16, 150)
+    open_one_key(me, 5)  # its only non-negative logit is exactly 0: zero counts as open
+    q, k, v = leaf(1, 2, 20, 32), leaf(1, 2, 150, 32), leaf(1, 2, 150, 32)
+    out = check_masked(q, k, v, me, mf)[0]
+    torch.testing.assert_close(out[:, :, 5], v.detach()[:, :, 75])
+
+
+def test_masked_does_not_differentiate_the_mask_factors():
+    torch.manual_seed(15)
+    me, mf = integer_factors(1, 10, 8, 40)
+    me.requires_grad_()
+    q, k, v = leaf(1, 1, 10, 32), leaf(1, 1, 40, 32), leaf(1, 1, 40, 32)
+    out = kernels.masked_attention(q, k, v, me, mf)
+    assert torch.autograd.grad(out.sum(), [q, me], allow_unused=True)[1] is None
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_masked_low_precision_matches_fp32_reference_on_rounded_inputs(dtype):
+    torch.manual_seed(16)
+    me, mf = integer_factors(1, 100, 24, 200)
+    block_all_keys(me, 7)
+    open_one_key(me, 8)
+    check_masked(leaf(1, 2, 100, 32, dtype=dtype), leaf(1, 2, 200, 32, dtype=dtype), leaf(1, 2, 200, 32, dtype=dtype),
+                 me.to(dtype), mf.to(dtype))
+
+
+def test_masked_applies_an_explicit_scale():
+    torch.manual_seed(17)
+    me, mf = integer_factors(1, 12, 8, 64)
+    check_masked(leaf(1, 2, 12, 32), leaf(1, 2, 64, 32), leaf(1, 2, 64, 32), me, mf, scale=0.3)
+
+
+@pytest.mark.parametrize("bad, match", [("mask_feats", "mask_feats: expected shape"),
+                                        ("mask_embed", "mask_embed: expected shape"),
+                                        ("queries", "1 to 256 queries")])
+def test_masked_rejects_factors_that_do_not_fit(bad, match):
+    nq = 300 if bad == "queries" else 10
+    q, k = torch.randn(1, 2, nq, 32, device=DEVICE), torch.randn(1, 2, 40, 32, device=DEVICE)
+    me = torch.randn(1, nq + (bad == "mask_embed"), 8, device=DEVICE)
+    mf = torch.randn(1, 8, 40 + (bad == "mask_feats"), device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        kernels.masked_attention(q, k, k, me, mf)
+
+
+# ---------------------------------------------------------------------------------------------- the model path
+
+
+def test_tiny_student_semantic_logits_equal_with_triton_and_torch_attention(monkeypatch):
+    from qd_core import build_student, load_config
+
+    torch.manual_seed(20)
+    student = build_student(load_config("tiny")).eval().to(DEVICE)
+    images = torch.randn(1, 3, 128, 128, device=DEVICE)
+    calls = {"agent": 0, "masked": 0}
+    agent, masked = kernels.agent_attention, kernels.masked_attention
+
+    def counting_agent(*args, **kw):
+        calls["agent"] += 1
+        return agent(*args, **kw)
+
+    def counting_masked(*args, **kw):
+        calls["masked"] += 1
+        return masked(*args, **kw)
+
+    monkeypatch.setattr(kernels, "agent_attention", counting_agent)
+    monkeypatch.setattr(kernels, "masked_attention", counting_masked)
+    with torch.no_grad():
+        monkeypatch.setenv("QD_ATTENTION", "torch")
+        reference = student.semantic_logits(images)
+        monkeypatch.setenv("QD_ATTENTION", "triton")
+        triton_logits = student.semantic_logits(images)
+    assert calls["agent"] > 0 and calls["masked"] > 0
+    torch.testing.assert_close(triton_logits, reference, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ paper shapes, GPU only
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("b, h, n, m, d, shared", [(2, 8, 21760, 100, 32, False),  # refinement, 4 levels
+                                                   (2, 1, 1024, 100, 1024, True)],  # Rein tokens, 512² crop
+                         ids=["refinement", "rein"])
+@pytest.mark.gpu
+@needs_cuda
+def test_agent_paper_shapes_on_gpu(b, h, n, m, d, shared, dtype):
+    torch.manual_seed(30)
+    kb = 1 if shared else b
+    check_agent_gpu(leaf(b, h, n, d, dtype=dtype), leaf(kb, h, m, d, dtype=dtype), leaf(kb, h, m, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("b, seq", [(1, 256), (2, 1024), (2, 4096), (8, 4096)])
+@pytest.mark.gpu
+@needs_cuda
+def test_masked_paper_shapes_on_gpu(b, seq, dtype):
+    torch.manual_seed(31)
+    me, mf = integer_factors(b, 100, 256, seq)
+    block_all_keys(me, 0)
+    open_one_key(me, 1)
+    q, k, v = leaf(b, 8, 100, 32, dtype=dtype), leaf(b, 8, seq, 32, dtype=dtype), leaf(b, 8, seq, 32, dtype=dtype)
+    grad_out = torch.randn(q.shape, device=q.device).to(q.dtype)
+    actual = outputs_and_grads(lambda *t: kernels.masked_attention(*t, me.to(dtype), mf.to(dtype)), [q, k, v],
+                               grad_out)
+    expected = outputs_and_grads(lambda *t: kernels.masked_attention_reference(*t, me, mf), fp32_copies(q, k, v),
+                                 grad_out)
+    assert_gpu_close(actual, expected, dtype)
+
+
+def check_agent_gpu(q, k, v) -> None:
+    grad_out = torch.randn(q.shape, device=q.device).to(q.dtype)
+    actual = outputs_and_grads(kernels.agent_attention, [q, k, v], grad_out)
+    expected = outputs_and_grads(kernels.agent_attention_reference, fp32_copies(q, k, v), grad_out)
+    assert_gpu_close(actual, expected, q.dtype)
+
+
+def assert_gpu_close(actual: list[torch.Tensor], expected: list[torch.Tensor], dtype: torch.dtype) -> None:
+    # fp32 runs its products as tf32x3 (~2^-21 relative per product) and sums up to 21760 terms in another
+    # order than cuBLAS: 1e-5 relative stands in for "eps" there.
+    eps = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert_low_precision_close(actual, expected, eps)
