@@ -31,6 +31,11 @@ def _triton_module(name: str, t: Tensor) -> ModuleType:
             if torch.cuda.is_available():
                 raise ValueError("Triton kernels: got CPU tensors on a CUDA machine; move them to CUDA, or set "
                                  "TRITON_INTERPRET=1 before the first kernel call to run Triton's interpreter")
+            if "torch._dynamo" in sys.modules or "torch._inductor" in sys.modules:
+                # torch.compile's import sets Triton up in compiled mode; interpreted kernels would then fail
+                # deep inside Triton with "Cannot call @triton.jit'd outside of the scope of a kernel".
+                raise ValueError("Triton kernels on CPU run under Triton's interpreter, which must be chosen before "
+                                 "torch.compile / diffusers is imported: start the process with TRITON_INTERPRET=1")
             os.environ["TRITON_INTERPRET"] = "1"
         elif utils is not None and not utils.INTERPRET:
             raise ValueError("Triton kernels: got CPU tensors but the kernels were built for CUDA; set "

@@ -1,0 +1,4 @@
+"""``python -m bench``: see ``bench.cli``."""
+from bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""The backends the suites time and score, and the session state they share (model, images, exported files).
+
+Every backend is used through the ``Segmenter`` protocol of ``export.runtime``: ``predict(images) -> (B, H, W)``
+labels and ``logits(images) -> (B, K, H/4, W/4)``, images float RGB in [0, 255] (B, 3, H, W). The PyTorch
+variants run ``export.wrapper.ExportWrapper`` (the very graph that is exported) and differ only in autocast,
+attention implementation and compilation; the exported ones are built by ``export`` from the same model in
+``bench.exported`` (imported only when one of them runs, with ONNX / TensorRT imported inside).
+
+The reference is ``torch-fp32`` with the plain PyTorch attention (``QD_ATTENTION=torch``): on CUDA the model
+would otherwise pick the Triton kernels by itself, and the reference must not depend on the code under test.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from bench.evalset import EvalSet, load_eval_set
+from bench.settings import BenchSettings
+from export.runtime import Segmenter
+from export.wrapper import ExportWrapper
+from qd_core import Config, build_student, load_config
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """name: id in test names and reports; precision: fp32 | bf16 | fp16 (sets the parity tolerance)."""
+
+    name: str
+    precision: str
+    description: str
+    cuda_only: bool = False
+
+
+BACKENDS = (
+    BackendSpec("torch-fp32", "fp32", "PyTorch eager, fp32, PyTorch attention (the reference)"),
+    BackendSpec("torch-bf16", "bf16", "PyTorch eager, bf16 autocast"),
+    BackendSpec("torch-fp16", "fp16", "PyTorch eager, fp16 autocast", cuda_only=True),
+    BackendSpec("torch-triton-fp32", "fp32", "PyTorch eager + Triton attention kernels, fp32", cuda_only=True),
+    BackendSpec("torch-triton-bf16", "bf16", "PyTorch eager + Triton attention kernels, bf16 autocast",
+                cuda_only=True),
+    BackendSpec("torch-compile", "fp32", "torch.compile (Inductor), fp32"),
+    BackendSpec("ort-fp32", "fp32", "ONNX Runtime, fp32 graph"),
+    BackendSpec("ort-fp16", "fp16", "ONNX Runtime, strongly typed fp16 graph"),
+    BackendSpec("aoti", "fp32", "torch.export + AOTInductor .pt2, fp32"),
+    BackendSpec("trt-fp16", "fp16", "TensorRT FP16 engine", cuda_only=True),
+)
+REFERENCE = BACKENDS[0]
+# Backends whose device memory is allocated outside torch's allocator: their GPU peak is not measurable here.
+FOREIGN_ALLOCATOR = ("ort-fp32", "ort-fp16", "trt-fp16")
+
+
+def select_backends(names: tuple[str, ...] | None) -> list[BackendSpec]:
+    """The specs named in ``names`` (all when None), in the canonical order; unknown names are an error."""
+    if names is None:
+        return list(BACKENDS)
+    known = {b.name for b in BACKENDS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"QD_BENCH_BACKENDS: unknown backend(s) {', '.join(unknown)}; expected names from "
+                         f"{', '.join(b.name for b in BACKENDS)}")
+    return [b for b in BACKENDS if b.name in names]
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Set ``QD_ATTENTION`` (read by ``qd_core.attention`` at every call) for the duration of the block."""
+    old = os.environ.get("QD_ATTENTION")
+    os.environ["QD_ATTENTION"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("QD_ATTENTION", None)
+        else:
+            os.environ["QD_ATTENTION"] = old
+
+
+class TorchBackend:
+    """``export.wrapper.ExportWrapper`` (the deployed graph: normalisation, student, logits and full-size labels)
+    run in PyTorch, with an optional autocast dtype, an attention implementation and optional torch.compile."""
+
+    def __init__(self, model: nn.Module, *, name: str, autocast: torch.dtype | None = None,
+                 attention: str = "torch", compile: bool = False) -> None:
+        self.name = name
+        self.input_size: tuple[int, int] | None = None
+        self.wrapper = ExportWrapper(model.eval()).eval()
+        self.autocast = autocast
+        self.attention = attention
+        self.device_type = next(model.parameters()).device.type
+        # One graph per batch size (dynamic=False): the timed batches are fixed, and static shapes let Inductor
+        # specialise every kernel as an exported engine would.
+        self._forward: Callable[[Tensor], tuple[Tensor, Tensor]] = (
+            torch.compile(self.wrapper, dynamic=False) if compile else self.wrapper)
+
+    def run(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images: (B, 3, H, W) RGB in [0, 255] → (logits (B, K, H/4, W/4) float32, labels (B, H, W) int32)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(attention_backend(self.attention))
+            if self.autocast is not None:
+                stack.enter_context(torch.autocast(self.device_type, dtype=self.autocast))
+            return self._forward(images.float())
+
+    def logits(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) RGB in [0, 255] → semantic logits (B, K, H/4, W/4) float32."""
+        return self.run(images)[0]
+
+    def predict(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) RGB in [0, 255] → labels (B, H, W) int32."""
+        return self.run(images)[1]
+
+
+# ------------------------------------------------------------------------------------------------ session
+
+
+def device_name(device: str) -> str:
+    """'NVIDIA H100 80GB HBM3'-style GPU name, or the CPU model and thread count."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def load_model(settings: BenchSettings) -> tuple[nn.Module, Config]:
+    """The student of ``settings``: from its checkpoint, or randomly initialised (seed 0) from its config."""
+    if settings.checkpoint is not None:
+        from qd_core.checkpoint import load_student
+
+        model, cfg = load_student(settings.checkpoint)
+        if Path(settings.config).stem != cfg.name:
+            raise ValueError(f"QD_BENCH_CONFIG={settings.config!r}: the checkpoint {settings.checkpoint} was "
+                             f"trained with config {cfg.name!r}")
+    else:
+        cfg = load_config(settings.config)
+        # Random weights: a DINOv2 file named by the config is neither needed nor loaded.
+        cfg = copy.deepcopy(cfg)
+        cfg.model.backbone.checkpoint = ""
+        torch.manual_seed(0)
+        model = build_student(cfg)
+    return model.to(settings.device).eval().requires_grad_(False), cfg
+
+
+def selected_here(spec: BackendSpec, settings: BenchSettings) -> bool:
+    """Whether ``spec`` is part of this run at all.
+
+    torch.compile and AOTInductor spend minutes in C++ compilation on a CPU, so a plain CPU pytest run (the CI
+    correctness pass) leaves them out; ``python -m bench`` includes them (QD_BENCH_CPU_COMPILE=1), CUDA always
+    does, and tests/test_aoti.py checks the AOTInductor package's numerics on every run.
+    """
+    return not (spec.name in ("torch-compile", "aoti") and settings.device == "cpu" and not settings.cpu_compile)
+
+
+def unavailable_reason(spec: BackendSpec, settings: BenchSettings) -> str | None:
+    """Why ``spec`` cannot run in this session (a skip reason), or None."""
+    if spec.cuda_only and settings.device != "cuda":
+        if spec.name.startswith("torch-triton"):
+            return "Triton kernels need CUDA"
+        if spec.name == "trt-fp16":
+            return "TensorRT needs CUDA"
+        return f"{spec.name} needs CUDA (autocast on CPU is timed in bf16)"
+    if spec.name == "trt-fp16" and importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (the tensorrt package)"
+    if spec.name.startswith("ort-") and settings.device == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "onnxruntime has no CUDA execution provider here (install onnxruntime-gpu)"
+    return None
+
+
+class BenchSession:
+    """Model, evaluation images, FLOP count and built backends, shared by every test of one pytest session."""
+
+    def __init__(self, settings: BenchSettings) -> None:
+        self.settings = settings
+        if settings.device == "cuda":
+            # fp32 means fp32: cuDNN would otherwise run convolutions in TF32 (10-bit mantissa) by default, which
+            # would blur the fp32 reference and the fp32 MFU peak alike.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.model, self.cfg = load_model(settings)
+        self.size = (int(self.cfg.inference.window[0]), int(self.cfg.inference.window[1]))
+        self.eval_set: EvalSet = load_eval_set(settings.data, settings.images, self.size)
+        self.device_name = device_name(settings.device)
+        self._segmenters: dict[str, Segmenter] = {}
+        self._reference: Tensor | None = None
+        self._flops: float | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def work(self) -> Path:
+        """Folder for exported models: QD_BENCH_WORK, else a temporary folder removed with the session."""
+        if self.settings.work is not None:
+            self.settings.work.mkdir(parents=True, exist_ok=True)
+            return self.settings.work
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="qd-bench-")
+        return Path(self._tmp.name)
+
+    @property
+    def flops_per_image(self) -> float:
+        """FLOPs of one image at the crop size (``qd_core.summary``: matmuls, convs, attention; 2 per MAC)."""
+        if self._flops is None:
+            from qd_core.summary import summarize
+
+            self._flops = float(summarize(self.cfg, *self.size)["gflops"]) * 1e9
+        return self._flops
+
+    def info(self) -> dict[str, Any]:
+        """What every benchmark entry records about the session."""
+        return {"device": self.settings.device, "device_name": self.device_name, "config": self.cfg.name,
+                "model": self.settings.model_label, "eval_set": self.eval_set.description,
+                "height": self.size[0], "width": self.size[1], "flops_per_image": self.flops_per_image,
+                "torch": torch.__version__}
+
+    def inputs(self, batch: int) -> Tensor:
+        """The first ``batch`` evaluation images (B, 3, H, W) on the session's device."""
+        return self.eval_set.images[:batch].to(self.settings.device)
+
+    def segmenter(self, spec: BackendSpec) -> Segmenter:
+        """The backend of ``spec``, built on first use."""
+        if spec.name not in self._segmenters:
+            self._segmenters[spec.name] = self._build(spec)
+        return self._segmenters[spec.name]
+
+    def _build(self, spec: BackendSpec) -> Segmenter:
+        m, name = self.model, spec.name
+        lowp = torch.bfloat16 if spec.precision == "bf16" else torch.float16
+        if name == "torch-fp32":
+            return TorchBackend(m, name=name, attention="torch")
+        if name in ("torch-bf16", "torch-fp16"):
+            return TorchBackend(m, name=name, autocast=lowp, attention="torch")
+        if name == "torch-triton-fp32":
+            return TorchBackend(m, name=name, attention="triton")
+        if name == "torch-triton-bf16":
+            return TorchBackend(m, name=name, autocast=lowp, attention="triton")
+        if name == "torch-compile":
+            return TorchBackend(m, name=name, attention="torch", compile=True)
+        from bench import exported
+
+        return exported.build(name, m, self.size, self.settings.batch, self.settings.device, self.work)
+
+    def predict_all(self, spec: BackendSpec) -> Tensor:
+        """Labels (N, H, W) int64 on the CPU for every evaluation image, run in batches of the larger timed batch.
+
+        The last batch is filled up with repeated images (their labels dropped) so every call has a timed shape:
+        compiled graphs and engine profiles are built for exactly those.
+        """
+        seg = self.segmenter(spec)
+        images, batch = self.eval_set.images, self.settings.batch
+        out = []
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            n = chunk.shape[0]
+            if n < batch:
+                chunk = torch.cat([chunk, chunk[:1].expand(batch - n, -1, -1, -1)])
+            labels = as_tensor(seg.predict(chunk.to(self.settings.device)))
+            out.append(labels[:n].to("cpu", torch.int64))
+        return torch.cat(out)
+
+    def reference_predictions(self) -> Tensor:
+        """``predict_all`` of the reference backend, computed once."""
+        if self._reference is None:
+            self._reference = self.predict_all(REFERENCE)
+        return self._reference
+
+
+def as_tensor(x: Any) -> Tensor:
+    """A torch tensor view of a backend's output (ONNX Runtime returns numpy arrays)."""
+    return x if isinstance(x, Tensor) else torch.from_numpy(x)
+
+
+_SESSIONS: dict[BenchSettings, BenchSession] = {}
+
+
+def get_session(settings: BenchSettings) -> BenchSession:
+    """One ``BenchSession`` per settings per process (the suites share it across test files)."""
+    if settings not in _SESSIONS:
+        _SESSIONS[settings] = BenchSession(settings)
+    return _SESSIONS[settings]

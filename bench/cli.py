@@ -1,0 +1,204 @@
+"""``python -m bench``: run the benchmark suites and write bench/results/<device>-<date>.{md,json,png}.
+
+    python -m bench [--device cpu|cuda] [--config F] [--checkpoint C] [--data DIR] [--quick] [--out DIR]
+
+The suites run in this process through ``pytest.main`` with ``--benchmark-json``; the settings reach them as
+``QD_BENCH_*`` environment variables (``bench.settings``). Without ``--checkpoint`` the newest
+``runs/*/best.safetensors`` (of ``--config``, when given) is used, else a randomly initialised student, which the
+report labels as such: its latency is meaningful, its mIoU is not. The exit status is pytest's (1 when a backend
+fails its accuracy tolerance); the report is written either way.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.report import NotRun, build_report, render_markdown, write_report
+from bench.settings import ENV_PREFIX, NO_CHECKPOINT, REPO_ROOT, newest_checkpoint
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCH_DIR / "results"
+# (images, larger batch, min rounds, max seconds per benchmark, pytest-benchmark warm-up calls on top of the suite's
+# own untimed first call); 7 images = one per synthetic domain.
+PRESETS = {
+    ("cpu", True): (7, 4, 5, 0.5, 0),
+    ("cpu", False): (28, 4, 30, 4.0, 3),
+    ("cuda", True): (14, 8, 20, 1.0, 3),
+    ("cuda", False): (70, 8, 100, 5.0, 10),
+}
+VERSION_PACKAGES = ("torch", "triton", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy",
+                    "pytest-benchmark")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0].strip("`: "))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="where to run (default: cuda when available, else cpu)")
+    ap.add_argument("--config", default=None,
+                    help="config name or YAML (default: the checkpoint's, else tiny)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="student .safetensors, or 'none' for random weights (default: newest "
+                         "runs/*/best.safetensors, else random weights)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="evaluation data: a synthetic root or a Cityscapes-layout folder (default: the "
+                         "synthetic evaluation set, drawn into data/ on first use)")
+    ap.add_argument("--quick", action="store_true", help="fewer images and rounds (a smoke run)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default bench/results)")
+    ap.add_argument("--images", type=int, default=None, help="evaluation images (default: by device and --quick)")
+    ap.add_argument("--batch", type=int, default=None, help="the larger timed batch (batch 1 is always timed)")
+    ap.add_argument("--backends", default=None, help="comma-separated backends to run (default: all)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="on CPU, leave out torch.compile and AOTInductor (minutes of C++ compilation)")
+    ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run bench/test_kernels.py (default: on CUDA only; on CPU it times the Triton "
+                         "interpreter, which says nothing about the kernels)")
+    ap.add_argument("--kernels-json", type=Path, action="append", default=[],
+                    help="a pytest-benchmark JSON of the kernel microbenchmarks to include (repeatable)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak TFLOP/s for MFU, overriding the table (needed for an MFU on CPUs)")
+    ap.add_argument("--overwrite", action="store_true", help="replace today's report files if they exist")
+    return ap
+
+
+def device_slug(device: str) -> str:
+    """'cpu', or 'cuda-<gpu name>' in lower-case dashes (e.g. cuda-nvidia-h100-80gb-hbm3)."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+class OutcomeCollector:
+    """A pytest plugin that keeps every skipped or failed test with its reason, for the report."""
+
+    def __init__(self) -> None:
+        self.not_run: list[NotRun] = []
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.skipped and report.when in ("setup", "call"):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.not_run.append(NotRun(report.nodeid.split("::")[-1], "skipped", reason.removeprefix("Skipped: ")))
+        elif report.failed:
+            text = getattr(report, "longreprtext", "") or str(report.longrepr)
+            last = [ln for ln in text.splitlines() if ln.startswith("E ")]
+            reason = last[-1][1:].strip() if last else (text.splitlines() or ["failed"])[-1]
+            self.not_run.append(NotRun(report.nodeid.split("::")[-1], f"failed ({report.when})", reason))
+
+
+def resolve_checkpoint(checkpoint: str | None, config: str | None) -> str:
+    """The checkpoint to pass on: the given one, else the newest of runs/, else 'none' (random weights)."""
+    if checkpoint and checkpoint.lower() == NO_CHECKPOINT:
+        return NO_CHECKPOINT
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise ValueError(f"--checkpoint {checkpoint}: no such file")
+        return str(Path(checkpoint).resolve())
+    found = newest_checkpoint(REPO_ROOT / "runs", config)
+    return str(found) if found is not None else NO_CHECKPOINT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import pytest
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: torch sees no CUDA device on this machine", file=sys.stderr)
+        return 2
+    images, batch, min_rounds, max_time, warmup = PRESETS[(device, args.quick)]
+    images = args.images if args.images is not None else images
+    batch = args.batch if args.batch is not None else batch
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint, args.config)
+        if args.data is not None and not args.data.is_dir():
+            raise ValueError(f"--data {args.data}: no such folder")
+        for path in args.kernels_json:
+            if not path.is_file():
+                raise ValueError(f"--kernels-json {path}: no such file")
+        for flag, value in (("--images", images), ("--batch", batch)):
+            if value < 1:
+                raise ValueError(f"{flag} {value}: expected a positive integer")
+        if batch > images:
+            raise ValueError(f"--batch {batch}: expected at most --images {images} (batches are evaluation images)")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    today = dt.date.today().isoformat()
+    stem = f"{device_slug(device)}-{today}"
+    existing = [args.out / f"{stem}.{ext}" for ext in ("md", "json", "png") if (args.out / f"{stem}.{ext}").exists()]
+    if existing and not args.overwrite:
+        print(f"error: {existing[0]}: exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    env = {"DEVICE": device, "CONFIG": args.config or "", "CHECKPOINT": checkpoint,
+           "DATA": str(args.data.resolve()) if args.data else "", "IMAGES": str(images),
+           "BATCH": str(batch), "BACKENDS": args.backends or "",
+           "CPU_COMPILE": "0" if args.no_compile else "1"}
+    for key, value in env.items():
+        os.environ[ENV_PREFIX + key] = value
+
+    run_kernels = args.kernels if args.kernels is not None else device == "cuda"
+    suites = [str(BENCH_DIR / "test_backends.py")] + ([str(BENCH_DIR / "test_kernels.py")] if run_kernels else [])
+    collector = OutcomeCollector()
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="qd-bench-json-") as tmp:
+        json_path = Path(tmp) / "benchmark.json"
+        rc = pytest.main([*suites, "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO_ROOT),
+                          f"--benchmark-json={json_path}", f"--benchmark-min-rounds={min_rounds}",
+                          f"--benchmark-max-time={max_time}", f"--benchmark-warmup={'on' if warmup else 'off'}",
+                          f"--benchmark-warmup-iterations={max(warmup, 1)}", "--benchmark-disable-gc",
+                          "--benchmark-sort=name"],
+                         plugins=[collector])
+        if not json_path.is_file():
+            print(f"error: the suites wrote no benchmark JSON (pytest exit {int(rc)})", file=sys.stderr)
+            return int(rc) or 1
+        bench_json = json.loads(json_path.read_text())
+    for extra in args.kernels_json:
+        bench_json["benchmarks"] += json.loads(extra.read_text()).get("benchmarks", [])
+
+    methods = sorted({str(b["extra_info"]["memory_method"]) for b in bench_json["benchmarks"]
+                      if "memory_method" in b.get("extra_info", {})})
+    meta = {
+        "date": today,
+        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "versions": versions(),
+        "memory_note": ("memory one predict call adds at its peak; " + "; ".join(methods)) if methods else None,
+        "mfu_note": (f"against {args.peak_tflops} TFLOP/s given by --peak-tflops" if args.peak_tflops else
+                     "n/a on CPU (no peak FLOP/s table for CPUs; --peak-tflops sets one)" if device == "cpu" else
+                     "dense peak of the GPU at the backend's precision: H100/H200 bf16/fp16 989, fp32 67 TFLOP/s"),
+        "quick": args.quick,
+        # Other processes on the machine inflate and scatter the timings; the load says how much to trust them.
+        "load_note": f"1-minute load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end, on "
+                     f"{os.cpu_count()} logical CPUs",
+    }
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    report = build_report(bench_json, meta, collector.not_run, peak_override=peak)
+    try:
+        paths = write_report(report, args.out, stem, overwrite=True)
+    except ImportError as e:  # matplotlib missing: the Markdown and JSON are already written
+        paths = [args.out / f"{stem}.md", args.out / f"{stem}.json"]
+        print(f"warning: no PNG plot ({e}); install matplotlib for it", file=sys.stderr)
+    print(render_markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return int(rc)

@@ -1,0 +1,95 @@
+"""Build the exported backends from the benchmark's model with the ``export`` package, once per session.
+
+    ort-fp32   export.onnx.export_onnx → model-fp32.onnx                → export.runtime.OrtSegmenter
+    ort-fp16   export.fp16.convert_to_fp16(model-fp32.onnx) → .onnx    → OrtSegmenter
+    trt-fp16   export.tensorrt.build_engine(model-fp16.onnx) → .engine  → export.runtime.TrtSegmenter
+    aoti       export.aoti (torch.export + AOTInductor .pt2)            → export.aoti.AotiSegmenter
+
+Nothing here re-implements an export step; this module only names the files and feeds one step's output to the
+next. Files are written afresh by each process (a file left in the work folder by an earlier run may come from
+other weights) and reused within it. ONNX Runtime gets as many threads as torch uses, so CPU latencies compare like
+with like.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.runtime import Segmenter
+
+# Artifacts this process wrote.
+_written: set[Path] = set()
+
+
+def onnx_fp32(model: nn.Module, size: tuple[int, int], work: Path) -> Path:
+    """The fp32 ONNX of ``model`` at ``size`` = (H, W) with a dynamic batch, exported on first use."""
+    from export.onnx import export_onnx
+
+    path = work / "model-fp32.onnx"
+    if path not in _written:
+        export_onnx(model, path, height=size[0], width=size[1])
+        _written.add(path)
+    return path
+
+
+def onnx_fp16(model: nn.Module, size: tuple[int, int], work: Path) -> Path:
+    """The strongly typed FP16 variant of ``onnx_fp32``, converted on first use."""
+    import onnx
+
+    from export.fp16 import convert_to_fp16
+    from export.onnx import save_model
+
+    path = work / "model-fp16.onnx"
+    if path not in _written:
+        save_model(convert_to_fp16(onnx.load(str(onnx_fp32(model, size, work)))), path)
+        _written.add(path)
+    return path
+
+
+def _ort(path: Path, device: str) -> Segmenter:
+    from export.runtime import OrtSegmenter
+
+    threads = torch.get_num_threads() if device == "cpu" else 0
+    return OrtSegmenter(path, device=device, threads=threads, name=path.stem)
+
+
+def build(name: str, model: nn.Module, size: tuple[int, int], batch: int, device: str, work: Path) -> Segmenter:
+    """The exported backend ``name`` (ort-fp32, ort-fp16, trt-fp16 or aoti) for batches up to ``batch``.
+
+    Exports trace the PyTorch attention: the exporters are detected by ``qd_core.attention`` anyway, and forcing
+    ``QD_ATTENTION=torch`` keeps a CUDA export from ever reaching a Triton kernel.
+    """
+    from bench.backends import attention_backend
+
+    with attention_backend("torch"):
+        return _build(name, model, size, batch, device, work)
+
+
+def _build(name: str, model: nn.Module, size: tuple[int, int], batch: int, device: str, work: Path) -> Segmenter:
+    if name == "ort-fp32":
+        return _ort(onnx_fp32(model, size, work), device)
+    if name == "ort-fp16":
+        return _ort(onnx_fp16(model, size, work), device)
+    if name == "trt-fp16":
+        from export.runtime import TrtSegmenter
+        from export.tensorrt import build_engine
+
+        engine = work / "model-fp16.engine"
+        if engine not in _written:
+            build_engine(onnx_fp16(model, size, work), engine, batch=(1, batch, batch), height=size[0],
+                         width=size[1])
+            _written.add(engine)
+        return TrtSegmenter(engine, device=device)
+    if name == "aoti":
+        from export.aoti import AotiSegmenter, export_aoti
+        from export.wrapper import ExportWrapper
+
+        package = work / "model.pt2"
+        if package not in _written:
+            export_aoti(ExportWrapper(model), package, height=size[0], width=size[1], batch=(1, batch, batch),
+                        device=device, overwrite=True)
+            _written.add(package)
+        return AotiSegmenter(package, device=device)
+    raise ValueError(f"name: expected ort-fp32, ort-fp16, trt-fp16 or aoti, got {name!r}")

@@ -1,0 +1,302 @@
+"""Turn a pytest-benchmark JSON (``--benchmark-json``) of the suites into the report: Markdown, JSON and a PNG.
+
+Latency percentiles come from each benchmark's raw timings (``stats.data``, one value per round: round time /
+iterations), which ``--benchmark-json`` always includes; an entry without them (a JSON saved without data) falls
+back to the median for p50 and leaves p90/p99 empty. Images per second = batch / p50. MFU = FLOPs per image ×
+batch / p50 / peak FLOP/s of the device at the backend's precision (``bench.metrics.PEAK_FLOPS``; n/a on CPUs
+unless a peak is given). The speed ratio of a backend is the reference's p50 over its own at the same batch
+(> 1 = faster than PyTorch fp32 eager).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from bench.metrics import mfu, peak_flops, percentile
+
+REFERENCE_BACKEND = "torch-fp32"
+
+
+@dataclass
+class LatencyRow:
+    backend: str
+    precision: str
+    batch: int
+    p50_ms: float
+    p90_ms: float | None
+    p99_ms: float | None
+    mean_ms: float
+    rounds: int
+    images_per_s: float
+    peak_mem_mib: float | None
+    mfu: float | None
+    speedup: float | None = None  # reference p50 / this p50 at the same batch
+
+
+@dataclass
+class AccuracyRow:
+    backend: str
+    precision: str
+    miou: float
+    reference_miou: float
+    delta_points: float
+    tolerance_points: float
+    agreement: float
+    passed: bool
+    images: int
+
+
+@dataclass
+class KernelRow:
+    group: str
+    name: str
+    p50_ms: float
+    p90_ms: float | None
+    mean_ms: float
+    rounds: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NotRun:
+    """A test that was skipped or failed, with pytest's reason."""
+
+    test: str
+    outcome: str
+    reason: str
+
+
+@dataclass
+class Report:
+    meta: dict[str, Any]
+    latency: list[LatencyRow]
+    accuracy: list[AccuracyRow]
+    kernels: list[KernelRow]
+    not_run: list[NotRun]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "latency": [asdict(r) for r in self.latency],
+                "accuracy": [asdict(r) for r in self.accuracy], "kernels": [asdict(r) for r in self.kernels],
+                "not_run": [asdict(r) for r in self.not_run]}
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def latency_percentiles(stats: dict[str, Any]) -> tuple[float, float | None, float | None]:
+    """(p50, p90, p99) in seconds of one pytest-benchmark ``stats`` block (see the module docstring)."""
+    data = stats.get("data")
+    if data:
+        return percentile(data, 50), percentile(data, 90), percentile(data, 99)
+    if "median" not in stats:
+        raise ValueError("stats: expected raw timings ('data') or a 'median'")
+    return float(stats["median"]), None, None
+
+
+def _latency_row(entry: dict[str, Any], peak_override: float | None) -> LatencyRow:
+    info, stats = entry["extra_info"], entry["stats"]
+    p50, p90, p99 = latency_percentiles(stats)
+    batch = int(info["batch"])
+    peak = peak_flops(str(info.get("device_name", "")), str(info["precision"]), peak_override)
+    flops = info.get("flops_per_image")
+    ms = 1e3
+    return LatencyRow(
+        backend=str(info["backend"]), precision=str(info["precision"]), batch=batch, p50_ms=p50 * ms,
+        p90_ms=None if p90 is None else p90 * ms, p99_ms=None if p99 is None else p99 * ms,
+        mean_ms=float(stats["mean"]) * ms, rounds=int(stats["rounds"]), images_per_s=batch / p50,
+        peak_mem_mib=info.get("peak_mem_mib"), mfu=mfu(float(flops), batch, p50, peak) if flops else None)
+
+
+def _accuracy_row(entry: dict[str, Any]) -> AccuracyRow:
+    info = entry["extra_info"]
+    return AccuracyRow(backend=str(info["backend"]), precision=str(info["precision"]), miou=float(info["miou"]),
+                       reference_miou=float(info["reference_miou"]), delta_points=float(info["delta_points"]),
+                       tolerance_points=float(info["tolerance_points"]), agreement=float(info["agreement"]),
+                       passed=bool(info["passed"]), images=int(info["images"]))
+
+
+def _kernel_row(entry: dict[str, Any]) -> KernelRow:
+    p50, p90, _ = latency_percentiles(entry["stats"])
+    extra = {k: v for k, v in entry.get("extra_info", {}).items() if k in ("mode", "dtype", "peak_mem_mib",
+                                                                            "fwd_flops", "shapes")}
+    return KernelRow(group=str(entry.get("group") or ""), name=str(entry["name"]), p50_ms=p50 * 1e3,
+                     p90_ms=None if p90 is None else p90 * 1e3, mean_ms=float(entry["stats"]["mean"]) * 1e3,
+                     rounds=int(entry["stats"]["rounds"]), extra=extra)
+
+
+def session_meta(benchmarks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The session facts the suites record in every entry (device, config, model, images, FLOPs)."""
+    keys = ("device", "device_name", "config", "model", "eval_set", "height", "width", "flops_per_image", "torch")
+    for entry in benchmarks:
+        info = entry.get("extra_info", {})
+        if info.get("kind") in ("latency", "accuracy"):
+            return {k: info[k] for k in keys if k in info}
+    return {}
+
+
+def build_report(bench_json: dict[str, Any], meta: dict[str, Any] | None = None,
+                 not_run: Iterable[NotRun] = (), peak_override: float | None = None) -> Report:
+    """The report of one pytest-benchmark JSON; ``meta`` (versions, date, ...) is merged over what the entries say.
+
+    Entries of kind ``latency`` and ``accuracy`` come from ``bench/test_backends.py``; any other entry (the kernel
+    microbenchmarks of ``bench/test_kernels.py``) is listed as a kernel row.
+    """
+    if not isinstance(bench_json, dict) or not isinstance(bench_json.get("benchmarks"), list):
+        raise ValueError("bench_json: expected a pytest-benchmark JSON object with a 'benchmarks' list")
+    entries = bench_json["benchmarks"]
+    latency, accuracy, kernels = [], [], []
+    for entry in entries:
+        kind = entry.get("extra_info", {}).get("kind")
+        if kind == "latency":
+            latency.append(_latency_row(entry, peak_override))
+        elif kind == "accuracy":
+            accuracy.append(_accuracy_row(entry))
+        else:
+            kernels.append(_kernel_row(entry))
+    reference = {r.batch: r.p50_ms for r in latency if r.backend == REFERENCE_BACKEND}
+    for row in latency:
+        if row.batch in reference:
+            row.speedup = reference[row.batch] / row.p50_ms
+    latency.sort(key=lambda r: (r.batch, r.p50_ms))
+    kernels.sort(key=lambda r: (r.group, r.name))
+    full_meta = session_meta(entries)
+    full_meta["peak_flops_override"] = peak_override
+    full_meta.update(meta or {})
+    if "machine_info" in bench_json:
+        full_meta.setdefault("machine_info", {k: bench_json["machine_info"].get(k) for k in
+                                              ("node", "processor", "machine", "python_version", "cpu")
+                                              if k in bench_json["machine_info"]})
+    return Report(full_meta, latency, accuracy, kernels, list(not_run))
+
+
+# ------------------------------------------------------------------------------------------------ Markdown
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def render_markdown(report: Report) -> str:
+    """The report as Markdown: session facts, latency table, accuracy table, kernel table, tests not run."""
+    m = report.meta
+    title = f"# QueryDiff benchmark: {m.get('device', '?')}"
+    if m.get("date"):
+        title += f", {m['date']}"
+    lines = [title, ""]
+    facts = [
+        ("device", m.get("device_name")),
+        ("config", f"{m.get('config')} at {m.get('height')}x{m.get('width')} "
+                   f"({_num(m.get('flops_per_image') and m['flops_per_image'] / 1e9, '.2f')} GFLOPs per image, "
+                   f"qd_core.summary)" if m.get("config") else None),
+        ("weights", m.get("model")),
+        ("images", m.get("eval_set")),
+        ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) or None),
+        ("host load", m.get("load_note")),
+        ("memory", m.get("memory_note")),
+        ("MFU", m.get("mfu_note")),
+        ("command", f"`{m['command']}`" if m.get("command") else None),
+    ]
+    lines += [f"- **{k}**: {v}" for k, v in facts if v]
+    if str(m.get("model", "")).startswith("random-init"):
+        lines += ["", "> Random weights: latency is meaningful, mIoU is not (parity still compares each backend "
+                      "with the reference on the same images)."]
+
+    lines += ["", "## Latency (predict: RGB in, full-size labels out)", ""]
+    lines += _table(["backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
+                     f"× {REFERENCE_BACKEND}", "peak MiB", "MFU"],
+                    [[r.backend, r.precision, str(r.batch), _num(r.p50_ms, ".2f"), _num(r.p90_ms, ".2f"),
+                      _num(r.p99_ms, ".2f"), _num(r.images_per_s, ".1f"), _num(r.speedup, ".2f"),
+                      _num(r.peak_mem_mib, ".0f"), "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%"]
+                     for r in report.latency])
+    if report.accuracy:
+        ref = report.accuracy[0]
+        lines += ["", f"## Accuracy parity against {REFERENCE_BACKEND} ({ref.images} images)", ""]
+        lines += _table(["backend", "precision", "mIoU", "Δ points", "tolerance", "argmax agreement", "result"],
+                        [[r.backend, r.precision, f"{100 * r.miou:.2f}", f"{r.delta_points:+.3f}",
+                          f"±{r.tolerance_points}", f"{100 * r.agreement:.3f}%", "pass" if r.passed else "FAIL"]
+                         for r in report.accuracy])
+    if report.kernels:
+        lines += ["", "## Kernel microbenchmarks", ""]
+        lines += _table(["group", "name", "p50 ms", "p90 ms", "mean ms", "rounds"],
+                        [[r.group, r.name, _num(r.p50_ms, ".4f"), _num(r.p90_ms, ".4f"), _num(r.mean_ms, ".4f"),
+                          str(r.rounds)] for r in report.kernels])
+    if report.not_run:
+        lines += ["", "## Not run or failed", ""]
+        lines += _table(["test", "outcome", "reason"],
+                        [[f"`{r.test}`", r.outcome, r.reason.replace("|", "\\|").replace("\n", " ")]
+                         for r in report.not_run])
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ PNG
+
+
+def write_png(report: Report, path: Path) -> Path:
+    """Two panels: p50 latency per backend (one bar per batch, p90 as whisker) and mIoU per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(dict.fromkeys(r.backend for r in report.latency))
+    acc_backends = [r.backend for r in report.accuracy]
+    batches = sorted({r.batch for r in report.latency})
+    fig, (ax_lat, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+
+    width = 0.8 / max(1, len(batches))
+    for i, batch in enumerate(batches):
+        rows = {r.backend: r for r in report.latency if r.batch == batch}
+        xs = [k + i * width for k, b in enumerate(backends) if b in rows]
+        p50 = [rows[b].p50_ms for b in backends if b in rows]
+        err = [max(0.0, (rows[b].p90_ms or rows[b].p50_ms) - rows[b].p50_ms) for b in backends if b in rows]
+        ax_lat.bar(xs, p50, width, yerr=[[0.0] * len(err), err], capsize=3, label=f"batch {batch}")
+    ax_lat.set_xticks([k + width * (len(batches) - 1) / 2 for k in range(len(backends))], backends,
+                      rotation=30, ha="right")
+    ax_lat.set_ylabel("p50 latency per call (ms), whisker to p90")
+    ax_lat.set_title(f"Latency, {report.meta.get('device_name') or report.meta.get('device', '')}", fontsize=10)
+    if batches:
+        ax_lat.legend()
+
+    colors = ["tab:green" if r.passed else "tab:red" for r in report.accuracy]
+    ax_acc.bar(range(len(acc_backends)), [100 * r.miou for r in report.accuracy], color=colors)
+    if report.accuracy:
+        ax_acc.axhline(100 * report.accuracy[0].reference_miou, color="k", lw=0.8, ls="--",
+                       label=f"{REFERENCE_BACKEND} reference")
+        ax_acc.legend(loc="lower right")
+    ax_acc.set_xticks(range(len(acc_backends)), acc_backends, rotation=30, ha="right")
+    ax_acc.set_ylim(0, max([1.0] + [110 * r.miou for r in report.accuracy]))
+    ax_acc.set_ylabel("mIoU (%)")
+    title = "mIoU (green: within tolerance, red: over)"
+    if str(report.meta.get("model", "")).startswith("random-init"):
+        title += "\nrandom weights: mIoU not meaningful"
+    ax_acc.set_title(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: Report, out_dir: Path, stem: str, overwrite: bool = False) -> list[Path]:
+    """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``out_dir``; returns their paths.
+
+    Existing files are kept (FileExistsError naming the first) unless ``overwrite``. The PNG is written last, so
+    without matplotlib (ImportError) the Markdown and JSON are still there.
+    """
+    paths = [out_dir / f"{stem}.{ext}" for ext in ("md", "json", "png")]
+    if not overwrite:
+        for p in paths:
+            if p.exists():
+                raise FileExistsError(f"{p}: exists; pass --overwrite to replace it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths[0].write_text(render_markdown(report))
+    paths[1].write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    write_png(report, paths[2])
+    return paths

@@ -1,0 +1,92 @@
+"""End-to-end latency and accuracy parity of every backend against the PyTorch fp32 reference.
+
+``test_latency[<backend>-b<batch>]`` times ``predict`` (RGB images in, full-size labels out, normalisation and the
+argmax included) on real evaluation images at the config's crop size; on CUDA the timed call ends in
+``torch.cuda.synchronize()``. Its ``extra_info`` holds the peak memory one call adds (``bench.memory``) and the
+FLOPs of one image, from which the report derives MFU.
+
+``test_accuracy[<backend>]`` runs the backend over the whole evaluation set and fails when its mIoU differs from
+the reference's by more than its precision's tolerance (``bench.metrics.TOLERANCE_POINTS``); ``extra_info`` holds
+mIoU, delta and argmax agreement for the report.
+
+What runs is set by the ``QD_BENCH_*`` variables (``bench.settings``); ``python -m bench`` sets them from its
+arguments. Under ``--benchmark-disable`` each test runs its backend once, as a correctness check.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.backends import FOREIGN_ALLOCATOR, REFERENCE, BackendSpec, BenchSession, as_tensor, get_session, \
+    select_backends, selected_here, unavailable_reason
+from bench.memory import measure_peak
+from bench.metrics import Parity, check_parity
+from bench.settings import settings_from_env
+from qd_core.metrics import ConfusionMatrix
+
+SETTINGS = settings_from_env()
+SPECS = [spec for spec in select_backends(SETTINGS.backends) if selected_here(spec, SETTINGS)]
+LATENCY_PARAMS = [pytest.param(spec, batch, id=f"{spec.name}-b{batch}") for spec in SPECS
+                  for batch in SETTINGS.batches]
+ACCURACY_PARAMS = [pytest.param(spec, id=spec.name) for spec in SPECS]
+
+
+@pytest.fixture(scope="module")
+def session() -> BenchSession:
+    return get_session(SETTINGS)
+
+
+def _require(spec: BackendSpec) -> None:
+    reason = unavailable_reason(spec, SETTINGS)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("spec, batch", LATENCY_PARAMS)
+def test_latency(benchmark, session: BenchSession, spec: BackendSpec, batch: int):
+    _require(spec)
+    seg = session.segmenter(spec)
+    images = session.inputs(batch)
+    cuda = SETTINGS.device == "cuda"
+
+    def step():
+        labels = seg.predict(images)
+        if cuda:
+            torch.cuda.synchronize()
+        return labels
+
+    benchmark.group = f"latency b{batch}"
+    benchmark.extra_info.update(session.info(), kind="latency", backend=spec.name, precision=spec.precision,
+                                description=spec.description, batch=batch)
+    if not benchmark.disabled:
+        step()  # compilation, autotuning and allocator growth stay out of the measurement
+        _, peak_mib, method = measure_peak(SETTINGS.device, step)
+        if cuda and spec.name in FOREIGN_ALLOCATOR:
+            peak_mib, method = None, "n/a: allocated outside torch"
+        benchmark.extra_info.update(peak_mem_mib=peak_mib, memory_method=method)
+    labels = as_tensor(benchmark(step))
+    assert tuple(labels.shape) == (batch, *session.size)
+
+
+@pytest.mark.parametrize("spec", ACCURACY_PARAMS)
+def test_accuracy(benchmark, session: BenchSession, spec: BackendSpec):
+    _require(spec)
+    reference = session.reference_predictions()
+    # One pass over the evaluation set; its time is recorded but the report reads only extra_info.
+    predictions = benchmark.pedantic(session.predict_all, args=(spec,), rounds=1, iterations=1)
+    labels = session.eval_set.labels
+    num_classes = int(session.cfg.model.head.num_classes)
+
+    matrix, ref_matrix = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
+    matrix.update(predictions, labels)
+    ref_matrix.update(reference, labels)
+    parity = Parity(spec.name, spec.precision, matrix.miou(), ref_matrix.miou(),
+                    agreement=float((predictions == reference).double().mean()))
+    benchmark.group = "accuracy"
+    benchmark.extra_info.update(session.info(), kind="accuracy", backend=spec.name, precision=spec.precision,
+                                description=spec.description, reference=REFERENCE.name,
+                                images=len(session.eval_set), miou=parity.miou,
+                                reference_miou=parity.reference_miou, delta_points=parity.delta_points,
+                                tolerance_points=parity.tolerance_points, agreement=parity.agreement,
+                                passed=parity.passed)
+    check_parity(parity)

@@ -1,0 +1,130 @@
+"""``python -m export.infer``: segment a folder of images with any exported model and save pictures.
+
+    python -m export.infer --model exports/tiny/model_fp16.onnx --images photos/ --out masks/ [--batch 4]
+
+``--model`` is a ``.onnx`` file (ONNX Runtime), a TensorRT ``.engine``, an AOTInductor ``.pt2`` or a student
+checkpoint (``.safetensors``). Every image is resized to the model's input size (the export size; for a checkpoint, its
+config's inference window), segmented, and the label map is resized back (nearest) to the image. For each
+``photos/a/b.jpg`` the output holds ``masks/a/b_mask.png`` (colour-coded classes) and ``masks/a/b_overlay.png``
+(the colours blended over the photo). An unreadable image is reported and skipped; the others are still
+written. Exit codes: 0 all written, 1 some images failed, 2 bad arguments (one ``error:`` line).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.infer",
+                                description="Segment a folder of images with an exported QueryDiff model.")
+    p.add_argument("--model", type=Path, required=True,
+                   help="a .onnx file, a TensorRT .engine, an AOTInductor .pt2, or a student checkpoint "
+                        "(.safetensors)")
+    p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the *_mask.png and *_overlay.png files")
+    p.add_argument("--batch", type=int, default=1, help="images per model call (default 1)")
+    p.add_argument("--device", default=None,
+                   help="cpu / cuda / auto (default: auto for .onnx, cuda for .engine, cpu for a checkpoint)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay")
+    return p
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted); ValueError if the folder is missing or has none."""
+    if not folder.is_dir():
+        raise ValueError(f"--images '{folder}': folder not found")
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not found:
+        raise ValueError(f"--images '{folder}': no images ({', '.join(IMAGE_EXTENSIONS)}) found (searched "
+                         f"recursively)")
+    return found
+
+
+def model_input_size(segmenter: object) -> tuple[int, int]:
+    """The (H, W) to resize images to: the backend's fixed size, or a checkpoint config's inference window."""
+    size = getattr(segmenter, "input_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    wrapper = getattr(segmenter, "wrapper", None)
+    cfg = getattr(getattr(wrapper, "model", None), "cfg", None)
+    if cfg is not None:
+        return int(cfg.inference.window[0]), int(cfg.inference.window[1])
+    return 512, 512
+
+
+def _outputs(out: Path, images_root: Path, image: Path) -> tuple[Path, Path]:
+    rel = image.relative_to(images_root)
+    base = out / rel.parent / rel.stem
+    return base.with_name(base.name + "_mask.png"), base.with_name(base.name + "_overlay.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from qd_core.data.files import read_image
+    from qd_core.data.transforms import resize_image, resize_label
+    from qd_core.visualize import colorize, overlay, save_png
+
+    from export.runtime import load_segmenter
+
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: expected a positive number of images")
+    images = list_images(args.images)
+    segmenter = load_segmenter(args.model, device=args.device)
+    height, width = model_input_size(segmenter)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    failed: list[str] = []
+    bar = tqdm(total=len(images), desc=f"segmenting with {args.model.name}", unit="img")
+    for start in range(0, len(images), args.batch):
+        chunk = images[start:start + args.batch]
+        originals, inputs, paths = [], [], []
+        for path in chunk:
+            try:
+                rgb = read_image(path)
+            except (ValueError, FileNotFoundError) as e:
+                failed.append(str(e))
+                tqdm.write(f"skipped: {e}")
+                bar.update()
+                continue
+            originals.append(rgb)
+            resized = np.array(resize_image(rgb, (height, width)), dtype=np.float32)
+            inputs.append(torch.from_numpy(resized).permute(2, 0, 1))
+            paths.append(path)
+        if not inputs:
+            continue
+        labels = segmenter.predict(torch.stack(inputs)).cpu().numpy()
+        for rgb, label, path in zip(originals, labels, paths):
+            full = resize_label(label.astype(np.uint8), rgb.shape[:2])
+            mask_path, overlay_path = _outputs(args.out, args.images, path)
+            save_png(colorize(full), mask_path)
+            save_png(overlay(rgb, full, alpha=args.alpha), overlay_path)
+            bar.update()
+    bar.close()
+    written = len(images) - len(failed)
+    print(f"wrote {written} mask/overlay pairs to {args.out}" + (f"; {len(failed)} image(s) skipped" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write to --out '{args.out}': {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

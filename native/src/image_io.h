@@ -1,0 +1,36 @@
+// Reading PNG/JPEG images and writing PNG label maps (libpng's simplified API, libjpeg).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace qd {
+
+// A file that cannot be read or written as an image; what() is "PATH: reason".
+class ImageError : public std::runtime_error {
+ public:
+  ImageError(const std::filesystem::path& path, const std::string& reason);
+};
+
+// 8-bit RGB, rows top to bottom, pixels interleaved: rgb[(y * width + x) * 3 + c].
+struct Image {
+  int height = 0;
+  int width = 0;
+  std::vector<std::uint8_t> rgb;
+};
+
+// Decodes a PNG or JPEG file, chosen by its leading bytes (not its name). Grey and palette images become RGB;
+// an alpha channel is dropped; 16-bit PNGs are reduced to 8 bits. Truncated or damaged files raise ImageError.
+Image read_image(const std::filesystem::path& path);
+
+// Writes an 8-bit PNG (channels 1: grey, 3: RGB) of height × width pixels, through a temporary file renamed
+// into place so that a reader never sees half a file.
+void write_png(const std::filesystem::path& path, const std::uint8_t* pixels, int height, int width, int channels);
+
+// Reads a PNG as 8-bit grey (channels 1) or RGB (channels 3); used to check written files.
+std::vector<std::uint8_t> read_png(const std::filesystem::path& path, int channels, int* height, int* width);
+
+}  // namespace qd

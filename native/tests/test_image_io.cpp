@@ -1,0 +1,152 @@
+#include <png.h>
+#include <stdio.h>
+// jpeglib.h needs FILE and size_t declared first.
+#include <jpeglib.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+
+#include "check.h"
+#include "image_io.h"
+
+namespace fs = std::filesystem;
+using qd::ImageError;
+
+namespace {
+
+// A smooth test picture: JPEG keeps gradients nearly intact, so decoding errors stand out.
+std::vector<std::uint8_t> gradient(int h, int w) {
+  std::vector<std::uint8_t> rgb(static_cast<size_t>(h) * w * 3);
+  for (int y = 0; y < h; ++y) {
+    for (int x = 0; x < w; ++x) {
+      std::uint8_t* p = &rgb[(static_cast<size_t>(y) * w + x) * 3];
+      p[0] = static_cast<std::uint8_t>(255 * x / (w - 1));
+      p[1] = static_cast<std::uint8_t>(255 * y / (h - 1));
+      p[2] = 128;
+    }
+  }
+  return rgb;
+}
+
+void write_jpeg(const fs::path& path, const std::uint8_t* pixels, int h, int w, int channels, int quality) {
+  FILE* file = std::fopen(path.c_str(), "wb");
+  CHECK(file != nullptr);
+  jpeg_compress_struct info;
+  jpeg_error_mgr errors;
+  info.err = jpeg_std_error(&errors);
+  jpeg_create_compress(&info);
+  jpeg_stdio_dest(&info, file);
+  info.image_width = static_cast<JDIMENSION>(w);
+  info.image_height = static_cast<JDIMENSION>(h);
+  info.input_components = channels;
+  info.in_color_space = channels == 3 ? JCS_RGB : JCS_GRAYSCALE;
+  jpeg_set_defaults(&info);
+  jpeg_set_quality(&info, quality, TRUE);
+  jpeg_start_compress(&info, TRUE);
+  while (info.next_scanline < info.image_height) {
+    JSAMPROW row = const_cast<std::uint8_t*>(&pixels[static_cast<size_t>(info.next_scanline) * w * channels]);
+    jpeg_write_scanlines(&info, &row, 1);
+  }
+  jpeg_finish_compress(&info);
+  jpeg_destroy_compress(&info);
+  std::fclose(file);
+}
+
+void truncate_file(const fs::path& path) { fs::resize_file(path, fs::file_size(path) / 2); }
+
+int max_abs_diff(const std::vector<std::uint8_t>& a, const std::vector<std::uint8_t>& b) {
+  int worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(int(a[i]) - int(b[i])));
+  return worst;
+}
+
+}  // namespace
+
+QD_TEST(image_io, png_rgb_round_trip_is_exact) {
+  const fs::path path = qd::test::scratch_dir("png_rgb") / "g.png";
+  const auto rgb = gradient(5, 7);
+  qd::write_png(path, rgb.data(), 5, 7, 3);
+  const qd::Image im = qd::read_image(path);
+  CHECK_EQ(im.height, 5);
+  CHECK_EQ(im.width, 7);
+  CHECK(im.rgb == rgb);
+  CHECK(!fs::exists(path.string() + ".tmp"));
+}
+
+QD_TEST(image_io, png_label_round_trip_is_exact) {
+  const fs::path path = qd::test::scratch_dir("png_gray") / "labels.png";
+  std::vector<std::uint8_t> labels;
+  for (int i = 0; i < 20; ++i) labels.push_back(static_cast<std::uint8_t>(i < 19 ? i : 255));
+  qd::write_png(path, labels.data(), 4, 5, 1);
+  int h = 0, w = 0;
+  CHECK(qd::read_png(path, 1, &h, &w) == labels);
+  CHECK_EQ(h, 4);
+  CHECK_EQ(w, 5);
+  // A grey image read as a picture becomes RGB with equal channels.
+  const qd::Image im = qd::read_image(path);
+  CHECK_EQ(im.rgb[3 * 7 + 0], 7);
+  CHECK_EQ(im.rgb[3 * 7 + 1], 7);
+  CHECK_EQ(im.rgb[3 * 7 + 2], 7);
+}
+
+QD_TEST(image_io, png_alpha_is_dropped_not_blended) {
+  const fs::path path = qd::test::scratch_dir("png_alpha") / "rgba.png";
+  const std::uint8_t rgba[8] = {10, 20, 30, 0, 200, 100, 50, 128};
+  png_image image;
+  std::memset(&image, 0, sizeof image);
+  image.version = PNG_IMAGE_VERSION;
+  image.width = 2;
+  image.height = 1;
+  image.format = PNG_FORMAT_RGBA;
+  CHECK(png_image_write_to_file(&image, path.c_str(), 0, rgba, 0, nullptr));
+  const qd::Image im = qd::read_image(path);
+  CHECK(im.rgb == std::vector<std::uint8_t>({10, 20, 30, 200, 100, 50}));
+}
+
+QD_TEST(image_io, jpeg_decodes_close_to_its_source) {
+  const fs::path path = qd::test::scratch_dir("jpeg") / "g.jpg";
+  const auto rgb = gradient(32, 48);
+  write_jpeg(path, rgb.data(), 32, 48, 3, 95);
+  const qd::Image im = qd::read_image(path);
+  CHECK_EQ(im.height, 32);
+  CHECK_EQ(im.width, 48);
+  // Quality 95 with 4:2:0 chroma subsampling keeps a smooth gradient within a few levels.
+  CHECK(max_abs_diff(im.rgb, rgb) <= 8);
+}
+
+QD_TEST(image_io, grey_jpeg_becomes_rgb) {
+  const fs::path path = qd::test::scratch_dir("jpeg_grey") / "grey.jpeg";
+  const std::vector<std::uint8_t> grey(16 * 16, 90);
+  write_jpeg(path, grey.data(), 16, 16, 1, 100);
+  const qd::Image im = qd::read_image(path);
+  CHECK_EQ(im.rgb.size(), static_cast<size_t>(16 * 16 * 3));
+  CHECK(max_abs_diff(im.rgb, std::vector<std::uint8_t>(16 * 16 * 3, 90)) <= 1);
+}
+
+QD_TEST(image_io, truncated_png_is_an_error) {
+  const fs::path path = qd::test::scratch_dir("png_cut") / "cut.png";
+  const auto rgb = gradient(64, 64);
+  qd::write_png(path, rgb.data(), 64, 64, 3);
+  truncate_file(path);
+  CHECK_THROWS(qd::read_image(path), ImageError, path.string() + ": damaged PNG data (libpng: ");
+}
+
+QD_TEST(image_io, truncated_jpeg_is_an_error) {
+  const fs::path path = qd::test::scratch_dir("jpeg_cut") / "cut.jpg";
+  const auto rgb = gradient(64, 64);
+  write_jpeg(path, rgb.data(), 64, 64, 3, 90);
+  truncate_file(path);
+  CHECK_THROWS(qd::read_image(path), ImageError, path.string() + ": damaged JPEG data (libjpeg: ");
+}
+
+QD_TEST(image_io, other_files_are_errors) {
+  const fs::path dir = qd::test::scratch_dir("other");
+  std::ofstream(dir / "text.png") << "hello";
+  std::ofstream(dir / "empty.jpg");
+  CHECK_THROWS(qd::read_image(dir / "text.png"), ImageError, "text.png: not a PNG or JPEG file");
+  CHECK_THROWS(qd::read_image(dir / "empty.jpg"), ImageError, "empty.jpg: empty file");
+  CHECK_THROWS(qd::read_image(dir / "absent.png"), ImageError, "absent.png: cannot open for reading");
+  const std::uint8_t pixel = 0;
+  CHECK_THROWS(qd::write_png(dir / "no" / "such" / "x.png", &pixel, 1, 1, 1), ImageError, "cannot write PNG");
+}

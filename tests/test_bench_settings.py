@@ -1,0 +1,118 @@
+"""The benchmark's settings (QD_BENCH_* variables), backend selection, evaluation crops and CLI argument checks."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.backends import BACKENDS, select_backends
+from bench.cli import main
+from bench.evalset import center_crop, load_synthetic
+from bench.settings import newest_checkpoint, settings_from_env
+
+
+def env(**values: str) -> dict[str, str]:
+    return {f"QD_BENCH_{k}": v for k, v in values.items()}
+
+
+def test_defaults_on_cpu_are_small_random_weight_runs():
+    s = settings_from_env(env(CHECKPOINT="none"), cuda_available=False)
+    assert (s.device, s.config, s.checkpoint, s.images, s.batches) == ("cpu", "tiny", None, 7, (1, 4))
+    assert s.model_label.startswith("random-init")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("DEVICE", "gpu", "'cpu' or 'cuda'"),
+    ("DEVICE", "cuda", "no CUDA"),
+    ("IMAGES", "0", "positive integer"),
+    ("BATCH", "x", "positive integer"),
+    ("CHECKPOINT", "/nonexistent/best.safetensors", "no such student checkpoint"),
+    ("DATA", "/nonexistent", "no such folder"),
+])
+def test_bad_variables_raise_one_clear_error(name: str, value: str, message: str):
+    with pytest.raises(ValueError, match=f"QD_BENCH_{name}.*{message}"):
+        settings_from_env(env(**{"CHECKPOINT": "none", name: value}), cuda_available=False)
+
+
+def test_larger_batch_cannot_exceed_the_image_count():
+    with pytest.raises(ValueError, match="QD_BENCH_BATCH=8"):
+        settings_from_env(env(CHECKPOINT="none", IMAGES="4", BATCH="8"), cuda_available=False)
+
+
+def _checkpoint(folder: Path, config: str, mtime: float) -> Path:
+    folder.mkdir(parents=True)
+    path = folder / "best.safetensors"
+    path.write_bytes(b"")
+    path.with_suffix(".json").write_text(json.dumps({"config": {"name": config}}))
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_newest_checkpoint_prefers_the_latest_of_the_requested_config(tmp_path: Path):
+    old_tiny = _checkpoint(tmp_path / "a", "tiny", 1_000)
+    new_tiny = _checkpoint(tmp_path / "b", "tiny", 2_000)
+    newest = _checkpoint(tmp_path / "c", "vitl16_512", 3_000)
+    assert newest_checkpoint(tmp_path) == newest
+    assert newest_checkpoint(tmp_path, "tiny") == new_tiny != old_tiny
+    assert newest_checkpoint(tmp_path, "vits16_256") is None
+    assert newest_checkpoint(tmp_path / "missing") is None
+
+
+def test_backend_selection_keeps_canonical_order_and_rejects_unknown_names():
+    assert [b.name for b in select_backends(("ort-fp32", "torch-fp32"))] == ["torch-fp32", "ort-fp32"]
+    assert select_backends(None) == list(BACKENDS)
+    with pytest.raises(ValueError, match="unknown backend.*torch-int8"):
+        select_backends(("torch-int8",))
+
+
+def test_center_crop_keeps_image_and_label_aligned():
+    # A 64x128 image whose red channel and label both encode the column (0..127): after resizing by 2 and cutting
+    # the centre 128x128, the label's column index must still match the image's red channel.
+    cols = np.tile(np.arange(128, dtype=np.uint8), (64, 1))
+    image = np.stack([cols, np.zeros_like(cols), np.zeros_like(cols)], axis=-1)
+    label = cols.astype(np.int64) % 19
+    out_img, out_label = center_crop(image, label, (128, 128))
+    assert out_img.shape == (128, 128, 3) and out_label.shape == (128, 128)
+    # Nearest-neighbour label at output column j comes from input column 32 + j // 2 (the centre half).
+    assert out_label[0].tolist() == [(32 + j // 2) % 19 for j in range(128)]
+    assert np.abs(out_img[0, :, 0].astype(int) - (32 + np.arange(128) // 2)).max() <= 1
+
+
+def test_synthetic_images_come_round_robin_over_the_domains(tmp_path: Path):
+    from qd_core.data import TARGET_DOMAINS, ensure_synthetic
+
+    root = ensure_synthetic(tmp_path / "synth", num_train=1, num_val=1, size=(64, 128), progress=False)
+    eval_set = load_synthetic(root, 7, (64, 64))
+    assert tuple(eval_set.images.shape) == (7, 3, 64, 64) and tuple(eval_set.labels.shape) == (7, 64, 64)
+    assert eval_set.images.dtype.is_floating_point and float(eval_set.images.max()) <= 255
+    # Every domain shows the same scene, so the labels are equal and the images differ.
+    assert all(bool((eval_set.labels[i] == eval_set.labels[0]).all()) for i in range(7))
+    assert len({eval_set.images[i].sum().item() for i in range(7)}) == 1 + len(TARGET_DOMAINS)
+    with pytest.raises(ValueError, match="8 requested"):
+        load_synthetic(root, 8, (64, 64))
+
+
+def test_cli_refuses_cuda_without_a_gpu(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--device", "cuda"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_cli_keeps_an_existing_report_without_overwrite(tmp_path: Path, capsys):
+    existing = tmp_path / f"cpu-{dt.date.today().isoformat()}.md"
+    existing.write_text("earlier run")
+    assert main(["--device", "cpu", "--out", str(tmp_path), "--checkpoint", ""]) == 2
+    assert "--overwrite" in capsys.readouterr().err and existing.read_text() == "earlier run"
+
+
+@pytest.mark.parametrize("args, message", [(["--images", "0"], "--images 0"),
+                                           (["--images", "2", "--batch", "4"], "--batch 4: expected at most")])
+def test_cli_rejects_bad_image_and_batch_counts(args: list[str], message: str, capsys):
+    assert main(["--device", "cpu", *args]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""``python -m export`` on bad input: each case ends in one ``error:`` line naming the problem, exit code 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from export import cli
+from qd_core import build_student, load_config
+from qd_core.checkpoint import save_student
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    return save_student(build_student(cfg), cfg, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error_line(err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_every_flag_has_help_text():
+    parser = cli.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {a.dest for a in options} >= {"checkpoint", "config", "out", "fp16", "opset", "batch", "height", "width",
+                                         "msda", "engine", "overwrite", "random_init", "data"}
+    assert all(a.help and len(a.help) > 10 for a in options)
+
+
+def test_without_a_checkpoint_and_no_runs_it_says_how_to_make_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["--out", tmp_path / "out"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "runs/*/best.safetensors", "python -m train")
+    assert not (tmp_path / "out").exists()
+
+
+def test_newest_best_checkpoint_is_preferred_over_last(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    for run, name, mtime in (("a", "best", 100), ("b", "best", 200), ("c", "last", 300)):
+        path = tmp_path / "runs" / run / f"{name}.safetensors"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+    assert cli.find_latest_checkpoint() == cli.RUNS_DIR / "b" / "best.safetensors"
+    for p in (tmp_path / "runs").glob("*/best.safetensors"):
+        p.unlink()
+    assert cli.find_latest_checkpoint() == cli.RUNS_DIR / "c" / "last.safetensors"
+
+
+def test_checkpoint_from_another_config_names_the_differing_keys(tiny_checkpoint, tmp_path, capsys):
+    code, _, err = run_cli(["--checkpoint", tiny_checkpoint, "--config", "vits16_256", "--out", tmp_path / "o"],
+                           capsys)
+    assert code == 2
+    assert_one_error_line(err, str(tiny_checkpoint), "different model", "model.backbone.embed_dim")
+
+
+def test_weights_that_do_not_fit_their_config_list_the_mismatch(tiny_checkpoint, tmp_path, capsys):
+    # The same weights with a config claiming a deeper backbone: the strict key check must name what is missing.
+    weights = tmp_path / "deeper.safetensors"
+    weights.write_bytes(tiny_checkpoint.read_bytes())
+    meta = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+    meta["config"]["model"]["backbone"]["depth"] = 6
+    weights.with_suffix(".json").write_text(json.dumps(meta))
+    code, _, err = run_cli(["--checkpoint", weights, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "do not fit the model", "missing key")
+
+
+def test_existing_output_is_not_overwritten_without_the_flag(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"keep me")
+    code, _, err = run_cli(["--checkpoint", tiny_checkpoint, "--out", out], capsys)
+    assert code == 2
+    assert_one_error_line(err, str(out), "--overwrite")
+    assert (out / "model.onnx").read_bytes() == b"keep me"
+
+
+def test_unwritable_output_folder_is_one_clear_message(tiny_checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, _, err = run_cli(["--checkpoint", tiny_checkpoint, "--out", blocker / "out"], capsys)
+    assert code == 2
+    assert_one_error_line(err, str(blocker / "out"), "not writable")
+
+
+def test_output_path_that_is_a_file_is_refused(tiny_checkpoint, tmp_path, capsys):
+    target = tmp_path / "report.txt"
+    target.write_text("")
+    code, _, err = run_cli(["--checkpoint", tiny_checkpoint, "--out", target], capsys)
+    assert code == 2
+    assert_one_error_line(err, "is not a folder")
+
+
+@pytest.mark.parametrize("batch", ["4:2:8", "0:1:1", "1:x:2", "1:2"])
+def test_bad_batch_range_is_refused_by_the_parser(batch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--random-init", "--config", "tiny", "--out", str(tmp_path), "--batch", batch])
+    assert exit_info.value.code == 2
+    assert "MIN:OPT:MAX" in capsys.readouterr().err
+
+
+def test_random_init_needs_a_config(tmp_path, capsys):
+    code, _, err = run_cli(["--random-init", "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "--random-init needs --config")
+
+
+def test_size_that_is_not_a_multiple_of_32_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(["--random-init", "--config", "tiny", "--height", "100", "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "--height 100", "multiple of 32")
+
+
+def test_evaluation_folder_in_an_unknown_layout_is_refused_before_exporting(tmp_path, capsys):
+    data = tmp_path / "photos"
+    data.mkdir()
+    code, _, err = run_cli(["--random-init", "--config", "tiny", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert_one_error_line(err, str(data), "manifest.json", "leftImg8bit/val")
+    assert not (tmp_path / "o" / "model.onnx").exists()

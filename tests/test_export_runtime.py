@@ -1,0 +1,219 @@
+"""Segmenter backends, engine metadata and profile checks (no TensorRT needed), and the infer CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export import infer
+from export.onnx import export_onnx
+from export.runtime import OrtSegmenter, Segmenter, TorchSegmenter, load_segmenter
+from export.tensorrt import (
+    EngineError,
+    check_engine_compatibility,
+    check_input_shape,
+    engine_metadata_path,
+    profile_shapes,
+    read_engine_metadata,
+    tensorrt_status,
+    trtexec_command,
+    write_engine_metadata,
+)
+from qd_core import build_student, load_config
+from qd_core.checkpoint import save_student
+from qd_core.data.scenes import draw_scene
+
+SIZE = 128
+H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+A10 = {"name": "NVIDIA A10", "compute_capability": "8.6"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny random student saved as a checkpoint and exported to fp32 ONNX."""
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    model = build_student(cfg).eval()
+    root = tmp_path_factory.mktemp("runtime")
+    checkpoint = save_student(model, cfg, root / "tiny")
+    onnx_path = root / "model.onnx"
+    export_onnx(model, onnx_path, height=SIZE, width=SIZE)
+    return model, checkpoint, onnx_path
+
+
+@pytest.fixture(scope="module")
+def ort_segmenter(exported) -> OrtSegmenter:
+    return OrtSegmenter(exported[2], device="cpu")
+
+
+def scenes(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 3, SIZE, SIZE) uint8 street scenes."""
+    return np.stack([draw_scene(SIZE, SIZE, np.random.default_rng([seed, i]))[0] for i in range(n)]).transpose(
+        0, 3, 1, 2)
+
+
+def test_load_segmenter_chooses_the_backend_by_suffix(exported, tmp_path):
+    _, checkpoint, onnx_path = exported
+    assert isinstance(load_segmenter(onnx_path, device="cpu"), OrtSegmenter)
+    torch_seg = load_segmenter(checkpoint)
+    assert isinstance(torch_seg, TorchSegmenter) and isinstance(torch_seg, Segmenter)
+    with pytest.raises(ValueError, match=r"\.onnx.*\.engine.*\.pt2.*\.safetensors"):
+        load_segmenter(tmp_path / "model.pt")
+
+
+def test_onnx_and_torch_segmenters_agree_on_numpy_and_tensor_input(exported, ort_segmenter):
+    model = exported[0]
+    images = scenes(2)
+    torch_seg = TorchSegmenter(model)
+    labels_np = ort_segmenter.predict(images)  # uint8 numpy straight from an image decoder
+    labels_t = ort_segmenter.predict(torch.from_numpy(images).float())
+    logits = ort_segmenter.logits(images)
+    assert labels_np.shape == (2, SIZE, SIZE) and labels_np.dtype == torch.int32
+    assert logits.shape == (2, 19, SIZE // 4, SIZE // 4) and logits.dtype == torch.float32
+    assert torch.equal(labels_np, labels_t)
+    # fp32 on both sides: logits agree to float rounding (see test_export_onnx for the tolerance).
+    torch.testing.assert_close(logits, torch_seg.logits(images), rtol=0, atol=1e-4)
+    assert float((labels_np == torch_seg.predict(images)).float().mean()) >= 0.9999
+
+
+def test_onnx_segmenter_names_the_export_size_for_another_size(ort_segmenter):
+    with pytest.raises(ValueError, match=f"exported for {SIZE}x{SIZE} inputs, got 96x96"):
+        ort_segmenter.predict(np.zeros((1, 3, 96, 96), dtype=np.float32))
+
+
+def test_segmenters_reject_images_that_are_not_rgb_batches(ort_segmenter):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        ort_segmenter.predict(np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engine metadata: written by the build, checked on load. Fake metadata, no TensorRT needed.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fake_engine(tmp_path, gpu=H100, version="10.3.0", batch=(1, 2, 8)):
+    engine = tmp_path / "model_fp16.engine"
+    engine.write_bytes(b"not a real engine")
+    write_engine_metadata(engine, {"tensorrt": version, "gpu": gpu,
+                                   "inputs": {"images": profile_shapes(batch, SIZE, SIZE)}})
+    return engine
+
+
+def test_engine_metadata_round_trips_beside_the_engine(tmp_path):
+    engine = fake_engine(tmp_path)
+    assert engine_metadata_path(engine) == tmp_path / "model_fp16.json"
+    meta = read_engine_metadata(engine)
+    assert meta["tensorrt"] == "10.3.0" and meta["gpu"] == H100
+    assert meta["inputs"]["images"]["max"] == [8, 3, SIZE, SIZE]
+
+
+def test_engine_for_another_gpu_is_one_clear_message(tmp_path):
+    meta = read_engine_metadata(fake_engine(tmp_path, gpu=H100))
+    with pytest.raises(EngineError, match=r"built for NVIDIA H100.*9\.0.*this machine has NVIDIA A10.*8\.6") as e:
+        check_engine_compatibility(meta, tensorrt_version="10.3.0", gpu=A10, engine_path="m.engine")
+    assert "\n" not in str(e.value)
+
+
+def test_engine_for_another_tensorrt_version_is_one_clear_message(tmp_path):
+    meta = read_engine_metadata(fake_engine(tmp_path, version="10.3.0"))
+    with pytest.raises(EngineError, match=r"TensorRT 10\.3\.0.*TensorRT 11\.0\.1"):
+        check_engine_compatibility(meta, tensorrt_version="11.0.1", gpu=H100)
+
+
+def test_engine_built_here_passes_the_check(tmp_path):
+    meta = read_engine_metadata(fake_engine(tmp_path, version="10.3.0"))
+    # Same major.minor.patch: TensorRT's build number does not change engine compatibility.
+    check_engine_compatibility(meta, tensorrt_version="10.3.0.26", gpu=dict(H100, name="NVIDIA H100 PCIe"))
+
+
+def test_engine_without_or_with_broken_metadata_is_refused(tmp_path):
+    engine = tmp_path / "x.engine"
+    engine.write_bytes(b"")
+    with pytest.raises(EngineError, match="no metadata file"):
+        read_engine_metadata(engine)
+    engine_metadata_path(engine).write_text("{not json")
+    with pytest.raises(EngineError, match="could not be read"):
+        read_engine_metadata(engine)
+    engine_metadata_path(engine).write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(EngineError, match="format"):
+        read_engine_metadata(engine)
+
+
+def test_input_outside_the_profile_is_one_clear_message(tmp_path):
+    meta = read_engine_metadata(fake_engine(tmp_path, batch=(1, 2, 8)))
+    check_input_shape(meta, (8, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"batch 9 is outside the optimisation profile.*batch 1\.\.8"):
+        check_input_shape(meta, (9, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match=f"resize the images to {SIZE}x{SIZE}"):
+        check_input_shape(meta, (1, 3, 256, 256))
+
+
+def test_trtexec_command_describes_the_same_build():
+    cmd = trtexec_command("out/m_fp16.onnx", "out/m_fp16.engine", batch=(1, 4, 8), height=SIZE, width=SIZE,
+                          timing_cache="out/timing.cache")
+    for part in ("trtexec", "--onnx=out/m_fp16.onnx", "--saveEngine=out/m_fp16.engine", "--stronglyTyped",
+                 f"--minShapes=images:1x3x{SIZE}x{SIZE}", f"--optShapes=images:4x3x{SIZE}x{SIZE}",
+                 f"--maxShapes=images:8x3x{SIZE}x{SIZE}", "--timingCacheFile=out/timing.cache"):
+        assert part in cmd.split()
+
+
+def test_engine_backend_says_why_it_cannot_run_without_tensorrt(tmp_path):
+    reason = tensorrt_status()
+    if reason is None:
+        pytest.skip("TensorRT and CUDA are present: the engine path is covered by test_export_tensorrt")
+    with pytest.raises(EngineError, match="cannot run engine"):
+        load_segmenter(fake_engine(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m export.infer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_scene(path, h, w, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(draw_scene(h, w, np.random.default_rng(seed))[0]).save(path)
+
+
+def test_infer_writes_a_mask_and_an_overlay_per_image_at_its_own_size(exported, tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_scene(images / "a.png", 96, 160, 1)
+    write_scene(images / "sub" / "b.jpg", SIZE, SIZE, 2)
+    assert infer.main(["--model", str(exported[2]), "--images", str(images), "--out", str(out),
+                       "--batch", "2", "--device", "cpu"]) == 0
+    for rel, size in (("a", (160, 96)), ("sub/b", (SIZE, SIZE))):
+        for kind in ("mask", "overlay"):
+            with Image.open(out / f"{rel}_{kind}.png") as im:
+                assert im.size == size and im.mode == "RGB"
+    assert "wrote 2 mask/overlay pairs" in capsys.readouterr().out
+
+
+def test_infer_with_a_checkpoint_uses_the_pytorch_wrapper(exported, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_scene(images / "a.png", SIZE, SIZE, 3)
+    assert infer.main(["--model", str(exported[1]), "--images", str(images), "--out", str(out)]) == 0
+    assert (out / "a_mask.png").is_file() and (out / "a_overlay.png").is_file()
+
+
+def test_infer_skips_an_unreadable_image_and_still_writes_the_good_ones(exported, tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_scene(images / "good.png", SIZE, SIZE, 4)
+    (images / "broken.png").write_bytes(b"this is not a png")
+    code = infer.main(["--model", str(exported[2]), "--images", str(images), "--out", str(out), "--device", "cpu"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.out + captured.err and "unreadable image" in captured.out + captured.err
+    assert (out / "good_mask.png").is_file() and not (out / "broken_mask.png").exists()
+
+
+def test_infer_on_a_folder_without_images_is_a_clear_error(exported, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    code = infer.main(["--model", str(exported[2]), "--images", str(tmp_path / "empty"), "--out",
+                       str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no images" in err and err.count("\n") == 1
