@@ -49,6 +49,11 @@ torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())
 run gpu_tests 180 python3 -m pytest -m gpu tests/ -q
 run bench 180 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-json="$RESULTS/bench_kernels.json" \
     "${BENCH_OPTS[@]}"
+# End-to-end latency of every backend on the paper's student (random weights: latency only, say so in the
+# results). Reads the kernel JSON the previous step wrote; carry data/bench-synthetic-2 to the GPU machine.
+run bench_e2e 240 python3 -m bench --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
+    --backends torch-fp32,torch-bf16,torch-fp16,torch-triton-fp32,torch-triton-bf16,ort-fp32,ort-fp16,trt-fp16 \
+    --kernels-json "$RESULTS/bench_kernels.json" --out "$RESULTS" --overwrite
 run kernel_tests 120 python3 -m pytest tests/test_kernels.py -m "not gpu" -q
 run bench_flex 150 python3 -m pytest bench/test_kernels.py -k flex --benchmark-json="$RESULTS/bench_kernels_flex.json" \
     "${BENCH_OPTS[@]}"
