@@ -197,6 +197,9 @@ class TrainConfig:
     seed: int = 42
     # Mask2Former loss (METHOD §6.3).
     num_points: int = 12544
+    # Importance sampling of the mask-loss points: oversample ×3, keep the 75 % most uncertain (0 = uniform).
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
     no_object_weight: float = 0.1
     class_weight: float = 2.0
     mask_weight: float = 5.0
@@ -311,6 +314,9 @@ def validate(cfg: Config) -> Config:
                    ("train.eval_interval", tr.eval_interval), ("train.checkpoint_interval", tr.checkpoint_interval)]:
         need(v > 0, key, v, "a positive integer")
     need(tr.lr > 0, "train.lr", tr.lr, "a positive number")
+    need(tr.oversample_ratio >= 1, "train.oversample_ratio", tr.oversample_ratio, "a number >= 1")
+    need(0 <= tr.importance_sample_ratio <= 1, "train.importance_sample_ratio", tr.importance_sample_ratio,
+         "a number in [0, 1]")
     need(len(tr.betas) == 2 and all(0 <= b_ < 1 for b_ in tr.betas), "train.betas", tr.betas, "[beta1, beta2] in [0, 1)")
     need(tr.amp in ("auto", "bf16", "fp16", "off"), "train.amp", tr.amp, "'auto', 'bf16', 'fp16' or 'off'")
     inf = cfg.inference

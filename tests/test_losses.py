@@ -360,7 +360,7 @@ def _num_masks_worker(rank: int, world: int, store: str, results: str) -> None:
 
 def test_num_masks_is_the_mean_over_ranks_of_the_matched_count(tmp_path) -> None:
     mp.spawn(_num_masks_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
-    assert [float(torch.load(tmp_path / f"out.{r}")) for r in range(2)] == [3.0, 3.0]
+    assert [float(torch.load(tmp_path / f"out.{r}", weights_only=True)) for r in range(2)] == [3.0, 3.0]
 
 
 def test_num_masks_is_at_least_one_without_ddp() -> None:

@@ -202,7 +202,7 @@ def test_all_reduce_sums_the_matrices_of_all_ranks(tmp_path: Path) -> None:
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     expected = [[1, 1, 0], [0, 0, 0], [0, 0, 2]]  # rank 0: 0→0, rank 1: 0→1; both: 2→2
     for r in range(2):
-        assert torch.load(tmp_path / f"out.{r}").tolist() == expected
+        assert torch.load(tmp_path / f"out.{r}", weights_only=True).tolist() == expected
 
 
 def test_all_reduce_without_ddp_is_a_no_op() -> None:

@@ -1,0 +1,125 @@
+"""``python -m train.evaluate`` and ``python -m train.visualize`` on a saved student."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qd_core.checkpoint import save_student
+from qd_core.config import DatasetSpec, load_config
+from qd_core.data import TARGET_DOMAINS, ensure_synthetic
+from qd_core.metrics import ConfusionMatrix
+from train.data import build_dataset, eval_transform
+from train.evaluate import evaluate, main as evaluate_main, miou_table
+from train.visualize import main as visualize_main
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_synthetic(tmp_path_factory.mktemp("syn"), num_train=2, num_val=2, size=[64, 128], progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    cfg = load_config("tiny", [f"data.synthetic.root={data_root}", "data.num_workers=0"])
+    torch.manual_seed(0)
+    from qd_core.model import build_student
+
+    return save_student(build_student(cfg), cfg, tmp_path_factory.mktemp("ckpt") / "student")
+
+
+def test_evaluate_prints_per_class_and_per_dataset_tables(checkpoint: Path, data_root: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    code = evaluate_main(["--checkpoint", str(checkpoint), "--data", f"synthetic:{data_root}", "--mode", "whole",
+                          "--device", "cpu", "--num-workers", "0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "synthetic/source (2 images)" in out and "road" in out and "bicycle" in out
+    for domain in TARGET_DOMAINS:
+        assert f"synthetic/{domain}" in out
+    assert "mean over targets" in out
+
+
+def test_evaluate_scores_at_the_label_resolution_like_a_direct_computation(checkpoint: Path,
+                                                                           data_root: Path) -> None:
+    from qd_core.checkpoint import load_student
+
+    model, cfg = load_student(checkpoint)
+    spec = DatasetSpec(kind="synthetic", root=str(data_root), domain="fog", test_size=[64, 32])
+    (score,) = evaluate(model, [spec], cfg, mode="whole")
+    expected = ConfusionMatrix(19)
+    for sample in build_dataset(spec, cfg, eval_transform(spec, cfg)):
+        assert tuple(sample["image"].shape[-2:]) == (32, 64)  # the test-time box (64, 32)
+        logits = model.predict_logits(sample["image"][None], "whole")
+        up = torch.nn.functional.interpolate(logits, size=sample["label"].shape, mode="bilinear",
+                                             align_corners=False)
+        expected.update(up.argmax(1)[0], sample["label"])
+    assert torch.equal(score.matrix.matrix, expected.matrix)
+    assert score.target and score.images == 2
+
+
+def test_show_dir_writes_colour_predictions_and_overlays(checkpoint: Path, data_root: Path,
+                                                         tmp_path: Path) -> None:
+    show = tmp_path / "show"
+    code = evaluate_main(["--checkpoint", str(checkpoint), "--data", f"synthetic/night:{data_root}", "--mode", "whole",
+                          "--show-dir", str(show), "--num-workers", "0"])
+    assert code == 0
+    files = sorted(p.name for p in (show / "synthetic_night").iterdir())
+    assert len(files) == 4 and sum(f.endswith("_pred.png") for f in files) == 2
+    pred = np.asarray(Image.open(show / "synthetic_night" / files[-1]))
+    assert pred.shape == (64, 128, 3)
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--data", f"synthetic/night:{data_root}",
+                          "--show-dir", str(show)]) == 2  # not empty any more: needs --overwrite
+
+
+def test_evaluate_reports_a_missing_dataset_in_one_line(checkpoint: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    code = evaluate_main(["--checkpoint", str(checkpoint), "--data", f"cityscapes:{tmp_path / 'nothing'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nothing" in err[0]
+
+
+def test_evaluate_reports_a_missing_checkpoint_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = evaluate_main(["--checkpoint", str(tmp_path / "none.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "none" in err[0]
+
+
+def test_visualize_writes_outputs_at_each_image_size(checkpoint: Path, data_root: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    source = sorted((data_root / "source" / "leftImg8bit" / "val").rglob("*.png"))
+    shutil.copy(source[0], images / "a.png")
+    Image.open(source[1]).resize((96, 48)).save(images / "sub" / "b.jpg")
+    out = tmp_path / "vis"
+    assert visualize_main(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(out),
+                           "--mode", "whole"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_overlay.png", "a_pred.png", "sub__b_overlay.png",
+                                                     "sub__b_pred.png"]
+    assert np.asarray(Image.open(out / "sub__b_pred.png")).shape == (48, 96, 3)
+    assert np.asarray(Image.open(out / "a_overlay.png")).shape == (64, 128, 3)
+
+
+def test_visualize_reports_an_empty_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    code = visualize_main(["--checkpoint", str(checkpoint), "--images", str(tmp_path / "empty"), "--out",
+                           str(tmp_path / "vis")])
+    assert code == 2 and "no files" in capsys.readouterr().err
+
+
+def test_miou_table_marks_targets_and_averages_them() -> None:
+    from train.evaluate import DatasetScore
+
+    def score(name: str, correct: bool, target: bool) -> DatasetScore:
+        m = ConfusionMatrix(2)
+        m.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]) if correct else torch.tensor([[1, 0]]))
+        return DatasetScore(name, m, target, 1)
+
+    table = miou_table([score("src", True, False), score("a", True, True), score("b", False, True)])
+    lines = table.splitlines()
+    assert lines[1].split() == ["src", "100.00", "source"]
+    assert lines[-1].split()[-1] == "50.00"

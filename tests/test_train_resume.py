@@ -1,0 +1,74 @@
+"""Exact resume: N steps straight equal N/2 steps, a stop, and a resume for the rest."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from qd_core.checkpoint import load_torch_file, read_student_meta
+from qd_core.config import Config, load_config
+from qd_core.data import ensure_synthetic
+from train.checkpointing import RunFiles, load_training_state
+from train.logger import read_metrics
+from train.run import run_training
+from train.trainer import LOGGED_TERMS
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_synthetic(tmp_path_factory.mktemp("syn"), num_train=8, num_val=1, size=[64, 128], progress=False)
+
+
+def tiny_config(data_root: Path, *extra: str) -> Config:
+    return load_config("tiny", [
+        f"data.synthetic.root={data_root}", "data.synthetic.num_train=8", "data.synthetic.num_val=1",
+        "data.synthetic.size=[64,128]", "data.val=[{kind: synthetic, domain: source, test_size: [128, 64]}]",
+        "data.crop_size=64", "data.num_workers=0", "teacher.enabled=false", "train.batch_size=2",
+        "train.num_points=256", "train.lr=0.001", "train.log_interval=1", "train.eval_interval=1000",
+        "train.checkpoint_interval=1000", *extra])
+
+
+def training_losses(files: RunFiles) -> list[dict[str, float]]:
+    return [{k: r[k] for k in ("step", *LOGGED_TERMS)} for r in read_metrics(files.metrics) if "loss" in r]
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
+    # grad_accum 2 over 4 micro-batches per epoch: the stop at step 3 falls in the middle of epoch 1.
+    cfg = tiny_config(data_root, "train.iters=5", "train.grad_accum=2")
+    straight, split = RunFiles(tmp_path / "straight"), RunFiles(tmp_path / "split")
+    run_training(copy.deepcopy(cfg), straight, progress=False)
+    first = run_training(copy.deepcopy(cfg), split, stop_at=3, progress=False)
+    assert first.step == 3 and load_training_state(split.state)["step"] == 3
+    resumed = run_training(copy.deepcopy(cfg), split, resume=True, progress=False)
+    assert resumed.step == 5
+
+    a, b = load_torch_file(straight.last), load_torch_file(split.last)
+    assert a.keys() == b.keys()
+    for key in a:
+        # The same float32 operations in the same order on the CPU: the resumed run is bit-identical.
+        assert torch.equal(a[key], b[key]), key
+    assert training_losses(straight) == training_losses(split)
+    assert [r["step"] for r in training_losses(split)] == [1, 2, 3, 4, 5]
+    assert read_student_meta(split.last)["step"] == 5
+
+
+def test_resume_drops_metrics_logged_after_the_last_checkpoint(tmp_path: Path, data_root: Path) -> None:
+    cfg = tiny_config(data_root, "train.iters=3")
+    files = RunFiles(tmp_path / "run")
+    run_training(copy.deepcopy(cfg), files, stop_at=2, progress=False)
+    with open(files.metrics, "a") as f:  # as if the interrupted run had logged step 3 and died before saving
+        f.write('{"step": 3, "loss": 123.0}\n{"step": 4, "lo')
+    run_training(copy.deepcopy(cfg), files, resume=True, progress=False)
+    steps = [r["step"] for r in read_metrics(files.metrics) if "loss" in r]
+    assert steps == [1, 2, 3] and all(r["loss"] != 123.0 for r in read_metrics(files.metrics) if "loss" in r)
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path: Path, data_root: Path) -> None:
+    cfg = tiny_config(data_root, "train.iters=2")
+    files = RunFiles(tmp_path / "run")
+    run_training(copy.deepcopy(cfg), files, stop_at=1, progress=False)
+    changed = tiny_config(data_root, "train.iters=2", "train.batch_size=4")
+    with pytest.raises(ValueError, match="same global batch"):
+        run_training(changed, files, resume=True, progress=False)

@@ -1,0 +1,70 @@
+"""Segment every image of a folder with a student checkpoint and write colour-coded predictions and overlays.
+
+    python -m train.visualize --checkpoint runs/tiny/best.safetensors --images photos/ --out outputs/vis
+
+For each image ``a/b.jpg`` below --images: ``a__b_pred.png`` (classes in the Cityscapes colours) and
+``a__b_overlay.png`` (the prediction blended over the image), at the image's own size. Images are resized for
+inference like a test set (keep ratio into --size, default the config's window ×(2, 1)).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from qd_core.config import DatasetSpec
+from train.data import build_dataset, default_test_size, eval_transform
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.visualize",
+                                description="Colour-coded predictions and overlays for a folder of images.")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="student checkpoint (.safetensors with its .json beside it)")
+    p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--mode", choices=["whole", "slide"], default=None,
+                   help="inference mode (default: the config's inference.mode)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="test-time keep-ratio box (default: twice the inference window by once)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the prediction (default 0.5)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the checkpoint's config, e.g. inference.mode=whole")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from qd_core.checkpoint import load_student
+    from train.distributed import resolve_device
+    from train.evaluate import check_output_dir, output_name, predict_dataset, save_visuals
+
+    try:
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ValueError(f"--alpha {args.alpha}: expected a value in [0, 1]")
+        if args.size is not None and min(args.size) < 1:
+            raise ValueError(f"--size {args.size}: expected two positive integers")
+        device = resolve_device(args.device)
+        model, cfg = load_student(args.checkpoint, args.overrides, device=device)
+        size = list(args.size) if args.size else default_test_size("folder", cfg.inference.window)
+        spec = DatasetSpec(kind="folder", root=str(args.images), test_size=size)
+        dataset = build_dataset(spec, cfg, eval_transform(spec, cfg))
+        check_output_dir(args.out, args.overwrite, "--out")
+        count = 0
+        for pred in predict_dataset(model, dataset, device=device, mode=args.mode, num_workers=args.num_workers,
+                                    progress=True, desc="visualize"):
+            save_visuals(pred, args.out, output_name(pred.image_path, args.images), args.alpha)
+            count += 1
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote predictions and overlays of {count} images to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
