@@ -30,6 +30,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from qd_core.data.files import replace_dir
+
 DEFAULT_OUT = Path("data/teacher-tiny")
 DEFAULT_DATA = Path("data/synthetic")
 DEFAULT_STEPS = 450  # DDPM steps (the loss plateaus after ~300)
@@ -260,7 +262,7 @@ def _make(out: Path, data_root: Path, *, seed: int, steps: int, vae_steps: int, 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_folder(tmp, vae, unet, scheduler, context, info)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if progress:
@@ -290,16 +292,6 @@ def _write_folder(folder: Path, vae: Any, unet: Any, scheduler: Any, context: Te
         f"  context: a fixed random (1, {CONTEXT_TOKENS}, {CONTEXT_DIM}) tensor in empty_prompt.safetensors.\n"
         f"Took {info['seconds']} s. Details in {INFO_FILE}.\n")
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        trash = dst.with_name(f".{dst.name}.old{os.getpid()}")
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def ensure_tiny_teacher(out: Path, data_root: Path, *, seed: int = 0, steps: int = DEFAULT_STEPS,
