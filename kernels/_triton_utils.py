@@ -6,6 +6,7 @@ takes care of that by importing the kernel modules only on first use.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -65,7 +66,13 @@ def target_programs(device: torch.device) -> int:
     """
     if INTERPRET or device.type != "cuda":
         return 4
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    # Cached: the property query is a host round trip paid on every launch otherwise.
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def split_extent(extent: int, quantum: int, programs_per_split: int, device: torch.device,

@@ -46,6 +46,19 @@ def backend_for(t: Tensor) -> str:
     return "triton" if t.is_cuda else "torch"
 
 
+def _kernel_dtype(*tensors: Tensor) -> torch.dtype:
+    """The one dtype the Triton kernels get: autocast's where it is on (as a matmul would run under it), else the
+    widest of the inputs. Under autocast the model hands over mixed inputs (e.g. fp32 queries from a LayerNorm
+    beside bf16 keys from a Linear), which the kernels, like SDPA under autocast, take in one dtype."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
     """Softmax(q kᵀ·scale) v with keys shared over the batch allowed.
 
@@ -55,7 +68,8 @@ def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
     if backend == "triton":
         import kernels
 
-        return kernels.agent_attention(q, k, v, scale=scale)
+        dtype = _kernel_dtype(q, k, v)
+        return kernels.agent_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
     if backend == "torch":
         return agent_attention_reference(q, k, v, scale=scale)
     return attention(q, k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1), scale=scale)
@@ -73,7 +87,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
     if backend == "triton":
         import kernels
 
-        return kernels.masked_attention(q, k, v, mask_embed, mask_feats, scale=scale)
+        dtype = _kernel_dtype(q, k, v)
+        return kernels.masked_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask_embed, mask_feats, scale=scale)
     if backend == "torch":
         return masked_attention_reference(q, k, v, mask_embed, mask_feats, scale=scale)
     allowed = ~blocked_keys(mask_embed, mask_feats)[:, None]  # SDPA: True = may attend

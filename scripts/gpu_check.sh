@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks in one run: the gpu-marked tests at the paper's shapes, the kernel benchmarks (JSON for `python -m bench`),
-# the CPU-sized kernel tests compiled for CUDA, and the FlexAttention comparison last (slowest to build).
+# the CPU-sized kernel tests compiled for CUDA, the end-to-end backend benchmark of the paper's student, and the
+# FlexAttention comparison last (slowest to build).
 #
-#   PYTHONPATH=. bash scripts/gpu_check.sh        # from the repo root; results in ${OUT:-./gpu_results}
+#   bash scripts/gpu_check.sh [STEP ...]     # from anywhere; results in ${OUT:-./gpu_results}
 #
+# STEPs (default: all, in this order): env gpu_tests bench kernel_tests bench_e2e bench_flex. All output goes to
+# one log, gpu_check.log, beside the benchmark JSON files and the `python -m bench` report (few files, so that a
+# results folder fetched from a remote machine stays small).
 # Uses `python3` from PATH (the GPU machine has no venv; the package need not be installed). Every step has a time
 # limit cut from one overall budget (GPU_CHECK_SECONDS, default 470 s, under 8 minutes on an H100), so a slow or
 # hanging step cannot starve the rest; a failed step is reported and the script goes on, exiting non-zero at the end.
@@ -17,25 +21,31 @@ export PYTHONUNBUFFERED=1
 BUDGET="${GPU_CHECK_SECONDS:-470}"
 START=$SECONDS
 FAILED=()
+LOG="$RESULTS/gpu_check.log"
+: >"$LOG"
+STEPS=("$@")
+((${#STEPS[@]})) || STEPS=(env gpu_tests bench kernel_tests bench_e2e bench_flex)
+wanted() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
-# run NAME MAX_SECONDS CMD...: at most MAX_SECONDS and never past the overall budget; output to $RESULTS/NAME.log
+# run NAME MAX_SECONDS CMD...: at most MAX_SECONDS and never past the overall budget; output appended to $LOG
 run() {
     local name=$1 max=$2 left
     shift 2
+    wanted "$name" || return 0
     left=$((BUDGET - (SECONDS - START)))
     if ((left < 20)); then
-        echo "== $name: skipped, budget spent" | tee "$RESULTS/$name.log"
+        echo "== $name: skipped, budget spent" | tee -a "$LOG"
         FAILED+=("$name(no time)")
         return
     fi
     if ((max > left)); then max=$left; fi
-    echo "== $name (limit ${max}s): $*"
+    echo "== $name (limit ${max}s): $*" | tee -a "$LOG"
     local rc=0
-    timeout --kill-after=10 "$max" "$@" 2>&1 | tee "$RESULTS/$name.log" || rc=$?
+    timeout --kill-after=10 "$max" "$@" 2>&1 | tee -a "$LOG" || rc=$?
     if ((rc == 0 || rc == 5)); then  # pytest's 5: nothing selected (e.g. no FlexAttention in this torch)
-        echo "== $name: ok after $((SECONDS - START))s"
+        echo "== $name: ok after $((SECONDS - START))s" | tee -a "$LOG"
     else
-        echo "== $name: FAILED (exit $rc; 124 = time limit)"
+        echo "== $name: FAILED (exit $rc; 124 = time limit) after $((SECONDS - START))s" | tee -a "$LOG"
         FAILED+=("$name($rc)")
     fi
 }
@@ -46,20 +56,25 @@ BENCH_OPTS=(--benchmark-min-rounds=10 --benchmark-max-time=0.25 --benchmark-warm
 run env 30 bash -c 'nvidia-smi -L; python3 -c "import sys, torch, triton; print(sys.version.split()[0], \
 torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null \
 | grep -i -E "^(torch|triton|pytest|pytest-benchmark|xformers) " || true'
-run gpu_tests 180 python3 -m pytest -m gpu tests/ -q
+# Only test_kernels.py holds gpu tests; collecting all of tests/ would import diffusers, absent on the GPU image.
+run gpu_tests 180 python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider
 run bench 180 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-json="$RESULTS/bench_kernels.json" \
     "${BENCH_OPTS[@]}"
-# End-to-end latency of every backend on the paper's student (random weights: latency only, say so in the
-# results). Reads the kernel JSON the previous step wrote; carry data/bench-synthetic-2 to the GPU machine.
-run bench_e2e 240 python3 -m bench --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
-    --backends torch-fp32,torch-bf16,torch-fp16,torch-triton-fp32,torch-triton-bf16,ort-fp32,ort-fp16,trt-fp16 \
-    --kernels-json "$RESULTS/bench_kernels.json" --out "$RESULTS" --overwrite
-run kernel_tests 120 python3 -m pytest tests/test_kernels.py -m "not gpu" -q
+# End-to-end latency of every backend on the paper's student (random weights: latency only, the report says so).
+# Includes the kernel JSON of the bench step when there is one; carry data/bench-synthetic-2 to the GPU machine.
+# (KERNELS_JSON names one from an earlier run instead.)
+KERNEL_JSON=()
+KJ="${KERNELS_JSON:-$RESULTS/bench_kernels.json}"
+[[ -f "$KJ" ]] && KERNEL_JSON=(--kernels-json "$KJ")
+run bench_e2e 300 python3 -m bench --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
+    --images 8 --batch 8 --backends "${E2E_BACKENDS:-torch-fp32,torch-bf16,torch-fp16,torch-triton-fp32,\
+torch-triton-bf16,torch-compile-bf16,ort-fp32,ort-fp16,trt-fp16}" "${KERNEL_JSON[@]}" --out "$RESULTS" --overwrite
+run kernel_tests 150 python3 -m pytest tests/test_kernels.py -m "not gpu" -q -p no:cacheprovider
 run bench_flex 150 python3 -m pytest bench/test_kernels.py -k flex --benchmark-json="$RESULTS/bench_kernels_flex.json" \
     "${BENCH_OPTS[@]}"
 
-echo "== done in $((SECONDS - START))s; results in $RESULTS"
+echo "== done in $((SECONDS - START))s; results in $RESULTS" | tee -a "$LOG"
 if ((${#FAILED[@]})); then
-    echo "== failed: ${FAILED[*]}"
+    echo "== failed: ${FAILED[*]}" | tee -a "$LOG"
     exit 1
 fi

@@ -306,6 +306,24 @@ def test_tiny_student_semantic_logits_equal_with_triton_and_torch_attention(monk
     torch.testing.assert_close(triton_logits, reference, atol=1e-4, rtol=1e-4)
 
 
+def test_tiny_student_under_bf16_autocast_gives_the_kernels_one_dtype(monkeypatch):
+    """Under autocast the model hands mixed fp32/bf16 q, k, v to the attention; the dispatch must cast them to the
+    autocast dtype (as SDPA does) rather than let the kernels reject them. bf16 tolerance: logits are O(1-10), and
+    both paths round every matmul input to bf16 (eps 2^-7), in a different order."""
+    from qd_core import build_student, load_config
+
+    torch.manual_seed(21)
+    student = build_student(load_config("tiny")).eval().to(DEVICE)
+    images = torch.randn(1, 3, 128, 128, device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        monkeypatch.setenv("QD_ATTENTION", "torch")
+        reference = student.semantic_logits(images).float()
+        monkeypatch.setenv("QD_ATTENTION", "triton")
+        triton_logits = student.semantic_logits(images).float()
+    err = (triton_logits - reference).abs().max()
+    assert err <= 8 * torch.finfo(torch.bfloat16).eps * reference.abs().max(), f"max error {err:.3e}"
+
+
 # ------------------------------------------------------------------------------------ paper shapes, GPU only
 
 

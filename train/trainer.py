@@ -22,7 +22,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -88,7 +87,8 @@ def _ignore_sigint(_: int) -> None:
 
 
 def train_transform(cfg: Config) -> TrainTransform:
-    """The METHOD §7 augmentation at ``data.crop_size``, short-edge scales crop·k/10 for k in [scale_min, scale_max]."""
+    """The METHOD §7 augmentation at ``data.crop_size`` with short-edge scales crop·k/10, k in [scale_min,
+    scale_max] (TrainTransform fixes k = 5..20; the config may narrow or widen the range)."""
     d = cfg.data
     transform = TrainTransform(crop=d.crop_size, cat_max_ratio=d.cat_max_ratio, mean=cfg.model.pixel_mean,
                                std=cfg.model.pixel_std)

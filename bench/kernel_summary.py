@@ -1,0 +1,162 @@
+"""Summarise a kernel microbenchmark JSON (``bench/test_kernels.py`` on CUDA) against the kernel targets.
+
+    python -m bench.kernel_summary RESULTS.json [--out RESULTS.md] [--bandwidth-tbs 3.35]
+
+For every case and mode it puts the Triton kernel beside the best PyTorch path (the reference and
+``F.scaled_dot_product_attention``; SDPA with a materialised mask for the masked kind), and gives:
+
+- speed-up = best PyTorch median / Triton median (targets: agent ≥ 1.5×, masked ≥ 2× over SDPA);
+- bandwidth = the bytes the operation must move at least / the Triton median, as a share of the GPU's peak
+  (target for the agent kernel: ≥ 60 %). Forward: q, k, v (and the mask factors) read once, o written once.
+  Forward+backward: the forward's bytes, then q, k, v, o, dO (and the factors) read and dq, dk, dv written;
+- peak memory one call adds (``added_mem_mib``), Triton against SDPA.
+
+Times are wall-clock medians per call ending in ``torch.cuda.synchronize()``, so they include the Python launch
+cost; at these sizes that cost is a large part of each call (it is also what a user pays in eager mode). Where the
+JSON has them, the GPU-only times (one call captured in a CUDA graph and replayed, ``device_ms``) are listed too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+H100_BANDWIDTH_TBS = 3.35  # H100 SXM5 HBM3 peak, TB/s
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+MASK_QUERIES, MASK_CHANNELS = 100, 256  # the decoder cases of bench/test_kernels.py
+TARGET_SPEEDUP = {"agent": 1.5, "masked": 2.0}
+TARGET_BANDWIDTH = {"agent": 0.60}
+_ID = re.compile(r"test_(agent|masked)_attention\[(.+)-(triton|reference|sdpa|flex|xformers)-(fwd\+bwd|fwd)\]")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One (kind, case, mode) with the medians of its implementations in seconds."""
+
+    kind: str
+    case: str
+    mode: str
+    median: dict[str, float]
+    added_mib: dict[str, float]
+    min_bytes: int
+    device_ms: dict[str, float]
+
+    @property
+    def best_torch(self) -> tuple[str, float]:
+        """(name, median) of the fastest PyTorch implementation."""
+        options = {k: v for k, v in self.median.items() if k in ("reference", "sdpa")}
+        name = min(options, key=options.get)
+        return name, options[name]
+
+    @property
+    def speedup(self) -> float:
+        return self.best_torch[1] / self.median["triton"]
+
+    def bandwidth_share(self, peak_tbs: float) -> float:
+        return self.min_bytes / self.median["triton"] / (peak_tbs * 1e12)
+
+
+def minimum_bytes(kind: str, case: str, mode: str, shapes: Sequence[Sequence[int]], dtype: str) -> int:
+    """Bytes the operation must move at least (see the module docstring)."""
+    size = DTYPE_BYTES[dtype]
+    q, k, v = (int(_prod(s)) for s in shapes[:3])
+    factors = 0
+    if kind == "masked":
+        b, seq = (int(x) for x in re.match(r"decoder-b(\d+)-L(\d+)", case).groups())  # type: ignore[union-attr]
+        factors = b * MASK_QUERIES * MASK_CHANNELS + b * MASK_CHANNELS * seq
+    fwd = q + k + v + factors + q  # inputs read, output (q's shape) written
+    if mode == "fwd":
+        return fwd * size
+    return (fwd + (q + k + v + factors + 2 * q) + (q + k + v)) * size  # + reads incl. o and dO, + grads written
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def collect(bench_json: dict[str, Any]) -> list[Row]:
+    """Rows for every case with a Triton entry and at least one PyTorch entry, in file order."""
+    medians: dict[tuple[str, str, str], dict[str, float]] = {}
+    added: dict[tuple[str, str, str], dict[str, float]] = {}
+    nbytes: dict[tuple[str, str, str], int] = {}
+    device: dict[tuple[str, str, str], dict[str, float]] = {}
+    for entry in bench_json["benchmarks"]:
+        match = _ID.fullmatch(entry["name"])
+        if not match:
+            continue
+        kind, case, impl, mode = match.groups()
+        key = (kind, case, mode)
+        medians.setdefault(key, {})[impl] = float(entry["stats"]["median"])
+        info = entry.get("extra_info", {})
+        if info.get("device_ms") is not None:
+            device.setdefault(key, {})[impl] = float(info["device_ms"])
+        if "added_mem_mib" in info:
+            added.setdefault(key, {})[impl] = float(info["added_mem_mib"])
+        if impl == "triton":
+            nbytes[key] = minimum_bytes(kind, case, mode, info["shapes"], info["dtype"])
+    return [Row(*key, medians[key], added.get(key, {}), nbytes[key], device.get(key, {})) for key in medians
+            if "triton" in medians[key] and key in nbytes and {"reference", "sdpa"} & set(medians[key])]
+
+
+def render(rows: Sequence[Row], peak_tbs: float, title: str) -> str:
+    """Markdown table of ``rows`` with each target's verdict."""
+    lines = [f"# {title}", "",
+             f"Bandwidth share against {peak_tbs} TB/s. Medians of wall-clock calls ending in a synchronize.", "",
+             "| kernel | case | mode | Triton ms | best PyTorch | its ms | speed-up (target) | bandwidth share "
+             "(target) | added MiB Triton / SDPA | GPU-only ms Triton / reference / SDPA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name, best = r.best_torch
+        target = TARGET_SPEEDUP[r.kind]
+        bw_target = TARGET_BANDWIDTH.get(r.kind)
+        share = r.bandwidth_share(peak_tbs)
+        mem = (f"{r.added_mib.get('triton', float('nan')):.1f} / {r.added_mib.get('sdpa', float('nan')):.1f}"
+               if r.added_mib else "n/a")
+        lines.append(
+            f"| {r.kind} | {r.case} | {r.mode} | {1e3 * r.median['triton']:.3f} | {name} | {1e3 * best:.3f} | "
+            f"{r.speedup:.2f}× ({target}×: {'met' if r.speedup >= target else 'missed'}) | "
+            f"{100 * share:.1f} %" + (f" ({100 * bw_target:.0f} %: {'met' if share >= bw_target else 'missed'})"
+                                       if bw_target else "") + f" | {mem} | {_device(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _device(r: Row) -> str:
+    """GPU-only times (CUDA graph replay), where the JSON has them."""
+    if not r.device_ms:
+        return "n/a"
+    return " / ".join(f"{r.device_ms[i]:.3f}" if i in r.device_ms else "n/a" for i in ("triton", "reference", "sdpa"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.kernel_summary", description=__doc__.splitlines()[0])
+    ap.add_argument("json", type=Path, help="pytest-benchmark JSON of bench/test_kernels.py")
+    ap.add_argument("--out", type=Path, default=None, help="write the Markdown here (default: print it)")
+    ap.add_argument("--bandwidth-tbs", type=float, default=H100_BANDWIDTH_TBS,
+                    help=f"peak memory bandwidth in TB/s (default {H100_BANDWIDTH_TBS}, an H100 SXM)")
+    args = ap.parse_args(argv)
+    try:
+        data = json.loads(args.json.read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"{args.json}: cannot read a benchmark JSON ({e})")
+    rows = collect(data)
+    if not rows:
+        ap.error(f"{args.json}: no Triton kernel benchmark with a PyTorch counterpart in it")
+    device = next((b["extra_info"].get("device") for b in data["benchmarks"] if "extra_info" in b), "unknown")
+    text = render(rows, args.bandwidth_tbs, f"Kernel microbenchmarks on {device}")
+    if args.out is not None:
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""bench.kernel_summary: speed-up, minimum bytes and verdicts from a kernel benchmark JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import kernel_summary as ks
+
+
+def entry(impl: str, median: float, mode: str = "fwd", device_ms: float | None = None) -> dict:
+    return {"name": f"test_agent_attention[refine-b1-{impl}-{mode}]",
+            "stats": {"median": median},
+            "extra_info": {"shapes": [[1, 8, 1000, 32], [1, 8, 100, 32], [1, 8, 100, 32]], "dtype": "bfloat16",
+                           "added_mem_mib": 1.0, "device": "GPU X", "device_ms": device_ms}}
+
+
+def test_minimum_bytes_counts_inputs_read_and_output_written_once():
+    q, kv = 8 * 1000 * 32, 8 * 100 * 32
+    assert ks.minimum_bytes("agent", "refine-b1", "fwd", [[1, 8, 1000, 32], [1, 8, 100, 32], [1, 8, 100, 32]],
+                            "bfloat16") == 2 * (2 * q + 2 * kv)
+    # masked adds the factors: 100 x 256 embeddings and 256 x L features per image
+    masked = ks.minimum_bytes("masked", "decoder-b2-L64", "fwd", [[2, 8, 100, 32], [2, 8, 64, 32], [2, 8, 64, 32]],
+                              "float32")
+    assert masked == 4 * (2 * 2 * 8 * 100 * 32 + 2 * 2 * 8 * 64 * 32 + 2 * (100 * 256 + 256 * 64))
+
+
+def test_rows_compare_triton_with_the_fastest_pytorch_path(tmp_path):
+    data = {"benchmarks": [entry("triton", 1e-3, device_ms=0.5), entry("reference", 4e-3), entry("sdpa", 2e-3)]}
+    (row,) = ks.collect(data)
+    assert row.best_torch == ("sdpa", 2e-3)
+    assert row.speedup == pytest.approx(2.0)
+    assert row.bandwidth_share(1.0) == pytest.approx(row.min_bytes / 1e-3 / 1e12)
+    text = ks.render([row], 3.35, "t")
+    assert "2.00× (1.5×: met)" in text and "0.500 / n/a / n/a" in text
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "k.md"
+    assert ks.main([str(path), "--out", str(out)]) == 0 and out.read_text() == ks.render([row], 3.35, "Kernel microbenchmarks on GPU X")
+
+
+def test_a_json_without_kernel_entries_is_one_clear_error(tmp_path, capsys):
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(SystemExit):
+        ks.main([str(path)])
+    assert "no Triton kernel benchmark" in capsys.readouterr().err
