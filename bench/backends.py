@@ -54,11 +54,16 @@ BACKENDS = (
     BackendSpec("ort-fp32", "fp32", "ONNX Runtime, fp32 graph"),
     BackendSpec("ort-fp16", "fp16", "ONNX Runtime, strongly typed fp16 graph"),
     BackendSpec("aoti", "fp32", "torch.export + AOTInductor .pt2, fp32"),
+    BackendSpec("qd-infer", "fp32", "C++ qd_infer (libtorch) running the AOTInductor .pt2, fp32"),
     BackendSpec("trt-fp16", "fp16", "TensorRT FP16 engine", cuda_only=True),
 )
 REFERENCE = BACKENDS[0]
 # Backends whose device memory is allocated outside torch's allocator: their GPU peak is not measurable here.
-FOREIGN_ALLOCATOR = ("ort-fp32", "ort-fp16", "trt-fp16")
+FOREIGN_ALLOCATOR = ("ort-fp32", "ort-fp16", "trt-fp16", "qd-infer")
+# Backends that run in another process and time themselves (``timed_passes``): see bench.native.
+EXTERNALLY_TIMED = ("qd-infer",)
+# Compiled ahead of the run (minutes of C++ compilation on a CPU): see selected_here.
+CPU_COMPILED = ("torch-compile", "aoti", "qd-infer")
 
 
 def select_backends(names: tuple[str, ...] | None) -> list[BackendSpec]:
@@ -175,11 +180,12 @@ def load_model(settings: BenchSettings) -> tuple[nn.Module, Config]:
 def selected_here(spec: BackendSpec, settings: BenchSettings) -> bool:
     """Whether ``spec`` is part of this run at all.
 
-    torch.compile and AOTInductor spend minutes in C++ compilation on a CPU, so a plain CPU pytest run (the CI
-    correctness pass) leaves them out; ``python -m bench`` includes them (QD_BENCH_CPU_COMPILE=1), CUDA always
-    does, and tests/test_aoti.py checks the AOTInductor package's numerics on every run.
+    torch.compile, AOTInductor and qd_infer (which runs the AOTInductor package) spend minutes in C++ compilation on
+    a CPU, so a plain CPU pytest run (the CI correctness pass) leaves them out; ``python -m bench`` includes them
+    (QD_BENCH_CPU_COMPILE=1), CUDA always does, and tests/test_aoti.py and tests/test_native.py check the package
+    and the C++ runner on every run.
     """
-    return not (spec.name in ("torch-compile", "aoti") and settings.device == "cpu" and not settings.cpu_compile)
+    return not (spec.name in CPU_COMPILED and settings.device == "cpu" and not settings.cpu_compile)
 
 
 def unavailable_reason(spec: BackendSpec, settings: BenchSettings) -> str | None:

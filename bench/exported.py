@@ -4,6 +4,7 @@
     ort-fp16   export.fp16.convert_to_fp16(model-fp32.onnx) → .onnx    → OrtSegmenter
     trt-fp16   export.tensorrt.build_engine(model-fp16.onnx) → .engine  → export.runtime.TrtSegmenter
     aoti       export.aoti (torch.export + AOTInductor .pt2)            → export.aoti.AotiSegmenter
+    qd-infer   the same .pt2                                            → bench.native.NativeSegmenter (C++)
 
 Nothing here re-implements an export step; this module only names the files and feeds one step's output to the
 next. Files are written afresh by each process (a file left in the work folder by an earlier run may come from
@@ -56,7 +57,7 @@ def _ort(path: Path, device: str) -> Segmenter:
 
 
 def build(name: str, model: nn.Module, size: tuple[int, int], batch: int, device: str, work: Path) -> Segmenter:
-    """The exported backend ``name`` (ort-fp32, ort-fp16, trt-fp16 or aoti) for batches up to ``batch``.
+    """The exported backend ``name`` (ort-fp32, ort-fp16, trt-fp16, aoti or qd-infer) for batches up to ``batch``.
 
     Exports trace the PyTorch attention: the exporters are detected by ``qd_core.attention`` anyway, and forcing
     ``QD_ATTENTION=torch`` keeps a CUDA export from ever reaching a Triton kernel.
@@ -83,13 +84,26 @@ def _build(name: str, model: nn.Module, size: tuple[int, int], batch: int, devic
             _written.add(engine)
         return TrtSegmenter(engine, device=device)
     if name == "aoti":
-        from export.aoti import AotiSegmenter, export_aoti
-        from export.wrapper import ExportWrapper
+        from export.aoti import AotiSegmenter
 
-        package = work / "model.pt2"
-        if package not in _written:
-            export_aoti(ExportWrapper(model), package, height=size[0], width=size[1], batch=(1, batch, batch),
-                        device=device, overwrite=True)
-            _written.add(package)
-        return AotiSegmenter(package, device=device)
-    raise ValueError(f"name: expected ort-fp32, ort-fp16, trt-fp16 or aoti, got {name!r}")
+        return AotiSegmenter(aoti_package(model, size, batch, device, work), device=device)
+    if name == "qd-infer":
+        from bench.native import NativeSegmenter, build_qd_infer
+
+        exe, _ = build_qd_infer(Path(__file__).resolve().parent.parent / "build" / "bench-native")
+        threads = torch.get_num_threads() if device == "cpu" else 0
+        return NativeSegmenter(exe, aoti_package(model, size, batch, device, work), threads=threads)
+    raise ValueError(f"name: expected ort-fp32, ort-fp16, trt-fp16, aoti or qd-infer, got {name!r}")
+
+
+def aoti_package(model: nn.Module, size: tuple[int, int], batch: int, device: str, work: Path) -> Path:
+    """The AOTInductor package of ``model`` for batches 1..``batch`` at ``size``, compiled on first use."""
+    from export.aoti import export_aoti
+    from export.wrapper import ExportWrapper
+
+    package = work / "model.pt2"
+    if package not in _written:
+        export_aoti(ExportWrapper(model), package, height=size[0], width=size[1], batch=(1, batch, batch),
+                    device=device, overwrite=True)
+        _written.add(package)
+    return package

@@ -150,3 +150,12 @@ def test_write_report_writes_md_json_png_and_keeps_existing_files(bench_json, tm
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_report(report, tmp_path, "cpu-2025-01-01")
     write_report(report, tmp_path, "cpu-2025-01-01", overwrite=True)
+
+
+def test_an_externally_timed_backend_is_read_from_its_own_samples(bench_json):
+    """qd_infer times itself (bench.native): the row comes from extra_info's samples, not the one pytest round."""
+    entry = latency_entry("qd-infer", "fp32", 1, [3.0])  # the pytest-benchmark round: process start and all
+    entry["extra_info"]["samples_s"] = [0.010, 0.020, 0.030, 0.040]
+    bench_json["benchmarks"].append(entry)
+    row = next(r for r in build_report(bench_json).latency if r.backend == "qd-infer")
+    assert row.p50_ms == pytest.approx(25.0) and row.rounds == 4 and row.mean_ms == pytest.approx(25.0)

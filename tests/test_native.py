@@ -6,6 +6,7 @@ libjpeg62-turbo-dev). When they are missing every test here fails with CMake's m
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.native import NativeError, build_qd_infer
 from export.aoti import AotiSegmenter
 from export.wrapper import ExportWrapper
 from qd_core.data.synthetic import ensure_synthetic, image_path
@@ -43,17 +45,11 @@ def _tail(text: str, lines: int = 30) -> str:
 
 @pytest.fixture(scope="session")
 def native() -> NativeBuild:
-    if shutil.which("cmake") is None:
-        pytest.fail("cmake is not installed; qd_infer needs cmake, g++, libpng-dev and libjpeg62-turbo-dev")
-    configure = subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(BUILD), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
-        capture_output=True, text=True)
-    if configure.returncode:
-        pytest.fail(f"configuring qd_infer failed:\n{_tail(configure.stdout + configure.stderr)}")
-    build = subprocess.run(["cmake", "--build", str(BUILD), "-j2"], capture_output=True, text=True)
-    if build.returncode:
-        pytest.fail(f"building qd_infer failed:\n{_tail(build.stdout + build.stderr)}")
-    return NativeBuild(BUILD / "native" / "qd_infer", configure.stdout)
+    try:
+        exe, configure_log = build_qd_infer(BUILD)
+    except NativeError as e:
+        pytest.fail(str(e))
+    return NativeBuild(exe, configure_log)
 
 
 @dataclass(frozen=True)
@@ -309,3 +305,30 @@ def test_existing_outputs_are_kept_without_overwrite(native: NativeBuild, packag
     assert (tmp_path / "out" / "a.png").read_bytes() == b"earlier result"
     assert run_qd_infer(native, *args, "--overwrite").returncode == 0
     assert read_labels(tmp_path / "out" / "a.png").shape == (SIZE, SIZE)
+
+
+def test_timings_file_lists_every_timed_pass(native: NativeBuild, package: tuple[Path, ExportWrapper],
+                                             eval_set: EvalSet, tmp_path: Path) -> None:
+    timings = tmp_path / "timings.json"
+    result = run_qd_infer(native, "--model", package[0], "--images", eval_set.folder, "--out", tmp_path / "out",
+                          "--batch", "3", "--warmup", "0", "--iters", "2", "--timings", timings)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(timings.read_text())
+    assert (data["batch"], data["threads"], data["warmup"]) == (3, 1, 0)
+    # 5 images at batch 3: a full batch then a partial one, each timed twice
+    assert [images for _, images in data["runs"]] == [3, 3, 2, 2]
+    assert all(ms > 0 for ms, _ in data["runs"])
+
+
+def test_native_segmenter_predicts_like_aoti_and_times_each_pass(native: NativeBuild,
+                                                                 package: tuple[Path, ExportWrapper],
+                                                                 eval_set: EvalSet,
+                                                                 references: dict[str, np.ndarray]) -> None:
+    from bench.native import NativeSegmenter
+
+    seg = NativeSegmenter(native.exe, package[0], threads=1)
+    labels = seg.predict(eval_set.images[:3])
+    assert agreement(labels, references["aoti"][:3]) >= MIN_AGREEMENT
+    assert len(seg.timed_passes(eval_set.images[:1], warmup=1, iters=3)) == 3
+    with pytest.raises(ValueError, match="whole numbers"):
+        seg.predict(eval_set.images[:1] + 0.5)

@@ -33,7 +33,7 @@ int parse_int(const std::string& name, const std::string& text, int min_value) {
 
 std::string usage() {
   return "usage: qd_infer --model student.pt2|student.engine --images DIR --out DIR\n"
-         "                [--batch N] [--warmup W] [--iters I] [--threads T] [--overwrite]\n"
+         "                [--batch N] [--warmup W] [--iters I] [--threads T] [--timings FILE] [--overwrite]\n"
          "\n"
          "Segments every PNG and JPEG image in DIR with an AOTInductor package (.pt2) or a TensorRT engine\n"
          "(.engine, .plan, .trt) and writes, for each image NAME.ext, OUT/NAME.png (train ids, 8-bit) and\n"
@@ -47,6 +47,8 @@ std::string usage() {
          "  --warmup W      untimed passes on the first batch before timing (default 1)\n"
          "  --iters I       timed passes per batch; latency percentiles cover all of them (default 1)\n"
          "  --threads T     CPU threads for libtorch (default 0: one per core)\n"
+         "  --timings FILE  also write every timed pass as JSON: {\"batch\", \"threads\", \"warmup\",\n"
+         "                  \"runs\": [[milliseconds, images], ...]} (for benchmark reports)\n"
          "  --overwrite     replace existing output files\n"
          "  --help          print this text\n"
          "\n"
@@ -73,7 +75,7 @@ Options parse_args(const std::vector<std::string>& args) {
       continue;
     }
     const bool known = name == "--model" || name == "--images" || name == "--out" || name == "--batch" ||
-                       name == "--warmup" || name == "--iters" || name == "--threads";
+                       name == "--warmup" || name == "--iters" || name == "--threads" || name == "--timings";
     if (!known) {
       throw UsageError(name.rfind("-", 0) == 0 ? "unknown option '" + name + "'"
                                                : "unexpected argument '" + name + "'");
@@ -92,6 +94,10 @@ Options parse_args(const std::vector<std::string>& args) {
     if (name == "--warmup") opt.warmup = parse_int(name, value, 0);
     if (name == "--iters") opt.iters = parse_int(name, value, 1);
     if (name == "--threads") opt.threads = parse_int(name, value, 0);
+    if (name == "--timings") {
+      if (value.empty()) throw UsageError("--timings: expected a file path, got ''");
+      opt.timings = value;
+    }
   }
   if (opt.help) return opt;
   for (const auto& [flag, value] : {std::pair{"--model", &model}, {"--images", &images}, {"--out", &out}}) {

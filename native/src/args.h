@@ -24,6 +24,7 @@ struct Options {
   std::filesystem::path model;
   std::filesystem::path images;
   std::filesystem::path out;
+  std::filesystem::path timings;  // empty: no timings file
   int batch = 1;
   int warmup = 1;
   int iters = 1;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -140,6 +141,24 @@ class Runner {
               << " timed runs, batch " << options_.batch << ", warm-up " << options_.warmup << ")\n";
   }
 
+  // Every timed pass as JSON, through a temporary file renamed into place so a reader never sees half of it.
+  void write_timings(const fs::path& path) const {
+    const fs::path tmp = path.string() + ".tmp";
+    {
+      std::ofstream f(tmp);
+      f << "{\"batch\": " << options_.batch << ", \"threads\": " << at::get_num_threads()
+        << ", \"warmup\": " << options_.warmup << ", \"runs\": [";
+      for (std::size_t i = 0; i < timings_.size(); ++i) {
+        f << (i ? ", " : "") << "[" << format_ms(timings_[i].batch_ms) << ", " << timings_[i].images << "]";
+      }
+      f << "]}\n";
+      if (!f) throw FolderError("--timings: cannot write '" + tmp.string() + "'");
+    }
+    std::error_code error;
+    fs::rename(tmp, path, error);
+    if (error) throw FolderError("--timings: cannot write '" + path.string() + "': " + error.message());
+  }
+
  private:
   at::Tensor checked_labels(const at::Tensor& labels, std::int64_t batch) const {
     if (labels.dim() != 3 || labels.size(0) != batch || labels.size(1) != info_.height ||
@@ -225,6 +244,7 @@ int run_infer(const Options& options) {
     }
   }
   runner.summary();
+  if (!options.timings.empty()) runner.write_timings(options.timings);
   return runner.failures() == 0 ? kExitOk : kExitFailure;
 }
 

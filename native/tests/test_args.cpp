@@ -14,7 +14,15 @@ QD_TEST(args, required_options_and_defaults) {
   CHECK_EQ(o.warmup, 1);
   CHECK_EQ(o.iters, 1);
   CHECK_EQ(o.threads, 0);
+  CHECK(o.timings.empty());
   CHECK(!o.overwrite);
+}
+
+QD_TEST(args, timings_file) {
+  const qd::Options o = parse_args({"--model", "m.pt2", "--images", "in", "--out", "o", "--timings", "t.json"});
+  CHECK_EQ(o.timings.string(), std::string("t.json"));
+  CHECK_THROWS(parse_args({"--model", "m.pt2", "--images", "in", "--out", "o", "--timings="}), UsageError,
+               "--timings: expected a file path");
 }
 
 QD_TEST(args, every_option_in_both_spellings) {
