@@ -47,6 +47,11 @@ class BackboneConfig:
     layer_norm_eps: float = 1e-6
     # Converted DINOv2 checkpoint (.pth or .safetensors) loaded into the frozen backbone; empty = random init.
     checkpoint: str = ""
+    # With no checkpoint: `python -m train` first pretrains this ViT on the synthetic source scenes for
+    # `pretrain_steps` steps (made once, beside the synthetic data; `python -m train backbone` does the same by
+    # hand) and uses it as the frozen backbone. For the CPU default, which has no DINOv2.
+    pretrain: bool = False
+    pretrain_steps: int = 400
 
 
 @dataclass

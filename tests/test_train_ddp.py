@@ -30,7 +30,8 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def overrides(data_root: Path, batch: int) -> list[str]:
     return [f"data.synthetic.root={data_root}", "data.synthetic.num_train=8", "data.synthetic.num_val=1",
             "data.synthetic.size=[64,128]", "data.val=[{kind: synthetic, domain: source, test_size: [128, 64]}]",
-            "data.crop_size=64", "data.num_workers=0", "teacher.enabled=false", f"train.batch_size={batch}",
+            "data.crop_size=64", "data.num_workers=0", "teacher.enabled=false", "model.backbone.pretrain=false",
+            f"train.batch_size={batch}",
             "train.num_points=256", "train.importance_sample_ratio=0", "train.lr=0.001", "train.eps=1.0",
             "train.iters=3", "train.log_interval=1",
             "train.eval_interval=3", "train.checkpoint_interval=1000"]

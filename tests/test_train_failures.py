@@ -32,7 +32,8 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def overrides(data_root: Path, *extra: str) -> list[str]:
     return [f"data.synthetic.root={data_root}", "data.synthetic.num_train=8", "data.synthetic.num_val=1",
             "data.synthetic.size=[64,128]", "data.val=[{kind: synthetic, domain: source, test_size: [128, 64]}]",
-            "data.crop_size=64", "data.num_workers=0", "teacher.enabled=false", "train.batch_size=2",
+            "data.crop_size=64", "data.num_workers=0", "teacher.enabled=false", "model.backbone.pretrain=false",
+            "train.batch_size=2",
             "train.num_points=256", "train.log_interval=1", "train.eval_interval=1000",
             "train.checkpoint_interval=1000", *extra]
 

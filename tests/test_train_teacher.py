@@ -43,7 +43,7 @@ def tiny_config(data_root: Path, *extra: str) -> Config:
         "data.synthetic.size=[64,128]", "data.val=[{kind: synthetic, domain: source, test_size: [128, 64]}]",
         "data.crop_size=64", "data.num_workers=0", "train.batch_size=2", "train.num_points=256",
         "train.lr=0.001", "train.log_interval=1", "train.eval_interval=1000", "train.checkpoint_interval=1000",
-        "teacher.feature_size=8", "teacher.bottleneck_dim=16", *extra])
+        "teacher.feature_size=8", "teacher.bottleneck_dim=16", "model.backbone.pretrain=false", *extra])
 
 
 def losses(files: RunFiles) -> list[dict]:

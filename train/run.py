@@ -1,4 +1,4 @@
-"""``python -m train``: resolve the config and run folder, make the default data and teacher once, train, report.
+"""``python -m train``: resolve the config and run folder, make the default data, teacher and backbone once, train, report.
 
     python -m train                                  # tiny config, synthetic scenes, tiny teacher, CPU
     python -m train --config vitl16_512 data.train.kind=gta data.train.root=/data/gta ...
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from qd_core.checkpoint import CheckpointError
-from qd_core.config import Config, ConfigError, apply_overrides, config_from_dict, dump_config, load_config, read_yaml
+from qd_core.config import (Config, ConfigError, DatasetSpec, apply_overrides, config_from_dict, dump_config,
+                            load_config, read_yaml)
 from train.checkpointing import RunFiles, prepare_run_dir
 from train.data import DataError, synthetic_root, val_specs
 from train.distributed import DistEnv, barrier, init_distributed, main_first, shutdown_distributed
@@ -99,6 +100,16 @@ def prepare_inputs(cfg: Config, progress: bool) -> None:
 
         cfg.teacher.path = str(ensure_tiny_teacher(TINY_TEACHER_DIR, synthetic_root(cfg, cfg.data.train),
                                                    progress=progress))
+    if cfg.model.backbone.pretrain and not cfg.model.backbone.checkpoint:
+        if cfg.data.train.kind != "synthetic":
+            raise ConfigError("config key 'model.backbone.pretrain' is true: the stand-in backbone is pretrained on "
+                              "the synthetic scenes only; set model.backbone.checkpoint to a DINOv2 file or "
+                              "model.backbone.pretrain=false")
+        from train.backbone import ensure_tiny_backbone
+
+        root = synthetic_root(cfg, cfg.data.train)
+        spec = DatasetSpec(kind="synthetic", domain="source", split="train", root=str(root))
+        cfg.model.backbone.checkpoint = str(ensure_tiny_backbone(cfg, spec, root.parent, progress=progress))
 
 
 def run_training(cfg: Config, files: RunFiles, env: DistEnv | None = None, *, resume: bool = False,
@@ -116,6 +127,8 @@ def run_training(cfg: Config, files: RunFiles, env: DistEnv | None = None, *, re
     main_first(env, prepare)
     if env.distributed and cfg.teacher.enabled and not cfg.teacher.path:
         cfg.teacher.path = read_yaml(files.config)["teacher"]["path"]  # filled in by rank 0
+    if env.distributed and cfg.model.backbone.pretrain and not cfg.model.backbone.checkpoint:
+        cfg.model.backbone.checkpoint = read_yaml(files.config)["model"]["backbone"]["checkpoint"]  # likewise
     barrier(env)
     trainer = Trainer(cfg, files, env, progress=progress)
     if resume:
@@ -129,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from train.teacher import main as teacher_main
 
         return teacher_main(argv[1:])
+    if argv[:1] == ["backbone"]:
+        from train.backbone import main as backbone_main
+
+        return backbone_main(argv[1:])
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     env: DistEnv | None = None
