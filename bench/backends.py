@@ -112,7 +112,7 @@ class TorchBackend:
         # specialise every kernel as an exported engine would.
         # CUDA graphs ("reduce-overhead") replay the whole forward as one launch: at batch 1 the student's few
         # hundred small kernels are otherwise bound by launch latency, not by the GPU.
-        mode = "reduce-overhead" if cuda_graphs else None
+        mode = "reduce-overhead" if self.cuda_graphs else None
         self._forward: Callable[[Tensor], tuple[Tensor, Tensor]] = (
             torch.compile(self.wrapper, dynamic=False, mode=mode) if compile else self.wrapper)
 

@@ -28,7 +28,8 @@ class NativeError(RuntimeError):
     """qd_infer could not be built or run; the message holds the tail of its output."""
 
 
-def _tail(text: str, lines: int = 30) -> str:
+def tail(text: str, lines: int = 30) -> str:
+    """The last ``lines`` lines of a tool's output, for error messages."""
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
@@ -44,10 +45,10 @@ def build_qd_infer(build_dir: Path, jobs: int = 2) -> tuple[Path, str]:
     configure = subprocess.run(["cmake", "-S", str(root), "-B", str(build_dir),
                                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], capture_output=True, text=True)
     if configure.returncode:
-        raise NativeError(f"configuring qd_infer failed:\n{_tail(configure.stdout + configure.stderr)}")
+        raise NativeError(f"configuring qd_infer failed:\n{tail(configure.stdout + configure.stderr)}")
     build = subprocess.run(["cmake", "--build", str(build_dir), f"-j{jobs}"], capture_output=True, text=True)
     if build.returncode:
-        raise NativeError(f"building qd_infer failed:\n{_tail(build.stdout + build.stderr)}")
+        raise NativeError(f"building qd_infer failed:\n{tail(build.stdout + build.stderr)}")
     return build_dir / "native" / "qd_infer", configure.stdout
 
 
@@ -81,7 +82,7 @@ class NativeSegmenter:
                    "--threads", str(self.threads), "--timings", str(timings)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
             if proc.returncode:
-                raise NativeError(f"qd_infer exited with {proc.returncode}:\n{_tail(proc.stdout + proc.stderr)}")
+                raise NativeError(f"qd_infer exited with {proc.returncode}:\n{tail(proc.stdout + proc.stderr)}")
             labels = []
             for name in names:
                 with Image.open(out / name) as im:

@@ -188,7 +188,7 @@ def load_backbone_checkpoint(backbone: nn.Module, path: PathLike) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the target folder, then rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -224,9 +224,9 @@ def save_state_file(state: Mapping[str, Tensor], path: PathLike, metadata: dict[
         from safetensors.torch import save_file
 
         tensors = standalone_tensors(state)
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     else:
-        _atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+        atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def save_student(model: nn.Module, cfg: Config, path: PathLike, *, include_froze
     except (TypeError, ValueError) as e:
         raise ValueError(f"extra: expected JSON-serialisable values ({e})") from None
     save_state_file(state, weights_path, metadata={"format": STUDENT_FORMAT})
-    _atomic_write(meta_path, lambda tmp: tmp.write_text(text))
+    atomic_write(meta_path, lambda tmp: tmp.write_text(text))
     return weights_path
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench.native import NativeError, build_qd_infer
+from bench.native import NativeError, build_qd_infer, tail
 from export.aoti import AotiSegmenter
 from export.wrapper import ExportWrapper
 from qd_core.data.synthetic import ensure_synthetic, image_path
@@ -37,10 +37,6 @@ EVAL_IMAGES = (("source", 0), ("source", 1), ("fog", 0), ("night", 1), ("snow", 
 class NativeBuild:
     exe: Path
     configure_log: str
-
-
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +131,7 @@ def batch_runs(native: NativeBuild, package: tuple[Path, ExportWrapper], eval_se
 
 def test_ctest_suite_passes(native: NativeBuild) -> None:
     proc = subprocess.run(["ctest", "--output-on-failure"], cwd=BUILD, capture_output=True, text=True)
-    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr, 60)
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
 
 
 def test_build_uses_the_cxx_abi_of_the_torch_wheel(native: NativeBuild) -> None:

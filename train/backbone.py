@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from tqdm.auto import tqdm
 from qd_core.backbone import DinoVisionTransformer
 from qd_core.config import BackboneConfig, Config, ConfigError, DatasetSpec, load_config
 from qd_core.data import collate
-from qd_core.data.files import replace_dir
+from qd_core.data.files import write_dir
 
 DEFAULT_STEPS = 400
 DEFAULT_BATCH_SIZE = 16
@@ -135,6 +133,7 @@ def make_tiny_backbone(cfg: Config, out: Path, train_spec: DatasetSpec, *, steps
     }
 
     def write(folder: Path) -> None:
+        folder.mkdir()
         state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE))
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -147,15 +146,7 @@ def make_tiny_backbone(cfg: Config, out: Path, train_spec: DatasetSpec, *, steps
             f"Loss {info['loss']['first']} -> {info['loss']['last']}, pixel accuracy "
             f"{info['pixel_accuracy']['first']} -> {info['pixel_accuracy']['last']}; took {info['seconds']} s.\n")
 
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dir(out, write)
     return out / WEIGHTS_FILE
 
 

@@ -13,10 +13,8 @@ a temp file in the run folder and renamed into place, and it is read with ``torc
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qd_core.checkpoint import CheckpointError
+from qd_core.checkpoint import CheckpointError, atomic_write
 
 STATE_FORMAT = "querydiff-train-state"
 STATE_VERSION = 1
@@ -89,16 +87,7 @@ def prepare_run_dir(files: RunFiles, *, resume: bool, overwrite: bool) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a temp file in the same folder and a rename: readers see the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def capture_rng() -> dict[str, Any]:

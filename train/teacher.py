@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from qd_core.data.files import replace_dir
+from qd_core.data.files import write_dir
 
 DEFAULT_OUT = Path("data/teacher-tiny")
 DEFAULT_DATA = Path("data/synthetic")
@@ -257,14 +255,7 @@ def _make(out: Path, data_root: Path, *, seed: int, steps: int, vae_steps: int, 
                       "curve": _curve(unet_losses)},
         "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write_folder(tmp, vae, unet, scheduler, context, info)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_dir(out, lambda tmp: _write_folder(tmp, vae, unet, scheduler, context, info))
     if progress:
         d = info["ddpm_loss"]
         print(f"tiny teacher: {vae_steps} VAE + {steps} DDPM steps in {seconds:.0f} s; DDPM loss "

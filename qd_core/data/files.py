@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -66,6 +67,20 @@ def save_label_atomic(label: np.ndarray, path: str | Path) -> None:
     if label.size and (label.min() < 0 or label.max() > 255):
         raise ValueError(f"label for {path} holds values outside 0..255 (min {label.min()}, max {label.max()})")
     save_image_atomic(Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)), path)
+
+
+def write_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """Build a folder with ``write(tmp)`` (``tmp``: a fresh path beside ``out``, not yet created) and move it to
+    ``out`` once complete (``replace_dir``): readers see the old folder, or the whole new one, never a partial one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

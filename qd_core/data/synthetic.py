@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from qd_core.data.corruptions import TARGET_DOMAINS, apply_domain
-from qd_core.data.files import replace_dir
+from qd_core.data.files import write_dir
 from qd_core.data.labels import CLASS_NAMES
 from qd_core.data.scenes import MIN_SIZE, draw_scene
 
@@ -144,14 +143,7 @@ def generate_synthetic(out: str | Path, seed: int = 0, num_train: int = 200, num
         raise FileExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder is not empty; pass --overwrite (overwrite=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write_tree(tmp, seed, num_train, num_val, (h, w), progress)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_dir(out, lambda tmp: _write_tree(tmp, seed, num_train, num_val, (h, w), progress))
     return out
 
 
