@@ -161,6 +161,9 @@ class DataConfig:
     scale_max: int = 20
     cat_max_ratio: float = 0.75
     num_workers: int = 2
+    # Keep the training images decoded in memory after the first epoch (H·W·4 bytes each, per worker): worth it
+    # for small data sets read many times over, such as the synthetic scenes.
+    keep_decoded: bool = False
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 

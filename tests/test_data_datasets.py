@@ -143,6 +143,26 @@ def test_transformed_samples_stack_in_a_batch(striped: Path) -> None:
     assert batch["label"].dtype == torch.int64 and len(batch["path"]) == 2
 
 
+def test_kept_decoded_samples_equal_fresh_reads_and_skip_the_files(striped: Path) -> None:
+    fresh = gta_dataset(striped, TrainTransform(crop=16), seed=3)
+    expected = {}
+    for epoch in (0, 1):
+        fresh.set_epoch(epoch)
+        expected.update({(epoch, i): fresh[i] for i in range(3)})
+    kept = gta_dataset(striped, TrainTransform(crop=16), seed=3)
+    kept.keep_decoded()
+    for i in range(3):
+        kept.load(i)
+    for path in striped.rglob("*.png"):  # every later read must come from memory
+        path.unlink()
+    for (epoch, i), want in expected.items():
+        kept.set_epoch(epoch)
+        got = kept[i]
+        assert torch.equal(got["image"], want["image"]) and torch.equal(got["label"], want["label"])
+    image, label = kept.load(0)
+    assert label is not None and label.dtype == np.int64 and not image.flags.writeable
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: one clear error naming the file
 # ----------------------------------------------------------------------------------------------------------------

@@ -153,3 +153,13 @@ def test_ensure_generates_once(tmp_path: Path) -> None:
 def test_ensure_rejects_a_folder_made_with_other_settings(tree: Path) -> None:
     with pytest.raises(ValueError, match="seed=3"):
         ensure_synthetic(tree, **{**SMALL, "seed": 9})
+
+
+def test_ensure_redraws_scenes_of_an_older_generator_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = ensure_synthetic(tmp_path / "old", **SMALL)
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "version": synthetic.GENERATOR_VERSION - 1}))
+    (root / "stale.txt").write_text("from the old version")
+    assert ensure_synthetic(root, **SMALL) == root
+    assert json.loads((root / "manifest.json").read_text())["version"] == synthetic.GENERATOR_VERSION
+    assert not (root / "stale.txt").exists() and "drawing version" in capsys.readouterr().err

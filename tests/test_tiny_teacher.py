@@ -87,6 +87,22 @@ def test_ensure_reuses_a_complete_teacher(made: Path, data_root: Path, monkeypat
     assert tiny.ensure_tiny_teacher(made, data_root, progress=False) == made
 
 
+def test_ensure_remakes_a_teacher_made_from_other_scenes(tmp_path: Path, data_root: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tiny.make_tiny_teacher(tmp_path / "teacher", data_root, **SETTINGS)
+    manifest = data_root / "manifest.json"
+    record = json.loads(manifest.read_text())
+    calls = []
+    monkeypatch.setattr(tiny, "make_tiny_teacher", lambda *a, **k: calls.append(k["overwrite"]) or out)
+    try:  # scenes of an older generator version: the teacher learnt other images
+        manifest.write_text(json.dumps({**record, "version": record["version"] - 1}))
+        assert tiny.ensure_tiny_teacher(out, data_root, progress=False) == out
+    finally:
+        manifest.write_text(json.dumps(record))
+    assert calls == [True]
+    assert tiny.ensure_tiny_teacher(out, data_root, progress=False) == out and calls == [True]  # same scenes: kept
+
+
 def test_refuses_to_replace_an_existing_folder_without_overwrite(tmp_path: Path, data_root: Path) -> None:
     out = tmp_path / "taken"
     out.mkdir()

@@ -65,6 +65,17 @@ def test_train_makes_it_once_beside_the_data_and_names_it_in_the_config(data_roo
     other = config(data_root, "teacher.enabled=false", "model.backbone.pretrain_steps=2")
     assert ensure_tiny_backbone(other, source(data_root), data_root.parent, progress=False) == weights
     assert json.loads((weights.parent / INFO_FILE).read_text())["steps"] == 2  # other settings: made afresh
+    made = weights.stat().st_mtime_ns
+    manifest = data_root / "manifest.json"
+    record = json.loads(manifest.read_text())
+    try:  # scenes of an older generator version: pretrained on other images, so made afresh
+        manifest.write_text(json.dumps({**record, "version": record["version"] - 1}))
+        assert ensure_tiny_backbone(other, source(data_root), data_root.parent, progress=False) == weights
+        assert weights.stat().st_mtime_ns != made
+        info = json.loads((weights.parent / INFO_FILE).read_text())
+        assert info["data_identity"]["version"] == record["version"] - 1
+    finally:
+        manifest.write_text(json.dumps(record))
 
 
 def test_pretrain_on_non_synthetic_data_is_one_clear_error(data_root: Path) -> None:

@@ -73,6 +73,7 @@ def pretrain(cfg: Config, train_spec: DatasetSpec, *, steps: int, batch_size: in
     backbone.requires_grad_(True)
     readout = PatchReadout(len(backbone.blocks), backbone.embed_dim, cfg.model.head.num_classes)
     dataset = build_dataset(train_spec, cfg, train_transform(cfg), seed=seed)
+    dataset.keep_decoded(cfg.data.keep_decoded)
     params = [p for p in [*backbone.parameters(), *readout.parameters()] if p is not backbone.mask_token]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - s / steps) ** 0.9)
@@ -116,13 +117,16 @@ def make_tiny_backbone(cfg: Config, out: Path, train_spec: DatasetSpec, *, steps
     for name, value in (("--steps", steps), ("--batch-size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} {value}: expected a positive integer")
+    from qd_core.data import data_identity
+
+    data_root = Path(train_spec.root or cfg.data.synthetic.root)
     start = time.perf_counter()
     backbone, losses, accuracies = pretrain(cfg, train_spec, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                             progress=progress)
     b = cfg.model.backbone
     info: dict[str, Any] = {
-        "made_by": "python -m train backbone", "config": cfg.name, "data": str(train_spec.root or
-                                                                              cfg.data.synthetic.root),
+        "made_by": "python -m train backbone", "config": cfg.name, "data": str(data_root),
+        "data_identity": data_identity(data_root),
         "split": "source/train", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "crop_size": cfg.data.crop_size, "architecture": {"patch_size": b.patch_size, "embed_dim": b.embed_dim,
                                                           "depth": b.depth, "num_heads": b.num_heads,
@@ -150,26 +154,29 @@ def make_tiny_backbone(cfg: Config, out: Path, train_spec: DatasetSpec, *, steps
     return out / WEIGHTS_FILE
 
 
-def reusable(folder: Path, cfg: Config, steps: int, batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR,
-             seed: int = 0) -> bool:
-    """Whether ``folder`` holds a finished backbone made with these settings."""
+def reusable(folder: Path, cfg: Config, steps: int, data_root: Path, batch_size: int = DEFAULT_BATCH_SIZE,
+             lr: float = DEFAULT_LR, seed: int = 0) -> bool:
+    """Whether ``folder`` holds a finished backbone made with these settings from scenes like ``data_root``'s."""
+    from qd_core.data import data_identity
+
     try:
         info = json.loads((folder / INFO_FILE).read_text())
     except (OSError, ValueError):
         return False
     b = cfg.model.backbone
-    wanted = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "crop_size": cfg.data.crop_size}
+    wanted = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "crop_size": cfg.data.crop_size,
+              "data_identity": data_identity(data_root)}
     return ((folder / WEIGHTS_FILE).is_file() and all(info.get(k) == v for k, v in wanted.items())
             and info.get("architecture", {}).get("embed_dim") == b.embed_dim)
 
 
 def ensure_tiny_backbone(cfg: Config, train_spec: DatasetSpec, root: Path, *, progress: bool = True) -> Path:
     """The weights file of the stand-in backbone for ``cfg`` under ``root`` (the synthetic data's parent folder):
-    reused when made before with the same settings, made otherwise. Call from one process only (rank 0 under DDP,
-    then a barrier)."""
+    reused when made before with the same settings and scenes, made otherwise. Call from one process only (rank 0
+    under DDP, then a barrier)."""
     folder = Path(root) / folder_name(cfg.model.backbone)
     steps = cfg.model.backbone.pretrain_steps
-    if reusable(folder, cfg, steps):
+    if reusable(folder, cfg, steps, Path(train_spec.root or cfg.data.synthetic.root)):
         return folder / WEIGHTS_FILE
     return make_tiny_backbone(cfg, folder, train_spec, steps=steps, overwrite=folder.exists(), progress=progress)
 

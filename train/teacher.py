@@ -230,6 +230,8 @@ def make_tiny_teacher(out: Path, data_root: Path, *, seed: int = 0, steps: int =
 
 def _make(out: Path, data_root: Path, *, seed: int, steps: int, vae_steps: int, image_size: int, batch_size: int,
           progress: bool) -> Path:
+    from qd_core.data import data_identity
+
     start = time.perf_counter()
     tiles = load_tiles(data_root, image_size)
     generator = torch.Generator().manual_seed(seed)
@@ -248,6 +250,7 @@ def _make(out: Path, data_root: Path, *, seed: int, steps: int, vae_steps: int, 
 
     info = {
         "made_by": "train.teacher.make_tiny_teacher", "seed": seed, "data_root": str(data_root),
+        "data_identity": data_identity(data_root),
         "image_size": image_size, "tiles": len(tiles), "batch_size": batch_size, "vae_steps": vae_steps,
         "ddpm_steps": steps, "latent_downsample": 4, "scaling_factor": scaling, "context_shape": list(context.shape),
         "vae_reconstruction_mse": {"first": _window_mean(vae_losses, True), "last": _window_mean(vae_losses, False)},
@@ -288,13 +291,26 @@ def _write_folder(folder: Path, vae: Any, unet: Any, scheduler: Any, context: Te
 def ensure_tiny_teacher(out: Path, data_root: Path, *, seed: int = 0, steps: int = DEFAULT_STEPS,
                         vae_steps: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE,
                         threads: int | None = DEFAULT_THREADS, overwrite: bool = False, progress: bool = True) -> Path:
-    """``out`` holding a tiny teacher: reused when a complete one is there (whatever settings made it), made
-    otherwise. Call from one process only (rank 0 under DDP, then a barrier)."""
+    """``out`` holding a tiny teacher: reused when a complete one made from scenes like ``data_root``'s is there
+    (whatever other settings made it), made otherwise, replacing one made from other scenes (an older generator
+    version or another seed). Call from one process only (rank 0 under DDP, then a barrier)."""
     out = Path(out)
-    if not overwrite and is_tiny_teacher(out):
+    if not overwrite and is_tiny_teacher(out) and _made_from(out, data_root):
         return out
     return make_tiny_teacher(out, data_root, seed=seed, steps=steps, vae_steps=vae_steps, image_size=image_size,
-                             threads=threads, overwrite=overwrite, progress=progress)
+                             threads=threads, overwrite=overwrite or out.exists(), progress=progress)
+
+
+def _made_from(folder: Path, data_root: Path) -> bool:
+    """Whether the teacher in ``folder`` was trained on scenes with ``data_root``'s identity."""
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    from qd_core.data import data_identity
+
+    current = data_identity(data_root)  # None for a folder not made by the generator: then the path decides
+    return info.get("data_identity") == current and (current is not None or info.get("data_root") == str(data_root))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,6 +127,7 @@ class Trainer:
         self.autocast_dtype = amp_dtype(tr.amp, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.autocast_dtype == torch.float16)
         self.dataset = build_dataset(cfg.data.train, cfg, train_transform(cfg), seed=tr.seed)
+        self.dataset.keep_decoded(cfg.data.keep_decoded)
         self.val_specs = val_specs(cfg)
         self.step = 0
         self.best = -math.inf

@@ -31,6 +31,7 @@ _LAZY = {
     "ensure_synthetic": "qd_core.data.synthetic",
     "generate_synthetic": "qd_core.data.synthetic",
     "read_manifest": "qd_core.data.synthetic",
+    "data_identity": "qd_core.data.synthetic",
     "TARGET_DOMAINS": "qd_core.data.corruptions",
 }
 
@@ -46,6 +47,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CLASS_NAMES", "IGNORE_INDEX", "NUM_CLASSES", "PALETTE", "TARGET_DOMAINS", "EvalTransform", "Sample",
     "SegmentationDataset", "TrainTransform", "acdc_dataset", "bdd_dataset", "cityscapes_dataset", "collate",
-    "colorize", "ensure_synthetic", "folder_dataset", "generate_synthetic", "gta_dataset", "mapillary_dataset",
+    "colorize", "data_identity", "ensure_synthetic", "folder_dataset", "generate_synthetic", "gta_dataset", "mapillary_dataset",
     "read_manifest",
 ]
