@@ -4,7 +4,8 @@ Loading never unpickles code: ``.safetensors`` files go through safetensors and 
 ``torch.load(weights_only=True)``. Our own student checkpoints are a ``<stem>.safetensors`` weights file plus a
 ``<stem>.json`` beside it holding the config, both written atomically (temp file in the same folder, then
 ``os.replace``). The frozen DINOv2 weights are left out of a student checkpoint when the config names the
-converted DINOv2 file they came from, and read back from that file on load.
+converted DINOv2 file they came from, and read back from that file on load; the file's SHA-256 is recorded, so a
+student is never silently paired with other backbone weights than those its adapters were trained on.
 
 Command line:
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import hashlib
 import json
 import math
 import os
@@ -33,6 +36,8 @@ PathLike = str | os.PathLike[str]
 
 STUDENT_FORMAT = "querydiff-student"
 STUDENT_VERSION = 1
+# Student-meta key of the SHA-256 of the backbone file a student without frozen weights was trained with.
+BACKBONE_HASH_KEY = "backbone_sha256"
 POS_EMBED_KEY = "pos_embed"
 PATCH_WEIGHT_KEY = "patch_embed.proj.weight"
 # Keys under which training frameworks nest the actual state dict (mmengine/DINOv2 training checkpoints).
@@ -183,6 +188,23 @@ def load_backbone_checkpoint(backbone: nn.Module, path: PathLike) -> None:
     backbone.load_state_dict(state, strict=True)
 
 
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (about a second per GB); cached per (path, inode, size, mtime) in this process, so
+    a run that saves a student every few hundred steps hashes its DINOv2 file once."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return _sha256(str(resolved), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Writing files
 # --------------------------------------------------------------------------------------------------------------
@@ -275,6 +297,9 @@ def save_student(model: nn.Module, cfg: Config, path: PathLike, *, include_froze
         state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     meta: dict[str, Any] = {"config": cfg.to_dict(), "format": STUDENT_FORMAT, "version": STUDENT_VERSION,
                             "include_frozen": bool(include_frozen)}
+    backbone_file = cfg.model.backbone.checkpoint
+    if not include_frozen and backbone_file and Path(backbone_file).is_file():
+        meta[BACKBONE_HASH_KEY] = file_sha256(backbone_file)
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(meta))
     if clash:
@@ -311,8 +336,9 @@ def load_student_weights(model: nn.Module, path: PathLike, *, backbone_checkpoin
     """Load a student ``.safetensors`` into ``model`` (which has a ``backbone`` submodule).
 
     When the file holds no ``backbone.*`` tensors, the backbone is loaded from ``backbone_checkpoint``, or, if
-    that is None, from ``model.backbone.checkpoint`` of the config beside the file. Any other missing, unexpected
-    or mis-shaped key raises CheckpointError listing them.
+    that is None, from ``model.backbone.checkpoint`` of the config beside the file; a backbone file whose SHA-256
+    differs from the one recorded at save time raises CheckpointError. Any other missing, unexpected or
+    mis-shaped key raises CheckpointError listing them.
     """
     weights_path, _ = student_paths(path)
     state = load_torch_file(weights_path)
@@ -320,17 +346,31 @@ def load_student_weights(model: nn.Module, path: PathLike, *, backbone_checkpoin
     expected = model.state_dict()
     backbone_keys = {k for k in expected if k.startswith(prefix)}
     if backbone_keys and not any(k.startswith(prefix) for k in state):
+        meta = read_student_meta(weights_path)
         if backbone_checkpoint is None:
-            backbone_checkpoint = config_from_dict(read_student_meta(weights_path)["config"]).model.backbone.checkpoint
+            backbone_checkpoint = config_from_dict(meta["config"]).model.backbone.checkpoint
         if not backbone_checkpoint:
             raise CheckpointError(f"student weights '{weights_path}' hold no '{prefix}*' tensors and no backbone "
                                   f"checkpoint is given (model.backbone.checkpoint is empty)")
+        _check_backbone_file(Path(backbone_checkpoint), meta.get(BACKBONE_HASH_KEY), weights_path)
         load_backbone_checkpoint(model.backbone, backbone_checkpoint)
         expected = {k: v for k, v in expected.items() if k not in backbone_keys}
     problem = state_dict_mismatch(expected, state)
     if problem:
         raise CheckpointError(f"student weights '{weights_path}' do not fit the model: {problem}")
     model.load_state_dict(state, strict=False)
+
+
+def _check_backbone_file(path: Path, recorded: str | None, student: Path) -> None:
+    """The backbone file must be the one the student was trained with (when its hash was recorded)."""
+    if recorded is None or not path.is_file():  # older checkpoints; a missing file is reported by the loader
+        return
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise CheckpointError(
+            f"backbone checkpoint '{path}' has SHA-256 {actual[:16]}…, but student '{student}' was trained on a "
+            f"backbone with {recorded[:16]}…: its adapters and head expect those weights; point "
+            f"model.backbone.checkpoint at that file (or retrain)")
 
 
 def load_student(path: PathLike, overrides: Sequence[str] = (), *,

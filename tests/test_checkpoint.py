@@ -3,6 +3,7 @@ reading, the convert-dinov2 command, and student save/load."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -303,6 +304,25 @@ def test_student_without_backbone_tensors_reads_them_from_the_configured_checkpo
     path = save_student(reference, cfg, tmp_path / "student.safetensors")
     assert not any(k.startswith("backbone.") for k in load_file(str(path)))
     assert json.loads((tmp_path / "student.json").read_text())["include_frozen"] is False
+    fresh = StandIn(cfg, seed=1)
+    load_student_weights(fresh, path)
+    assert_same_state(fresh, reference)
+
+
+def test_student_refuses_a_backbone_file_other_than_the_one_it_was_trained_with(tmp_path):
+    reference = StandIn(tiny_cfg(), seed=0)
+    dino = tmp_path / "dino.safetensors"
+    save_state_file(reference.backbone.state_dict(), dino)
+    cfg = tiny_cfg(str(dino))
+    path = save_student(reference, cfg, tmp_path / "student.safetensors")
+    recorded = json.loads((tmp_path / "student.json").read_text())["backbone_sha256"]
+    assert recorded == hashlib.sha256(dino.read_bytes()).hexdigest()
+    other = StandIn(tiny_cfg(), seed=5)  # same shapes, other weights: would load without complaint otherwise
+    save_state_file(other.backbone.state_dict(), dino)
+    with pytest.raises(CheckpointError, match=r"dino\.safetensors' has SHA-256 .* was trained on a backbone with "
+                                              + recorded[:16]):
+        load_student_weights(StandIn(cfg, seed=1), path)
+    save_state_file(reference.backbone.state_dict(), dino)  # the original weights again: loads
     fresh = StandIn(cfg, seed=1)
     load_student_weights(fresh, path)
     assert_same_state(fresh, reference)
