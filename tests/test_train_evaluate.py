@@ -123,3 +123,36 @@ def test_miou_table_marks_targets_and_averages_them() -> None:
     lines = table.splitlines()
     assert lines[1].split() == ["src", "100.00", "source"]
     assert lines[-1].split()[-1] == "50.00"
+
+
+def test_figure_shows_input_truth_and_the_prediction_per_domain(checkpoint: Path, data_root: Path,
+                                                                tmp_path: Path) -> None:
+    from qd_core.checkpoint import load_student
+    from qd_core.visualize import colorize
+    from train import figure
+    from train.evaluate import predict_dataset
+
+    out = tmp_path / "fig.png"
+    assert figure.main(["--checkpoint", str(checkpoint), "--out", str(out), "--index", "1", "--domains", "source",
+                        "night", "--device", "cpu"]) == 0
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    row_h = figure.TEXT_H + 4 + 64 + figure.GAP  # caption, the 64x128 panels, gap
+    assert picture.shape[1] == 3 * 128 + 2 * figure.GAP
+    assert picture.shape[0] == 2 * row_h + figure.legend(picture.shape[1]).shape[0]
+    model, cfg = load_student(checkpoint)
+    spec = figure.domain_spec(cfg, "night", str(data_root))
+    pred = next(predict_dataset(model, build_dataset(spec, cfg, eval_transform(spec, cfg)), device=torch.device("cpu"),
+                                mode=None, indices=[1]))
+    top = row_h + figure.TEXT_H + 4  # the night row's panels
+    assert np.array_equal(picture[top:top + 64, :128], np.asarray(Image.open(pred.image_path).convert("RGB")))
+    assert np.array_equal(picture[top:top + 64, 128 + figure.GAP:256 + figure.GAP], colorize(pred.label))
+    assert np.array_equal(picture[top:top + 64, 256 + 2 * figure.GAP:], colorize(pred.pred))
+
+
+def test_figure_names_a_scene_index_out_of_range(checkpoint: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    from train import figure
+
+    assert figure.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "f.png"), "--index", "5",
+                        "--device", "cpu"]) == 2
+    assert "--index 5: synthetic/source" in capsys.readouterr().err and not (tmp_path / "f.png").exists()
