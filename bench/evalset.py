@@ -104,12 +104,15 @@ def ensure_default_root(count: int, domains: int = 7) -> Path:
     per_domain = math.ceil(count / domains)
     # One folder per size: the generator refuses to reuse a folder drawn with other settings.
     root = DEFAULT_ROOT.with_name(f"{DEFAULT_ROOT.name}-{per_domain}")
-    if (root / "manifest.json").is_file():
-        # A finished folder is read as it is: the generator (and the corruption library it imports) is only
-        # needed to draw one, so a machine without OpenCV can use a folder drawn elsewhere.
-        return root
-    from qd_core.data import ensure_synthetic
-
+    try:
+        from qd_core.data import ensure_synthetic  # imports OpenCV and the corruption library
+    except ImportError:
+        if (root / "manifest.json").is_file():
+            # Without the generator a finished folder drawn elsewhere is read as it is (even if an older
+            # version of the generator drew it), so a machine without OpenCV can still benchmark.
+            return root
+        raise
+    # Redraws a folder drawn by an older version of the generator: the scenes the students are trained on.
     return ensure_synthetic(root, num_train=1, num_val=per_domain, progress=False)
 
 
