@@ -155,7 +155,8 @@ def test_ensure_rejects_a_folder_made_with_other_settings(tree: Path) -> None:
         ensure_synthetic(tree, **{**SMALL, "seed": 9})
 
 
-def test_ensure_redraws_scenes_of_an_older_generator_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ensure_redraws_scenes_of_an_older_generator_version(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     root = ensure_synthetic(tmp_path / "old", **SMALL)
     manifest = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**manifest, "version": synthetic.GENERATOR_VERSION - 1}))

@@ -32,6 +32,7 @@ from qd_core.backbone import DinoVisionTransformer
 from qd_core.config import BackboneConfig, Config, ConfigError, DatasetSpec, load_config
 from qd_core.data import collate
 from qd_core.data.files import write_dir
+from train.data import synthetic_root
 
 DEFAULT_STEPS = 400
 DEFAULT_BATCH_SIZE = 16
@@ -119,7 +120,7 @@ def make_tiny_backbone(cfg: Config, out: Path, train_spec: DatasetSpec, *, steps
             raise ValueError(f"{name} {value}: expected a positive integer")
     from qd_core.data import data_identity
 
-    data_root = Path(train_spec.root or cfg.data.synthetic.root)
+    data_root = synthetic_root(cfg, train_spec)
     start = time.perf_counter()
     backbone, losses, accuracies = pretrain(cfg, train_spec, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                             progress=progress)
@@ -176,7 +177,7 @@ def ensure_tiny_backbone(cfg: Config, train_spec: DatasetSpec, root: Path, *, pr
     under DDP, then a barrier)."""
     folder = Path(root) / folder_name(cfg.model.backbone)
     steps = cfg.model.backbone.pretrain_steps
-    if reusable(folder, cfg, steps, Path(train_spec.root or cfg.data.synthetic.root)):
+    if reusable(folder, cfg, steps, synthetic_root(cfg, train_spec)):
         return folder / WEIGHTS_FILE
     return make_tiny_backbone(cfg, folder, train_spec, steps=steps, overwrite=folder.exists(), progress=progress)
 

@@ -47,6 +47,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CLASS_NAMES", "IGNORE_INDEX", "NUM_CLASSES", "PALETTE", "TARGET_DOMAINS", "EvalTransform", "Sample",
     "SegmentationDataset", "TrainTransform", "acdc_dataset", "bdd_dataset", "cityscapes_dataset", "collate",
-    "colorize", "data_identity", "ensure_synthetic", "folder_dataset", "generate_synthetic", "gta_dataset", "mapillary_dataset",
-    "read_manifest",
+    "colorize", "data_identity", "ensure_synthetic", "folder_dataset", "generate_synthetic", "gta_dataset",
+    "mapillary_dataset", "read_manifest",
 ]
