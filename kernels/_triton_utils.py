@@ -69,6 +69,27 @@ def target_programs(device: torch.device) -> int:
     return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's SM count; 3 under the interpreter, so that a grid sized in waves of SMs still has programs that
+    stride over several blocks (see ``persistent_programs``)."""
+    if INTERPRET or device.type != "cuda":
+        return 3
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def persistent_programs(blocks: int, waves: int, other_axis: int, device: torch.device) -> int:
+    """Programs along a grid axis of ``blocks`` blocks when each program strides over several of them.
+
+    ``waves`` = 0 keeps one program per block. Otherwise the axis gets enough programs for ``waves`` programs per
+    SM counting the ``other_axis`` programs beside it; each then loops over blocks pid, pid + programs, …, which lets
+    Triton pipeline the next block's loads under the current block's math (a one-block program cannot overlap its
+    own load latency, only other programs can).
+    """
+    if waves <= 0:
+        return blocks
+    return max(1, min(blocks, triton.cdiv(waves * multiprocessors(device), other_axis)))
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(index: int) -> int:
     # Cached: the property query is a host round trip paid on every launch otherwise.
@@ -106,3 +127,30 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"scale: expected a finite float, got {scale}")
     return value
+
+
+@triton.jit
+def _sum_partials_kernel(PART, OUT, ROWS, COLS, BLOCK: tl.constexpr):
+    """OUT[t, e] = Σ_r PART[t, r, e] in fp32, stored in OUT's dtype; grid (cdiv(COLS, BLOCK), T)."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < COLS
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    base = PART + t.to(tl.int64) * ROWS * COLS
+    for r in range(0, ROWS):
+        acc += tl.load(base + r * COLS + offs, mask=ok, other=0.0)
+    tl.store(OUT + t.to(tl.int64) * COLS + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(T, R, E) contiguous fp32 partials → (T, E) sums over R in ``dtype``, in one launch.
+
+    Replaces torch's sum then cast (two launches per tensor, four for a dK/dV pair): the backward passes run at
+    sizes where each launch's host cost is comparable to the GPU work.
+    """
+    t, rows, cols = part.shape
+    out = torch.empty((t, cols), dtype=dtype, device=part.device)
+    block = 1024 if not INTERPRET else max(16, min(4096, triton.next_power_of_2(cols)))
+    _sum_partials_kernel[(triton.cdiv(cols, block), t)](part, out, rows, cols, BLOCK=block, num_warps=4)
+    return out

@@ -1,9 +1,12 @@
 """Agent attention in Triton: many queries (pixel tokens, N up to 16384+) over a few keys (M ≤ 256).
 
 Forward tiling. All M keys of one (batch, head), padded to BLOCK_M (a power of two ≥ 16, tl.dot's smallest side),
-fit in one tile, so a program owns BLOCK_N query rows and does the whole softmax in registers: no online
-rescaling, q/k/v read once, o written once. The kernel is memory-bound (it moves ~2·N·d elements for 4·N·M·d
-flops), which is why scale, softmax and the value product are fused. For wide heads (the Rein attention: one
+fit in one tile, so a query block's whole softmax is done in registers: no online rescaling, q/k/v read once,
+o written once. The kernel is memory-bound (it moves ~2·N·d elements for 4·N·M·d flops), which is why scale,
+softmax and the value product are fused. A program either owns one query block, or (autotuned, ``WAVES`` > 0) a
+few programs per SM stride over the blocks with K and V held in registers, so Triton can pipeline the next
+block's q load under the current block's math. The log-sum-exp (for the backward) is only written when a
+backward can follow. For wide heads (the Rein attention: one
 head of d = 1024) a (BLOCK_N, 1024) tile would not fit in registers, so QKᵀ is accumulated over BLOCK_D-wide
 chunks of d and P·V is produced and stored chunk by chunk; the (BLOCK_N, BLOCK_M) probability tile stays resident.
 
@@ -11,7 +14,7 @@ Backward. With S = scale·QKᵀ, P = softmax(S), dP = dO·Vᵀ and δ = rowsum(P
 O = PV, so O need not be read), dS = P ∘ (dP − δ); dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
 dQ belongs to one query block and is written directly. dK and dV are sums over all N rows (and over the batch
 when the keys are shared), so the N rows are cut into splits; each program walks the query blocks of one split
-and writes one fp32 partial per (split, batch, head), which torch then sums. With a single d-chunk the partial is
+and writes one fp32 partial per (split, batch, head), which one more launch sums and casts. With a single d-chunk the partial is
 accumulated in registers across the split's blocks; with several chunks it is accumulated in place with atomic
 adds into the program's own slot (no contention: nobody else writes it).
 """
@@ -24,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (INTERPRET, LOG2E, check_float, check_scale, dot_precision, mm, needs_upcast,
-                                   split_extent, tile)
+                                   persistent_programs, split_extent, sum_partials, tile)
 
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Widest d-chunk in bytes per row: 128 elements in fp16/bf16, 64 in fp32, so a (128, BLOCK_D) key or value chunk is
@@ -35,10 +38,15 @@ _PARTIAL_BUDGET = 1 << 28  # bytes of fp32 dK/dV partials the backward may alloc
 
 
 def _fwd_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": _ROW_QUANTUM}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    if INTERPRET:  # 64-row blocks and one program per few blocks: the tests cover ragged and strided blocks
+        return [triton.Config({"BLOCK_N": 64, "WAVES": 1}, num_warps=4, num_stages=1)]
+    # WAVES = 0: one query block per program, latency hidden only by other resident programs. WAVES > 0: each
+    # program strides over several blocks with K and V kept in registers, and num_stages ≥ 3 pipelines the next
+    # block's q load under the current block's math (the kernel is bound by load latency, not by flops).
+    one_block = [(32, 4, 2, 0), (64, 4, 2, 0), (64, 8, 2, 0), (128, 8, 2, 0)]
+    strided = [(32, 4, 4, 8), (64, 4, 3, 4), (64, 4, 4, 8), (128, 4, 3, 4), (128, 8, 3, 2)]
+    return [triton.Config({"BLOCK_N": bn, "WAVES": waves}, num_warps=w, num_stages=st)
+            for bn, w, st, waves in one_block + strided]
 
 
 def _bwd_configs() -> list[triton.Config]:
@@ -48,49 +56,82 @@ def _bwd_configs() -> list[triton.Config]:
             for bn, w, s in ((32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 2))]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "M", "HEAD_DIM"])
+@triton.jit
+def _softmax_rows(s, key_ok, scale_log2e):
+    """(BLOCK_N, BLOCK_M) raw logits → (normalised probabilities, base-2 log-sum-exp per row); padded keys get 0.
+
+    Normalising P (BLOCK_N·BLOCK_M divides) instead of O (BLOCK_N·d) is cheaper for the wide Rein head and gives
+    the backward the same P it recomputes from the log-sum-exp.
+    """
+    s = tl.where(key_ok[None, :], s * scale_log2e, float("-inf"))
+    row_max = tl.max(s, axis=1)
+    p = tl.exp2(s - row_max[:, None])
+    denom = tl.sum(p, axis=1)
+    p = p * (1.0 / denom)[:, None]
+    return p, row_max + tl.log2(denom)
+
+
+@triton.autotune(configs=_fwd_configs(), key=["N", "M", "HEAD_DIM", "STORE_LSE"])
 @triton.jit
 def _agent_fwd_kernel(Q, K, V, O, LSE,
                       sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,
                       H, N, M, scale_log2e,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, STORE_LSE: tl.constexpr,
+                      BLOCK_N: tl.constexpr, WAVES: tl.constexpr):
+    # Grid (programs ≤ query blocks, B·H); program p handles blocks p, p + programs, … (WAVES sizes the grid).
     pid_n = tl.program_id(0)
+    n_programs = tl.num_programs(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_blocks = tl.cdiv(N, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_n < N
     key_ok = offs_m < M
-    q_ptrs = Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd
+    q_base = Q + b * sqb + h * sqh
+    o_base = O + b * sob + h * soh
     k_ptrs = K + b * skb + h * skh + offs_m[:, None] * skm + offs_d[None, :] * skd  # skb = 0: keys shared
-
-    s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for c in range(0, HEAD_DIM, BLOCK_D):
-        d_ok = (c + offs_d) < HEAD_DIM
-        q = tl.load(q_ptrs + c * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(k_ptrs + c * skd, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        s += mm(q, tl.trans(k), PRECISION, UPCAST)
-
-    s = tl.where(key_ok[None, :], s * scale_log2e, float("-inf"))
-    row_max = tl.max(s, axis=1)
-    p = tl.exp2(s - row_max[:, None])
-    denom = tl.sum(p, axis=1)
-    # Normalising P (BLOCK_N·BLOCK_M divides) instead of O (BLOCK_N·d) is cheaper for the wide Rein head and
-    # gives the backward the same P it recomputes from the log-sum-exp.
-    p = p / denom[:, None]
-    tl.store(LSE + pid_bh * N + offs_n, row_max + tl.log2(denom), mask=row_ok)
-
-    p_in = p.to(V.dtype.element_ty)
     v_ptrs = V + b * svb + h * svh + offs_m[:, None] * svm + offs_d[None, :] * svd
-    o_ptrs = O + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod
-    for c in range(0, HEAD_DIM, BLOCK_D):
-        d_ok = (c + offs_d) < HEAD_DIM
-        v = tl.load(v_ptrs + c * svd, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        o = mm(p_in, v, PRECISION, UPCAST)
-        tl.store(o_ptrs + c * sod, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    if BLOCK_D >= HEAD_DIM:
+        # One d-chunk: K and V are loaded once and stay in registers for every block of the program.
+        d_ok = offs_d < HEAD_DIM
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        for blk in range(pid_n, n_blocks, n_programs):
+            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok = offs_n < N
+            nd_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=nd_mask, other=0.0)
+            p, lse = _softmax_rows(mm(q, tl.trans(k), PRECISION, UPCAST), key_ok, scale_log2e)
+            if STORE_LSE:
+                tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok)
+            o = mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
+            tl.store(o_base + offs_n[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty), mask=nd_mask)
+    else:
+        # Wide heads (Rein: d = 1024): a (BLOCK_N, d) tile would not fit in registers, so QKᵀ is accumulated
+        # over d-chunks and P·V produced and stored chunk by chunk; K/V chunks come from L2 for every block.
+        for blk in range(pid_n, n_blocks, n_programs):
+            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok = offs_n < N
+            q_ptrs = q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd
+            s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for c in range(0, HEAD_DIM, BLOCK_D):
+                d_ok = (c + offs_d) < HEAD_DIM
+                q = tl.load(q_ptrs + c * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                k = tl.load(k_ptrs + c * skd, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+                s += mm(q, tl.trans(k), PRECISION, UPCAST)
+            p, lse = _softmax_rows(s, key_ok, scale_log2e)
+            if STORE_LSE:
+                tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok)
+            p_in = p.to(V.dtype.element_ty)
+            o_ptrs = o_base + offs_n[:, None] * son + offs_d[None, :] * sod
+            for c in range(0, HEAD_DIM, BLOCK_D):
+                d_ok = (c + offs_d) < HEAD_DIM
+                v = tl.load(v_ptrs + c * svd, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+                o = mm(p_in, v, PRECISION, UPCAST)
+                tl.store(o_ptrs + c * sod, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def _prune_bwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
@@ -100,10 +141,10 @@ def _prune_bwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> l
     return configs
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N", "M", "HEAD_DIM"], reset_to_zero=["DK", "DV"],
+@triton.autotune(configs=_bwd_configs(), key=["N", "M", "HEAD_DIM"], reset_to_zero=["PART"],
                  prune_configs_by={"early_config_prune": _prune_bwd_configs})
 @triton.jit
-def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, DK, DV,
+def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
                       sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
                       sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
                       H, N, M, rows_per_split, scale, scale_log2e,
@@ -123,9 +164,10 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, DK, DV,
     dq_base = DQ + b * sdqb + h * sdqh
     k_ptrs = K + b * skb + h * skh + offs_m[:, None] * skm + offs_d[None, :] * skd
     v_ptrs = V + b * svb + h * svh + offs_m[:, None] * svm + offs_d[None, :] * svd
-    # dK/dV partials: (splits, B·H, M, HEAD_DIM) fp32, this program's slot
-    part = (split * tl.num_programs(1) + pid_bh) * M * HEAD_DIM
-    part_ptrs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    # dK/dV partials: (2, splits, B·H, M, HEAD_DIM) fp32 (dK first), this program's slot in each half
+    dk_ptrs = PART + (split * tl.num_programs(1) + pid_bh) * M * HEAD_DIM + offs_m[:, None] * HEAD_DIM \
+        + offs_d[None, :]
+    dv_ptrs = dk_ptrs + tl.num_programs(0) * tl.num_programs(1) * M * HEAD_DIM
 
     if BLOCK_D >= HEAD_DIM:
         d_ok = offs_d < HEAD_DIM
@@ -152,8 +194,8 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, DK, DV,
                      mask=nd_mask)
             dk += mm(tl.trans(ds), q, PRECISION, UPCAST)
             dv += mm(tl.trans(p.to(DO.dtype.element_ty)), do, PRECISION, UPCAST)
-        tl.store(DK + part + part_ptrs, dk * scale, mask=kd_mask)
-        tl.store(DV + part + part_ptrs, dv, mask=kd_mask)
+        tl.store(dk_ptrs, dk * scale, mask=kd_mask)
+        tl.store(dv_ptrs, dv, mask=kd_mask)
     else:
         for start in range(row_lo, row_hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
@@ -188,10 +230,10 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, DK, DV,
                          dq.to(DQ.dtype.element_ty), mask=nd_mask)
                 q = tl.load(q_ptrs + c * sqd, mask=nd_mask, other=0.0)
                 do = tl.load(do_ptrs + c * sdod, mask=nd_mask, other=0.0)
-                tl.atomic_add(DK + part + c + part_ptrs, mm(tl.trans(ds), q, PRECISION, UPCAST) * scale,
-                              mask=kd_mask, sem="relaxed")
-                tl.atomic_add(DV + part + c + part_ptrs, mm(tl.trans(p_in), do, PRECISION, UPCAST),
-                              mask=kd_mask, sem="relaxed")
+                tl.atomic_add(dk_ptrs + c, mm(tl.trans(ds), q, PRECISION, UPCAST) * scale, mask=kd_mask,
+                              sem="relaxed")
+                tl.atomic_add(dv_ptrs + c, mm(tl.trans(p_in), do, PRECISION, UPCAST), mask=kd_mask,
+                              sem="relaxed")
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -215,19 +257,23 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q: expected non-empty (B, H, N, d), got {tuple(q.shape)}")
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> tuple[Tensor, Tensor | None]:
     b, h, n, d = q.shape
     m = k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    # Without a backward to come the log-sum-exp is neither allocated nor written (o stands in for the pointer).
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device) if store_lse else None
     kb = 0 if k.shape[0] == 1 else k.stride(0)
     vb = 0 if v.shape[0] == 1 else v.stride(0)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return persistent_programs(triton.cdiv(n, meta["BLOCK_N"]), meta["WAVES"], b * h, q.device), b * h
+
     _agent_fwd_kernel[grid](
-        q, k, v, o, lse, *q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *o.stride(),
+        q, k, v, o, lse if store_lse else o, *q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *o.stride(),
         h, n, m, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=tile(d, _MAX_BLOCK_D_BYTES // q.element_size()),
-        PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype))
+        PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), STORE_LSE=store_lse)
     return o, lse
 
 
@@ -236,40 +282,45 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, scale: f
     m = k.shape[2]
     max_splits = max(1, _PARTIAL_BUDGET // (2 * 4 * b * h * m * d))
     splits, rows_per_split = split_extent(n, _ROW_QUANTUM, b * h, q.device, max_splits)
+    block_d = tile(d, _MAX_BLOCK_D_BYTES // q.element_size())
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk_part = torch.zeros((splits, b, h, m, d), dtype=torch.float32, device=q.device)
-    dv_part = torch.zeros_like(dk_part)
+    # dK and dV partials, (2, splits, B, H, M, d) fp32. With one d-chunk every program writes its whole slot; with
+    # several it accumulates into it atomically, which needs zeros to start from.
+    alloc = torch.empty if block_d >= d else torch.zeros
+    part = alloc((2, splits, b, h, m, d), dtype=torch.float32, device=q.device)
     kb = 0 if k.shape[0] == 1 else k.stride(0)
     vb = 0 if v.shape[0] == 1 else v.stride(0)
     _agent_bwd_kernel[(splits, b * h)](
-        q, k, v, do, lse, dq, dk_part, dv_part,
+        q, k, v, do, lse, dq, part,
         *q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *do.stride(), *dq.stride(),
         h, n, m, rows_per_split, scale, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=tile(d, _MAX_BLOCK_D_BYTES // q.element_size()),
+        HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype))
-    # Shared keys received a contribution from every image: reduce the batch too.
-    dims = (0, 1) if k.shape[0] == 1 else (0,)
-    dk = dk_part.sum(dim=dims).reshape(k.shape).to(k.dtype)
-    dv = dv_part.sum(dim=dims).reshape(v.shape).to(v.dtype)
-    return dq, dk, dv
+    # Sum the splits, and for keys shared by the batch the images too: rows (split[, image]) of (2, rows, elems).
+    if k.shape[0] == 1:
+        grads = sum_partials(part.view(2, splits * b, h * m * d), k.dtype)
+    else:
+        grads = sum_partials(part.view(2, splits, b * h * m * d), k.dtype)
+    return dq, grads[0].view(k.shape), grads[1].view(v.shape)
 
 
 class AgentAttention(torch.autograd.Function):
     """softmax(scale·QKᵀ)·V with one key tile per (batch, head); see the module docstring for the tiling."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:  # type: ignore[override]
-        o, lse = _forward(q, k, v, scale)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float,  # type: ignore[override]
+                differentiable: bool) -> Tensor:
+        o, lse = _forward(q, k, v, scale, store_lse=differentiable)
         ctx.save_for_backward(q, k, v, lse)
         ctx.scale = scale
         return o
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, do: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx, do: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
         q, k, v, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, lse, do, ctx.scale)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
@@ -284,4 +335,6 @@ def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
         (B, H, N, d) in q's dtype, differentiable in q, k and v (accumulation in fp32).
     """
     _check_inputs(q, k, v)
-    return AgentAttention.apply(q, k, v, check_scale(scale, q.shape[-1]))
+    # Function.forward runs with grad mode off, so whether a backward can follow is decided here.
+    differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return AgentAttention.apply(q, k, v, check_scale(scale, q.shape[-1]), differentiable)

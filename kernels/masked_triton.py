@@ -17,11 +17,11 @@ the masked state where the count is positive and the unmasked one otherwise. Bot
 mask decisions, so a row the count calls open always has a positive masked sum (no 0/0). Tracking both costs a
 second P·V product per tile, far less than a separate pass that would recompute the mask.
 
-Backward. dS = P ∘ (dP − δ), δ = rowsum(dO ∘ O) computed once in torch; P is recomputed from the saved
+Backward. dS = P ∘ (dP − δ), δ = rowsum(dO ∘ O) computed in-kernel; P is recomputed from the saved
 log-sum-exp with the mask recomputed from its factors and the saved per-row "has open keys" flag. Keys are split
 across programs as in the forward: each key tile's dK and dV are complete after one sweep over the (single) query
 tile and are written directly; dQ sums over all keys, so each program keeps it in registers across its split and
-writes one fp32 partial per split, summed in torch.
+writes one fp32 partial per split, summed (and cast) by one more launch.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (INTERPRET, LOG2E, check_float, check_scale, dot_precision, mm, needs_upcast,
-                                   split_extent, tile)
+                                   split_extent, sum_partials, tile)
 
 MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
@@ -190,9 +190,9 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, O, LSE, ROW_OPEN, sob, s
 
 @triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"])
 @triton.jit
-def _masked_bwd_kernel(Q, K, V, ME, MF, DO, LSE, DELTA, ROW_OPEN, DQ_PART, DK, DV,
+def _masked_bwd_kernel(Q, K, V, ME, MF, O, DO, LSE, ROW_OPEN, DQ_PART, DK, DV,
                        sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-                       smeb, smeq, smec, smfb, smfc, smfl, sdob, sdoh, sdoq, sdod,
+                       smeb, smeq, smec, smfb, smfc, smfl, sob, soh, soq, sod, sdob, sdoh, sdoq, sdod,
                        sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
                        H, NQ, L, keys_per_split, scale, scale_log2e,
                        HEAD_DIM: tl.constexpr, MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -212,7 +212,10 @@ def _masked_bwd_kernel(Q, K, V, ME, MF, DO, LSE, DELTA, ROW_OPEN, DQ_PART, DK, D
     do = tl.load(DO + b * sdob + h * sdoh + offs_q[:, None] * sdoq + offs_d[None, :] * sdod, mask=qd_mask,
                  other=0.0)
     lse = tl.load(LSE + pid_bh * NQ + offs_q, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh * NQ + offs_q, mask=q_ok, other=0.0)
+    # δ = rowsum(dO ∘ O) = rowsum(P ∘ dP): every program of the (batch, head) recomputes it from its single
+    # (Q, d) tile, which costs less than the separate torch launches that would precompute it.
+    o = tl.load(O + b * sob + h * soh + offs_q[:, None] * soq + offs_d[None, :] * sod, mask=qd_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     unmasked_row = tl.load(ROW_OPEN + pid_bh * NQ + offs_q, mask=q_ok, other=1) == 0
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, L)
@@ -312,17 +315,16 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, o: Tensor
     b, h, nq, d = q.shape
     seq = k.shape[2]
     splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
-    delta = (do.float() * o.float()).sum(dim=-1).contiguous()  # (B, H, Q): rowsum(dO ∘ O) = rowsum(P ∘ dP)
     dq_part = torch.empty((splits, b, h, nq, d), dtype=torch.float32, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     _masked_bwd_kernel[(splits, b * h)](
-        q, k, v, me, mf, do, lse, delta, row_open, dq_part, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *do.stride(), *dk.stride(),
+        q, k, v, me, mf, o, do, lse, row_open, dq_part, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *o.stride(), *do.stride(), *dk.stride(),
         *dv.stride(), h, nq, seq, keys_per_split, scale, scale * LOG2E,
         HEAD_DIM=d, BLOCK_Q=tile(nq), BLOCK_D=tile(d), PRECISION=dot_precision(q.dtype),
         UPCAST=needs_upcast(q.dtype), **_mask_args(me))
-    return dq_part.sum(dim=0).to(q.dtype), dk, dv
+    return sum_partials(dq_part.view(1, splits, b * h * nq * d), q.dtype).view(q.shape), dk, dv
 
 
 class MaskedAttention(torch.autograd.Function):

@@ -88,6 +88,23 @@ def test_agent_matches_reference_with_ragged_rows_over_several_splits():
     check_agent(leaf(2, 2, 300, 32), leaf(2, 2, 100, 32), leaf(2, 2, 100, 32))  # 300 = 2 blocks of 128 + 44
 
 
+def test_agent_programs_that_stride_over_several_query_blocks_cover_every_row():
+    torch.manual_seed(9)
+    # One (batch, head): the interpreter's grid has 3 programs for 5 blocks of 64 rows (the last one ragged), so
+    # programs 0 and 1 take two blocks each.
+    check_agent(leaf(1, 1, 300, 32), leaf(1, 1, 100, 32), leaf(1, 1, 100, 32))
+
+
+def test_agent_forward_without_grad_equals_the_differentiable_forward():
+    """Without grad the kernel skips the log-sum-exp store; the output must not change."""
+    torch.manual_seed(10)
+    q, k, v = leaf(2, 2, 150, 32), leaf(2, 2, 20, 32), leaf(2, 2, 20, 32)
+    with torch.no_grad():
+        out = kernels.agent_attention(q, k, v)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, kernels.agent_attention(q, k, v).detach(), atol=0, rtol=0)
+
+
 def test_agent_keys_shared_over_the_batch_get_the_gradient_of_every_image():
     torch.manual_seed(1)
     check_agent(leaf(3, 2, 150, 32), leaf(1, 2, 100, 32), leaf(1, 2, 100, 32))
