@@ -48,6 +48,8 @@ BACKENDS = (
     BackendSpec("torch-triton-fp32", "fp32", "PyTorch eager + Triton attention kernels, fp32", cuda_only=True),
     BackendSpec("torch-triton-bf16", "bf16", "PyTorch eager + Triton attention kernels, bf16 autocast",
                 cuda_only=True),
+    BackendSpec("torch-triton-bf16-graphs", "bf16", "PyTorch + Triton attention kernels, bf16 autocast, replayed "
+                "as one CUDA graph per batch size", cuda_only=True),
     BackendSpec("torch-compile", "fp32", "torch.compile (Inductor), fp32"),
     BackendSpec("torch-compile-bf16", "bf16", "torch.compile (Inductor) + CUDA graphs, bf16 autocast",
                 cuda_only=True),
@@ -60,6 +62,11 @@ BACKENDS = (
 REFERENCE = BACKENDS[0]
 # Backends whose device memory is allocated outside torch's allocator: their GPU peak is not measurable here.
 FOREIGN_ALLOCATOR = ("ort-fp32", "ort-fp16", "trt-fp16", "qd-infer")
+# Backends replayed from CUDA graphs: the graph's private memory pool is filled at capture, not by a replay.
+# GraphedForward's capture happens in the first call of a batch size (so its peak is that call's); Inductor's
+# happens during compilation, whose own autotuning buffers would swamp the figure.
+CAPTURED_IN_FIRST_CALL = ("torch-triton-bf16-graphs",)
+CAPTURED_IN_COMPILE = ("torch-compile-bf16",)
 # Backends that run in another process and time themselves (``timed_passes``): see bench.native.
 EXTERNALLY_TIMED = ("qd-infer",)
 # Compiled ahead of the run (minutes of C++ compilation on a CPU): see selected_here.
@@ -95,9 +102,44 @@ def attention_backend(name: str) -> Iterator[None]:
             os.environ["QD_ATTENTION"] = old
 
 
+class GraphedForward:
+    """``fn`` captured in one CUDA graph per input shape and replayed: the host launches one graph instead of the
+    student's few hundred kernels, which at batch 1 bound eager latency (launch cost, not GPU work).
+
+    ``fn(x)`` must be capturable (no host reads of device values) and is warmed up on a side stream before capture,
+    so Triton's autotuning and cuDNN's algorithm search happen outside the graph. Returns the graph's own output
+    buffers, overwritten by the next replay.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], tuple[Tensor, ...]], warmup: int = 3) -> None:
+        self.fn = fn
+        self.warmup = warmup
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = {}
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._graphs:
+            static_in = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.fn(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+
 class TorchBackend:
     """``export.wrapper.ExportWrapper`` (the deployed graph: normalisation, student, logits and full-size labels)
-    run in PyTorch, with an optional autocast dtype, an attention implementation and optional torch.compile."""
+    run in PyTorch, with an optional autocast dtype, an attention implementation, optional torch.compile and
+    optional CUDA graphs (Inductor's with compile, else ``GraphedForward``)."""
 
     def __init__(self, model: nn.Module, *, name: str, autocast: torch.dtype | None = None,
                  attention: str = "torch", compile: bool = False, cuda_graphs: bool = False) -> None:
@@ -107,14 +149,15 @@ class TorchBackend:
         self.autocast = autocast
         self.attention = attention
         self.device_type = next(model.parameters()).device.type
-        self.cuda_graphs = cuda_graphs and compile and self.device_type == "cuda"
+        self.cuda_graphs = cuda_graphs and self.device_type == "cuda"
         # One graph per batch size (dynamic=False): the timed batches are fixed, and static shapes let Inductor
         # specialise every kernel as an exported engine would.
         # CUDA graphs ("reduce-overhead") replay the whole forward as one launch: at batch 1 the student's few
         # hundred small kernels are otherwise bound by launch latency, not by the GPU.
-        mode = "reduce-overhead" if self.cuda_graphs else None
+        mode = "reduce-overhead" if self.cuda_graphs and compile else None
         self._forward: Callable[[Tensor], tuple[Tensor, Tensor]] = (
-            torch.compile(self.wrapper, dynamic=False, mode=mode) if compile else self.wrapper)
+            torch.compile(self.wrapper, dynamic=False, mode=mode) if compile else
+            GraphedForward(self.wrapper) if self.cuda_graphs else self.wrapper)
 
     def run(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images: (B, 3, H, W) RGB in [0, 255] → (logits (B, K, H/4, W/4) float32, labels (B, H, W) int32)."""
@@ -122,7 +165,10 @@ class TorchBackend:
             stack.enter_context(torch.inference_mode())
             stack.enter_context(attention_backend(self.attention))
             if self.autocast is not None:
-                stack.enter_context(torch.autocast(self.device_type, dtype=self.autocast))
+                # No cast cache under CUDA graphs: a cached cast made outside capture would be baked in as a stale
+                # buffer (PyTorch's CUDA-graph notes ask for cache_enabled=False).
+                stack.enter_context(torch.autocast(self.device_type, dtype=self.autocast,
+                                                   cache_enabled=not self.cuda_graphs))
             out = self._forward(images.float())
             if self.cuda_graphs:
                 # A replayed graph writes its next outputs into the same buffers: hand out copies.
@@ -274,6 +320,8 @@ class BenchSession:
             return TorchBackend(m, name=name, attention="triton")
         if name == "torch-triton-bf16":
             return TorchBackend(m, name=name, autocast=lowp, attention="triton")
+        if name == "torch-triton-bf16-graphs":
+            return TorchBackend(m, name=name, autocast=lowp, attention="triton", cuda_graphs=True)
         if name == "torch-compile":
             return TorchBackend(m, name=name, attention="torch", compile=True)
         if name == "torch-compile-bf16":

@@ -344,6 +344,30 @@ def test_tiny_student_under_bf16_autocast_gives_the_kernels_one_dtype(monkeypatc
 # ------------------------------------------------------------------------------------ paper shapes, GPU only
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_tiny_student_with_the_kernels_replays_from_a_cuda_graph_as_it_runs_eagerly():
+    """The torch-triton-bf16-graphs benchmark backend: the student with the Triton kernels must be capturable (no
+    host reads, autotuning finished in the warm-up) and a replay on new images must give an eager call's result,
+    not the captured images' (which differ everywhere)."""
+    from bench.backends import TorchBackend
+    from qd_core import build_student, load_config
+
+    torch.manual_seed(22)
+    student = build_student(load_config("tiny")).eval().to("cuda").requires_grad_(False)
+    eager = TorchBackend(student, name="eager", autocast=torch.bfloat16, attention="triton")
+    graphed = TorchBackend(student, name="graphs", autocast=torch.bfloat16, attention="triton", cuda_graphs=True)
+    first, second = (torch.rand(2, 3, 128, 128, device="cuda") * 255 for _ in range(2))
+    graphed.run(first)  # captures
+    for images in (second, first):
+        logits, labels = graphed.run(images)
+        expected_logits, expected_labels = eager.run(images)
+        # Same kernels on the same inputs; only library algorithm choices could differ under capture (bf16).
+        err = (logits - expected_logits).abs().max()
+        assert err <= 8 * torch.finfo(torch.bfloat16).eps * expected_logits.abs().max(), f"max error {err:.3e}"
+        assert (labels == expected_labels).float().mean() >= 0.99
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("b, h, n, m, d, shared", [(2, 8, 21760, 100, 32, False),  # refinement, 4 levels
                                                    (2, 1, 1024, 100, 1024, True)],  # Rein tokens, 512² crop
