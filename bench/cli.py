@@ -6,11 +6,14 @@ The suites run in this process through ``pytest.main`` with ``--benchmark-json``
 ``QD_BENCH_*`` environment variables (``bench.settings``). Without ``--checkpoint`` the newest
 ``runs/*/best.safetensors`` (of ``--config``, when given) is used, else a randomly initialised student, which the
 report labels as such: its latency is meaningful, its mIoU is not. The exit status is pytest's (1 when a backend
-fails its accuracy tolerance); the report is written either way.
+fails its accuracy tolerance, 2 when interrupted); the report is written either way. Ctrl-C or SIGTERM (a time
+limit such as ``timeout``) stops the suites after the test in progress and still writes the report of what ran,
+marked as stopped.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -18,10 +21,12 @@ import os
 import platform
 import re
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from bench.report import NotRun, build_report, render_markdown, write_report
 from bench.settings import ENV_PREFIX, NO_CHECKPOINT, REPO_ROOT, newest_checkpoint
@@ -90,13 +95,21 @@ def versions() -> dict[str, str]:
 
 
 class OutcomeCollector:
-    """A pytest plugin that keeps every skipped or failed test with its reason, for the report."""
+    """A pytest plugin that keeps every skipped or failed test with its reason, and whether the run was cut short,
+    for the report."""
 
     def __init__(self) -> None:
         self.not_run: list[NotRun] = []
+        self.passed = 0
+        self.interrupted = False
+
+    def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
+        self.interrupted = True
 
     def pytest_runtest_logreport(self, report: Any) -> None:
-        if report.skipped and report.when in ("setup", "call"):
+        if report.passed and report.when == "call":
+            self.passed += 1
+        elif report.skipped and report.when in ("setup", "call"):
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             self.not_run.append(NotRun(report.nodeid.split("::")[-1], "skipped", reason.removeprefix("Skipped: ")))
         elif report.failed:
@@ -116,6 +129,25 @@ def resolve_checkpoint(checkpoint: str | None, config: str | None) -> str:
         return str(Path(checkpoint).resolve())
     found = newest_checkpoint(REPO_ROOT / "runs", config)
     return str(found) if found is not None else NO_CHECKPOINT
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt, which pytest turns into an orderly stop: the session
+    finishes, pytest-benchmark saves the JSON of the tests that ran, and the report can still be written.
+    (Signal handlers belong to the main thread; elsewhere the block changes nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suites = [str(BENCH_DIR / "test_backends.py")] + ([str(BENCH_DIR / "test_kernels.py")] if run_kernels else [])
     collector = OutcomeCollector()
     load_start = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="qd-bench-json-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qd-bench-json-") as tmp, sigterm_as_interrupt():
         json_path = Path(tmp) / "benchmark.json"
         rc = pytest.main([*suites, "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO_ROOT),
                           f"--benchmark-json={json_path}", f"--benchmark-min-rounds={min_rounds}",
@@ -171,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "--benchmark-sort=name"],
                          plugins=[collector])
         if not json_path.is_file():
-            print(f"error: the suites wrote no benchmark JSON (pytest exit {int(rc)})", file=sys.stderr)
+            why = "interrupted before any benchmark finished" if collector.interrupted else f"pytest exit {int(rc)}"
+            print(f"error: the suites wrote no benchmark JSON ({why})", file=sys.stderr)
             return int(rc) or 1
         bench_json = json.loads(json_path.read_text())
     for extra in args.kernels_json:
@@ -191,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Other processes on the machine inflate and scatter the timings; the load says how much to trust them.
         "load_note": f"1-minute load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end, on "
                      f"{os.cpu_count()} logical CPUs",
+        "stopped_note": (f"interrupted (Ctrl-C or SIGTERM) after {collector.passed} passed tests; the test in "
+                         "progress and those after it did not run" if collector.interrupted else None),
     }
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     report = build_report(bench_json, meta, collector.not_run, peak_override=peak)

@@ -202,6 +202,7 @@ def render_markdown(report: Report) -> str:
         ("weights", m.get("model")),
         ("images", m.get("eval_set")),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) or None),
+        ("stopped", m.get("stopped_note")),
         ("host load", m.get("load_note")),
         ("memory", m.get("memory_note")),
         ("MFU", m.get("mfu_note")),

@@ -116,3 +116,40 @@ def test_cli_keeps_an_existing_report_without_overwrite(tmp_path: Path, capsys):
 def test_cli_rejects_bad_image_and_batch_counts(args: list[str], message: str, capsys):
     assert main(["--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_stopped_by_sigterm_still_writes_the_report_of_what_ran(tmp_path: Path):
+    """A time limit (``timeout`` sends SIGTERM) must not lose the benchmarks that finished: the report is written,
+    says it was stopped, and holds fewer rows than a full run would."""
+    import signal
+    import subprocess
+    import sys
+
+    from bench.settings import REPO_ROOT
+    from qd_core.data import ensure_synthetic
+
+    root = ensure_synthetic(tmp_path / "synth", num_train=1, num_val=1, size=(64, 128), progress=False)
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "bench", "--device", "cpu", "--quick", "--checkpoint", "none", "--no-kernels",
+           "--backends", "torch-fp32,torch-bf16", "--images", "2", "--batch", "2", "--data", str(root),
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = ""
+    try:
+        # pytest -q prints one character per finished test: stop the run after the first of six has passed.
+        while True:
+            ch = proc.stdout.read(1).decode(errors="replace")
+            assert ch, "the benchmark ended before its first test finished"
+            line = "" if ch == "\n" else line + ch
+            if line and set(line) <= set(".sF") and "." in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, rest.decode(errors="replace")[-2000:]
+    report = json.loads(next(out.glob("cpu-*.json")).read_text())
+    assert report["meta"]["stopped_note"].startswith("interrupted")
+    assert 1 <= len(report["latency"]) < 4
+    assert "**stopped**: interrupted" in next(out.glob("cpu-*.md")).read_text()
