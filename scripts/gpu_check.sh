@@ -13,6 +13,8 @@
 # Uses `python3` from PATH (the GPU machine has no venv; the package need not be installed). Every step has a time
 # limit cut from one overall budget (GPU_CHECK_SECONDS, default 470 s, under 8 minutes on an H100), so a slow or
 # hanging step cannot starve the rest; a failed step is reported and the script goes on, exiting non-zero at the end.
+# A step at its limit gets SIGINT first (Ctrl-C: pytest stops after the test in progress and still saves its
+# benchmark JSON, and `python -m bench` still writes its report of what ran), then SIGKILL 20 s later.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,11 +45,15 @@ run() {
     if ((max > left)); then max=$left; fi
     echo "== $name (limit ${max}s): $*" | tee -a "$LOG"
     local rc=0
-    timeout --kill-after=10 "$max" "$@" 2>&1 | tee -a "$LOG" || rc=$?
+    timeout --signal=INT --kill-after=20 "$max" "$@" 2>&1 | tee -a "$LOG" || rc=$?
     if ((rc == 0 || rc == 5)); then  # pytest's 5: nothing selected (e.g. no FlexAttention in this torch)
         echo "== $name: ok after $((SECONDS - START))s" | tee -a "$LOG"
+    elif ((rc == 124)); then
+        echo "== $name: STOPPED at its time limit after $((SECONDS - START))s (what finished is saved)" \
+            | tee -a "$LOG"
+        FAILED+=("$name(time limit)")
     else
-        echo "== $name: FAILED (exit $rc; 124 = time limit) after $((SECONDS - START))s" | tee -a "$LOG"
+        echo "== $name: FAILED (exit $rc) after $((SECONDS - START))s" | tee -a "$LOG"
         FAILED+=("$name($rc)")
     fi
 }
@@ -70,7 +76,8 @@ KJ="${KERNELS_JSON:-$RESULTS/bench_kernels.json}"
 [[ -f "$KJ" ]] && KERNEL_JSON=(--kernels-json "$KJ")
 run bench_e2e 300 python3 -m bench --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
     --images 8 --batch 8 --backends "${E2E_BACKENDS:-torch-fp32,torch-bf16,torch-fp16,torch-triton-fp32,\
-torch-triton-bf16,torch-compile-bf16,ort-fp32,ort-fp16,trt-fp16}" "${KERNEL_JSON[@]}" --out "$RESULTS" --overwrite
+torch-triton-bf16,torch-triton-bf16-graphs,torch-compile-bf16,ort-fp32,ort-fp16,trt-fp16}" "${KERNEL_JSON[@]}" \
+    --out "$RESULTS" --overwrite
 run bench_flex 150 python3 -m pytest bench/test_kernels.py -k flex --benchmark-json="$RESULTS/bench_kernels_flex.json" \
     "${BENCH_OPTS[@]}"
 # Last: every kernel test at the CPU shapes, compiled (each new shape autotunes; may not all fit the budget).
