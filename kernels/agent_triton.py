@@ -33,7 +33,9 @@ MAX_KEYS = 256  # the key tile is held whole in registers
 # Widest d-chunk in bytes per row: 128 elements in fp16/bf16, 64 in fp32, so a (128, BLOCK_D) key or value chunk is
 # 32 KiB in any dtype and the backward's pipelined chunk loads stay inside an H100 block's 227 KiB of shared memory.
 _MAX_BLOCK_D_BYTES = 256
-_ROW_QUANTUM = 128  # every BLOCK_N below divides it, so a split's rows are whole query blocks for any config
+# Every backward BLOCK_N divides it, so a split's rows are whole query blocks for any config. Kept at the largest
+# backward block so that short sequences still split finely: Rein's 1024 rows of one head give 16 programs.
+_ROW_QUANTUM = 64
 _PARTIAL_BUDGET = 1 << 28  # bytes of fp32 dK/dV partials the backward may allocate (caps the split count)
 
 

@@ -85,7 +85,8 @@ def check_agent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> None
 
 def test_agent_matches_reference_with_ragged_rows_over_several_splits():
     torch.manual_seed(0)
-    check_agent(leaf(2, 2, 300, 32), leaf(2, 2, 100, 32), leaf(2, 2, 100, 32))  # 300 = 2 blocks of 128 + 44
+    # 300 rows = 4 blocks of 64 + 44; under the interpreter's 4-program target, 2 (batch, head)s get 2 splits each.
+    check_agent(leaf(1, 2, 300, 32), leaf(1, 2, 100, 32), leaf(1, 2, 100, 32))
 
 
 def test_agent_programs_that_stride_over_several_query_blocks_cover_every_row():
@@ -108,6 +109,8 @@ def test_agent_forward_without_grad_equals_the_differentiable_forward():
 def test_agent_keys_shared_over_the_batch_get_the_gradient_of_every_image():
     torch.manual_seed(1)
     check_agent(leaf(3, 2, 150, 32), leaf(1, 2, 100, 32), leaf(1, 2, 100, 32))
+    # and over the splits of each image too: 3 images × 1 head get 2 splits of 192 rows
+    check_agent(leaf(3, 1, 300, 32), leaf(1, 1, 100, 32), leaf(1, 1, 100, 32))
 
 
 def test_agent_single_key_returns_its_value_and_gets_all_the_gradient():
