@@ -31,8 +31,10 @@ def test_rows_compare_triton_with_the_fastest_pytorch_path(tmp_path):
     assert row.best_torch == ("sdpa", 2e-3)
     assert row.speedup == pytest.approx(2.0)
     assert row.bandwidth_share(1.0) == pytest.approx(row.min_bytes / 1e-3 / 1e12)
+    assert row.device_speedup is None  # no PyTorch GPU-only time to compare with
+    assert row.device_bandwidth_share(1.0) == pytest.approx(row.min_bytes / 5e-4 / 1e12)
     text = ks.render([row], 3.35, "t")
-    assert "2.00× (1.5×: met)" in text and "0.500 / n/a / n/a" in text
+    assert "2.00× (1.50×: met)" in text and "0.500 / n/a / n/a" in text
     path = tmp_path / "k.json"
     path.write_text(json.dumps(data))
     out = tmp_path / "k.md"
@@ -45,3 +47,16 @@ def test_a_json_without_kernel_entries_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ks.main([str(path)])
     assert "no Triton kernel benchmark" in capsys.readouterr().err
+
+
+def test_gpu_only_times_give_their_own_speed_up_and_bandwidth_verdicts():
+    # wall clock: Triton 1 ms vs SDPA 0.8 ms (host-bound); GPU-only: 0.1 ms vs reference 0.4 ms and SDPA 0.3 ms
+    data = {"benchmarks": [entry("triton", 1e-3, device_ms=0.1), entry("reference", 4e-3, device_ms=0.4),
+                           entry("sdpa", 0.8e-3, device_ms=0.3)]}
+    (row,) = ks.collect(data)
+    assert row.speedup == pytest.approx(0.8) and row.best_torch_device == ("sdpa", 0.3)
+    assert row.device_speedup == pytest.approx(3.0)
+    assert row.device_bandwidth_share(1.0) == pytest.approx(row.min_bytes / 1e-4 / 1e12)
+    line = ks.render([row], 3.35, "t").splitlines()[-1]
+    assert "0.80× (1.50×: missed)" in line and "3.00× (1.50×: met)" in line
+    assert "0.100 / 0.400 / 0.300" in line
