@@ -3,7 +3,8 @@
 
 On CUDA every case runs at the paper's shapes in bf16, forward (inference, no graph) and forward+backward; each
 timed call ends in ``torch.cuda.synchronize()`` and ``extra_info`` records the peak memory of one call
-(``torch.cuda.max_memory_allocated``, and the part of it above the inputs), the shapes and the forward FLOP count. Without CUDA the same code runs at tiny shapes under Triton's
+(``torch.cuda.max_memory_allocated``, and the part of it above the inputs), the GPU-only time of one call (CUDA
+graph replay), the shapes and the forward FLOP count. Without CUDA the same code runs at tiny shapes under Triton's
 interpreter; run it with ``--benchmark-disable`` (one call each) as a check that every benchmark runs and agrees
 with the reference.
 """

@@ -53,9 +53,20 @@ def mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return out
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints. Host-side helpers use these rather than ``triton.cdiv`` /
+    ``triton.next_power_of_2``, which Triton wraps for use inside kernels at a few µs per host call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ≥ n (1 for n ≤ 1)."""
+    return 1 << (max(1, n) - 1).bit_length()
+
+
 def tile(n: int, cap: int | None = None) -> int:
     """Smallest power of two ≥ n (and ≥ 16, the smallest ``tl.dot`` operand side), optionally capped."""
-    size = max(16, triton.next_power_of_2(n))
+    size = max(16, next_power_of_2(n))
     return min(size, cap) if cap is not None else size
 
 
@@ -87,7 +98,7 @@ def persistent_programs(blocks: int, waves: int, other_axis: int, device: torch.
     """
     if waves <= 0:
         return blocks
-    return max(1, min(blocks, triton.cdiv(waves * multiprocessors(device), other_axis)))
+    return max(1, min(blocks, cdiv(waves * multiprocessors(device), other_axis)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,12 +114,12 @@ def split_extent(extent: int, quantum: int, programs_per_split: int, device: tor
     Returns (number of splits, length of each split). The split count is chosen so that splits × the other grid
     axis (``programs_per_split``) fills the GPU, without splitting finer than one quantum.
     """
-    quanta = triton.cdiv(extent, quantum)
-    splits = min(quanta, max(1, triton.cdiv(target_programs(device), programs_per_split)))
+    quanta = cdiv(extent, quantum)
+    splits = min(quanta, max(1, cdiv(target_programs(device), programs_per_split)))
     if max_splits is not None:
         splits = max(1, min(splits, max_splits))
-    length = triton.cdiv(quanta, splits) * quantum
-    return triton.cdiv(extent, length), length
+    length = cdiv(quanta, splits) * quantum
+    return cdiv(extent, length), length
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -151,6 +162,6 @@ def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     t, rows, cols = part.shape
     out = torch.empty((t, cols), dtype=dtype, device=part.device)
-    block = 1024 if not INTERPRET else max(16, min(4096, triton.next_power_of_2(cols)))
-    _sum_partials_kernel[(triton.cdiv(cols, block), t)](part, out, rows, cols, BLOCK=block, num_warps=4)
+    block = 1024 if not INTERPRET else max(16, min(4096, next_power_of_2(cols)))
+    _sum_partials_kernel[(cdiv(cols, block), t)](part, out, rows, cols, BLOCK=block, num_warps=4)
     return out

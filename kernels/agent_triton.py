@@ -14,9 +14,9 @@ Backward. With S = scale·QKᵀ, P = softmax(S), dP = dO·Vᵀ and δ = rowsum(P
 O = PV, so O need not be read), dS = P ∘ (dP − δ); dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
 dQ belongs to one query block and is written directly. dK and dV are sums over all N rows (and over the batch
 when the keys are shared), so the N rows are cut into splits; each program walks the query blocks of one split
-and writes one fp32 partial per (split, batch, head), which one more launch sums and casts. With a single d-chunk the partial is
-accumulated in registers across the split's blocks; with several chunks it is accumulated in place with atomic
-adds into the program's own slot (no contention: nobody else writes it).
+and writes one fp32 partial per (split, batch, head), which one more launch sums and casts. With a single
+d-chunk the partial is accumulated in registers across the split's blocks; with several chunks it is accumulated
+in place with atomic adds into the program's own slot (no contention: nobody else writes it).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels._triton_utils import (INTERPRET, LOG2E, check_float, check_scale, dot_precision, mm, needs_upcast,
-                                   persistent_programs, split_extent, sum_partials, tile)
+from kernels._triton_utils import (INTERPRET, LOG2E, cdiv, check_float, check_scale, dot_precision, mm,
+                                   needs_upcast, persistent_programs, split_extent, sum_partials, tile)
 
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Widest d-chunk in bytes per row: 128 elements in fp16/bf16, 64 in fp32, so a (128, BLOCK_D) key or value chunk is
@@ -269,7 +269,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> 
     vb = 0 if v.shape[0] == 1 else v.stride(0)
 
     def grid(meta: dict) -> tuple[int, int]:
-        return persistent_programs(triton.cdiv(n, meta["BLOCK_N"]), meta["WAVES"], b * h, q.device), b * h
+        return persistent_programs(cdiv(n, meta["BLOCK_N"]), meta["WAVES"], b * h, q.device), b * h
 
     _agent_fwd_kernel[grid](
         q, k, v, o, lse if store_lse else o, *q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *o.stride(),
@@ -310,19 +310,18 @@ class AgentAttention(torch.autograd.Function):
     """softmax(scale·QKᵀ)·V with one key tile per (batch, head); see the module docstring for the tiling."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float,  # type: ignore[override]
-                differentiable: bool) -> Tensor:
-        o, lse = _forward(q, k, v, scale, store_lse=differentiable)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        o, lse = _forward(q, k, v, scale, store_lse=True)
         ctx.save_for_backward(q, k, v, lse)
         ctx.scale = scale
         return o
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, do: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, do: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
         q, k, v, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, lse, do, ctx.scale)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None
 
 
 def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
@@ -337,6 +336,9 @@ def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
         (B, H, N, d) in q's dtype, differentiable in q, k and v (accumulation in fp32).
     """
     _check_inputs(q, k, v)
-    # Function.forward runs with grad mode off, so whether a backward can follow is decided here.
-    differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return AgentAttention.apply(q, k, v, check_scale(scale, q.shape[-1]), differentiable)
+    # Function.forward runs with grad mode off, so whether a backward can follow is decided here; without one the
+    # Function (a few µs of host time per call) is skipped too.
+    scale = check_scale(scale, q.shape[-1])
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _forward(q, k, v, scale, store_lse=False)[0]
+    return AgentAttention.apply(q, k, v, scale)

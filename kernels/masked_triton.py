@@ -361,4 +361,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
         (B, H, Q, d) in q's dtype, differentiable in q, k and v (accumulation in fp32).
     """
     _check_inputs(q, k, v, mask_embed, mask_feats)
-    return MaskedAttention.apply(q, k, v, mask_embed, mask_feats, check_scale(scale, q.shape[-1]))
+    scale = check_scale(scale, q.shape[-1])
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # No backward can follow: skip the autograd Function (a few µs of host time per call).
+        return _forward(q, k, v, *_mask_factors(mask_embed, mask_feats), scale)[0]
+    return MaskedAttention.apply(q, k, v, mask_embed, mask_feats, scale)

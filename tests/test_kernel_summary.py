@@ -38,7 +38,8 @@ def test_rows_compare_triton_with_the_fastest_pytorch_path(tmp_path):
     path = tmp_path / "k.json"
     path.write_text(json.dumps(data))
     out = tmp_path / "k.md"
-    assert ks.main([str(path), "--out", str(out)]) == 0 and out.read_text() == ks.render([row], 3.35, "Kernel microbenchmarks on GPU X")
+    assert ks.main([str(path), "--out", str(out)]) == 0
+    assert out.read_text() == ks.render([row], 3.35, "Kernel microbenchmarks on GPU X")
 
 
 def test_a_json_without_kernel_entries_is_one_clear_error(tmp_path, capsys):

@@ -277,6 +277,16 @@ def test_masked_low_precision_matches_fp32_reference_on_rounded_inputs(dtype):
                  me.to(dtype), mf.to(dtype))
 
 
+def test_masked_forward_without_grad_equals_the_differentiable_forward():
+    torch.manual_seed(14)
+    me, mf = integer_factors(1, 20, 16, 150)
+    q, k, v = leaf(1, 2, 20, 32), leaf(1, 2, 150, 32), leaf(1, 2, 150, 32)
+    with torch.no_grad():
+        out = kernels.masked_attention(q, k, v, me, mf)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, kernels.masked_attention(q, k, v, me, mf).detach(), atol=0, rtol=0)
+
+
 def test_masked_applies_an_explicit_scale():
     torch.manual_seed(17)
     me, mf = integer_factors(1, 12, 8, 64)
