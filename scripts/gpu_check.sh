@@ -5,11 +5,12 @@
 #
 #   bash scripts/gpu_check.sh [STEP ...]     # from anywhere; results in ${OUT:-./gpu_results}
 #
-# STEPs, run in this order: env gpu_tests bench bench_e2e bench_flex kernel_tests. The default is the kernel check
-# (all but bench_e2e, ~6 minutes on an H100: the gpu tests autotune for ~2.5 minutes); bench_e2e, the end-to-end
-# benchmark of the ViT-L student, takes ~5 minutes more and is run by naming it. All output goes to one log,
-# gpu_check.log, beside the benchmark JSON files and the `python -m bench` report (few files, so that a results
-# folder fetched from a remote machine stays small).
+# STEPs, run in this order: env gpu_tests bench host_profile bench_e2e bench_flex kernel_tests. The default is the
+# kernel check (all but bench_e2e, ~6 minutes on an H100: the gpu tests autotune for ~2.5 minutes); bench_e2e, the
+# end-to-end benchmark of the ViT-L student, takes ~5 minutes more and is run by naming it. host_profile (~20 s)
+# splits the host time of one kernel call (issue rate, synchronised rate, cProfile) into host_profile.md.
+# All output goes to one log, gpu_check.log, beside the benchmark JSON files and the `python -m bench` report (few
+# files, so that a results folder fetched from a remote machine stays small).
 # Uses `python3` from PATH (the GPU machine has no venv; the package need not be installed). Every step has a time
 # limit cut from one overall budget (GPU_CHECK_SECONDS, default 470 s, under 8 minutes on an H100), so a slow or
 # hanging step cannot starve the rest; a failed step is reported and the script goes on, exiting non-zero at the end.
@@ -28,7 +29,7 @@ FAILED=()
 LOG="$RESULTS/gpu_check.log"
 : >"$LOG"
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(env gpu_tests bench bench_flex kernel_tests)
+((${#STEPS[@]})) || STEPS=(env gpu_tests bench host_profile bench_flex kernel_tests)
 wanted() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
 # run NAME MAX_SECONDS CMD...: at most MAX_SECONDS and never past the overall budget; output appended to $LOG
@@ -68,6 +69,7 @@ torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())
 run gpu_tests 180 python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider
 run bench 180 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-json="$RESULTS/bench_kernels.json" \
     "${BENCH_OPTS[@]}"
+run host_profile 60 python3 -m bench.host_profile --out "$RESULTS/host_profile.md"
 # End-to-end latency of every backend on the paper's student (random weights: latency only, the report says so).
 # Includes the kernel JSON of the bench step when there is one; carry data/bench-synthetic-2 to the GPU machine.
 # (KERNELS_JSON names one from an earlier run instead.)
