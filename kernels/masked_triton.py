@@ -11,11 +11,12 @@ query blocks would leave batch 1 with 8 programs; instead the keys are cut into 
 online softmax over the key tiles of one split, writing an fp32 partial output normalised by its own sum, and its
 log-sum-exp. A combine kernel merges the splits: O = Σ_s exp2(lse_s − lse) · O_s with lse = log2 Σ_s exp2(lse_s).
 
-Fully blocked rows. Whether query i has any open key is only known after all splits, so every split tracks two
-softmax states: over the open keys and over all keys, plus the count of open keys. The combine takes, per row,
-the masked state where the count is positive and the unmasked one otherwise. Both states see the same in-kernel
-mask decisions, so a row the count calls open always has a positive masked sum (no 0/0). Tracking both costs a
-second P·V product per tile, far less than a separate pass that would recompute the mask.
+Fully blocked rows. Whether query i has any open key is only known after all splits, so every split also counts
+its open keys per row. The combine sums the counts; the masked state's sum is positive exactly where the count is
+(both come from the same in-kernel mask decisions, so no 0/0). Rows whose count is zero attend to every key: when a
+(batch, head) has any, its combine program runs a plain online softmax over the whole memory for them. That pass is
+serial in L, but such rows are rare in a trained decoder, and keeping a second, unmasked softmax state in every
+split instead would cost an extra exponential tile and P·V product per key tile and double the fp32 partials.
 
 Backward. dS = P ∘ (dP − δ), δ = rowsum(dO ∘ O) computed in-kernel; P is recomputed from the saved
 log-sum-exp with the mask recomputed from its factors and the saved per-row "has open keys" flag. Keys are split
@@ -38,6 +39,7 @@ MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
 _KEY_QUANTUM = 64 if INTERPRET else 128  # every BLOCK_L below divides it, so splits hold whole key tiles
 _MAX_BLOCK_C = 64  # mask-channel chunk of the in-kernel mask product; fixed so forward and backward sum alike
+_FALLBACK_BLOCK_L = 64  # key tile of the combine step's softmax over all keys, for rows with every key blocked
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -82,7 +84,6 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
                        MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr, BLOCK_L: tl.constexpr):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n_splits = tl.num_programs(0)
     n_bh = tl.num_programs(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -95,12 +96,9 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, L)
 
-    m_open = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    l_open = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    acc_open = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    m_all = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    l_all = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    acc_all = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     n_open = tl.zeros((BLOCK_Q,), dtype=tl.int32)
     for start in range(lo, hi, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
@@ -113,44 +111,33 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
         ld_mask = l_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :] * svd, mask=ld_mask, other=0.0)
-        s = mm(q, tl.trans(k), PRECISION, UPCAST) * scale_log2e
-
-        # Unmasked state: every tile has at least one real key, so its running max is finite from the first tile.
-        s_all = tl.where(l_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_all, tl.max(s_all, axis=1))
-        alpha = tl.exp2(m_all - m_new)
-        p = tl.exp2(s_all - m_new[:, None])
-        l_all = l_all * alpha + tl.sum(p, axis=1)
-        acc_all = acc_all * alpha[:, None] + mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
-        m_all = m_new
-
-        # Masked state: a row may have seen no open key yet (max = -inf); shift by 0 then so exp2 gives 0, not NaN.
-        s_open = tl.where(is_open, s, float("-inf"))
-        m_new = tl.maximum(m_open, tl.max(s_open, axis=1))
+        s = tl.where(is_open, mm(q, tl.trans(k), PRECISION, UPCAST) * scale_log2e, float("-inf"))
+        # A row may have seen no open key yet (max = -inf): shift by 0 then, so exp2 gives 0, not NaN.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_open - m_safe)
-        p = tl.exp2(s_open - m_safe[:, None])
-        l_open = l_open * alpha + tl.sum(p, axis=1)
-        acc_open = acc_open * alpha[:, None] + mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
-        m_open = m_new
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
+        m_i = m_new
 
-    # Partials: (2, splits, B·H, NQ, HEAD_DIM) outputs and (2, splits, B·H, NQ) log-sum-exps; index 0 = masked.
+    # Partials: (splits, B·H, NQ, HEAD_DIM) outputs normalised by their own sum, and (splits, B·H, NQ) log-sum-exps
+    # (-inf where the split saw no open key) and open-key counts.
     row = (split * n_bh + pid_bh) * NQ + offs_q
-    other = n_splits * n_bh * NQ
-    od_mask = q_ok[:, None] & d_ok[None, :]
-    has_open = l_open > 0
-    o_open = acc_open / tl.where(has_open, l_open, 1.0)[:, None]
-    lse_open = tl.where(has_open, m_open + tl.log2(tl.where(has_open, l_open, 1.0)), float("-inf"))
-    tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], o_open, mask=od_mask)
-    tl.store(LSE_PART + row, lse_open, mask=q_ok)
-    tl.store(O_PART + (other + row)[:, None] * HEAD_DIM + offs_d[None, :], acc_all / l_all[:, None], mask=od_mask)
-    tl.store(LSE_PART + other + row, m_all + tl.log2(l_all), mask=q_ok)
+    has_open = l_i > 0
+    l_safe = tl.where(has_open, l_i, 1.0)
+    tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+             mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(LSE_PART + row, tl.where(has_open, m_i + tl.log2(l_safe), float("-inf")), mask=q_ok)
     tl.store(OPEN_PART + row, n_open, mask=q_ok)
 
 
 @triton.jit
-def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, O, LSE, ROW_OPEN, sob, soh, soq, sod,
-                           H, NQ, N_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, Q, K, V, O, LSE, ROW_OPEN,
+                           sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, soq, sod,
+                           H, NQ, L, N_SPLITS, scale_log2e,
+                           HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_bh = tl.program_id(0)
     n_bh = tl.num_programs(0)
     b = pid_bh // H
@@ -158,20 +145,16 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, O, LSE, ROW_OPEN, sob, s
     offs_q = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_q < NQ
-    od_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    d_ok = offs_d < HEAD_DIM
+    od_mask = q_ok[:, None] & d_ok[None, :]
 
     n_open = tl.zeros((BLOCK_Q,), dtype=tl.int32)
-    for s in range(N_SPLITS):
-        n_open += tl.load(OPEN_PART + (s * n_bh + pid_bh) * NQ + offs_q, mask=q_ok, other=0)
-    row_open = n_open > 0
-    # Per row: the masked partials (first half) if any key is open, the unmasked ones (second half) otherwise.
-    half = tl.where(row_open, 0, N_SPLITS * n_bh * NQ)
-
     m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     w_sum = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for s in range(N_SPLITS):
-        row = half + (s * n_bh + pid_bh) * NQ + offs_q
+        row = (s * n_bh + pid_bh) * NQ + offs_q
+        n_open += tl.load(OPEN_PART + row, mask=q_ok, other=0)
         lse_s = tl.load(LSE_PART + row, mask=q_ok, other=float("-inf"))
         o_s = tl.load(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=od_mask, other=0.0)
         m_new = tl.maximum(m, lse_s)
@@ -181,10 +164,40 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, O, LSE, ROW_OPEN, sob, s
         acc = acc * alpha[:, None] + w[:, None] * o_s
         w_sum = w_sum * alpha + w
         m = m_new
-    w_sum = tl.where(q_ok, w_sum, 1.0)  # padding rows only; every real row has a positive weight
-    tl.store(O + b * sob + h * soh + offs_q[:, None] * soq + offs_d[None, :] * sod,
-             (acc / w_sum[:, None]).to(O.dtype.element_ty), mask=od_mask)
-    tl.store(LSE + pid_bh * NQ + offs_q, m + tl.log2(w_sum), mask=q_ok)
+    row_open = n_open > 0
+    # A row the counts call open has a positive sum (both come from the same in-kernel mask decisions).
+    w_safe = tl.where(row_open, w_sum, 1.0)
+    out = acc / w_safe[:, None]
+    lse = m + tl.log2(w_safe)
+
+    if tl.sum((q_ok & (n_open == 0)).to(tl.int32), axis=0) > 0:
+        # Some query has every key blocked: it attends to all keys (plain online softmax over the whole memory).
+        # Rare, so it runs here, once per (batch, head), rather than as a second softmax state in every split.
+        q = tl.load(Q + b * sqb + h * sqh + offs_q[:, None] * sqq + offs_d[None, :] * sqd, mask=od_mask, other=0.0)
+        m_all = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+        l_all = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        acc_all = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+        for start in range(0, L, BLOCK_L):
+            offs_l = start + tl.arange(0, BLOCK_L)
+            l_ok = offs_l < L
+            ld_mask = l_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd, mask=ld_mask,
+                        other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :] * svd, mask=ld_mask,
+                        other=0.0)
+            s_all = tl.where(l_ok[None, :], mm(q, tl.trans(k), PRECISION, UPCAST) * scale_log2e, float("-inf"))
+            m_new = tl.maximum(m_all, tl.max(s_all, axis=1))  # finite: every tile has a real key
+            alpha = tl.exp2(m_all - m_new)
+            p = tl.exp2(s_all - m_new[:, None])
+            l_all = l_all * alpha + tl.sum(p, axis=1)
+            acc_all = acc_all * alpha[:, None] + mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
+            m_all = m_new
+        out = tl.where(row_open[:, None], out, acc_all / l_all[:, None])
+        lse = tl.where(row_open, lse, m_all + tl.log2(l_all))
+
+    tl.store(O + b * sob + h * soh + offs_q[:, None] * soq + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=od_mask)
+    tl.store(LSE + pid_bh * NQ + offs_q, lse, mask=q_ok)
     tl.store(ROW_OPEN + pid_bh * NQ + offs_q, row_open.to(tl.int8), mask=q_ok)
 
 
@@ -292,21 +305,23 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, scale: flo
     b, h, nq, d = q.shape
     seq = k.shape[2]
     splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
-    o_part = torch.empty((2, splits, b * h, nq, d), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((2, splits, b * h, nq), dtype=torch.float32, device=q.device)
+    o_part = torch.empty((splits, b * h, nq, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((splits, b * h, nq), dtype=torch.float32, device=q.device)
     open_part = torch.empty((splits, b * h, nq), dtype=torch.int32, device=q.device)
     block_q, block_d = tile(nq), tile(d)
+    precision = dict(PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype))
     _masked_fwd_kernel[(splits, b * h)](
         q, k, v, me, mf, o_part, lse_part, open_part,
         *q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(),
         h, nq, seq, keys_per_split, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
-        UPCAST=needs_upcast(q.dtype), **_mask_args(me))
+        HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, **precision, **_mask_args(me))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     row_open = torch.empty((b, h, nq), dtype=torch.int8, device=q.device)
-    _masked_combine_kernel[(b * h,)](o_part, lse_part, open_part, o, lse, row_open, *o.stride(), h, nq, splits,
-                                     HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+    _masked_combine_kernel[(b * h,)](
+        o_part, lse_part, open_part, q, k, v, o, lse, row_open,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, seq, splits, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_L=_FALLBACK_BLOCK_L, **precision, num_warps=4)
     return o, lse, row_open
 
 
