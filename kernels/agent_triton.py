@@ -36,6 +36,7 @@ _MAX_BLOCK_D_BYTES = 256
 # Every backward BLOCK_N divides it, so a split's rows are whole query blocks for any config. Kept at the largest
 # backward block so that short sequences still split finely: Rein's 1024 rows of one head give 16 programs.
 _ROW_QUANTUM = 64
+_CAPPED_REGS = 112  # see _fwd_configs
 _PARTIAL_BUDGET = 1 << 28  # bytes of fp32 dK/dV partials the backward may allocate (caps the split count)
 
 
@@ -47,8 +48,22 @@ def _fwd_configs() -> list[triton.Config]:
     # block's q load under the current block's math (the kernel is bound by load latency, not by flops).
     one_block = [(32, 4, 2, 0), (64, 4, 2, 0), (64, 8, 2, 0), (128, 8, 2, 0)]
     strided = [(32, 4, 4, 8), (64, 4, 3, 4), (128, 8, 3, 2)]  # few: each config is one more compile per shape
-    return [triton.Config({"BLOCK_N": bn, "WAVES": waves}, num_warps=w, num_stages=st)
-            for bn, w, st, waves in one_block + strided]
+    configs = [triton.Config({"BLOCK_N": bn, "WAVES": waves}, num_warps=w, num_stages=st)
+               for bn, w, st, waves in one_block + strided]
+    # Register-capped variants of the 4-warp configs. Left alone, ptxas gives the d = 32 refinement kernel 130–210
+    # registers per thread, so 2–3 programs share an SM; capped at 112 it still does not spill (python -m
+    # kernels.resources, sm_90) and 4 fit, a third more loads in flight for a kernel bound by load latency.
+    capped = [(64, 4, 2, 0), (64, 4, 3, 4), (32, 4, 4, 8)]
+    return configs + [triton.Config({"BLOCK_N": bn, "WAVES": waves}, num_warps=w, num_stages=st, maxnreg=_CAPPED_REGS)
+                      for bn, w, st, waves in capped]
+
+
+def _prune_fwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    # Wide heads (d chunked) and fp32 inputs (tf32x3 splits every operand) spill even at 255 registers: a register
+    # cap would only spill more.
+    if kwargs["HEAD_DIM"] > kwargs["BLOCK_D"] or nargs["Q"].dtype == torch.float32:
+        return [c for c in configs if not getattr(c, "maxnreg", None)]
+    return configs
 
 
 def _bwd_configs() -> list[triton.Config]:
@@ -73,7 +88,8 @@ def _softmax_rows(s, key_ok, scale_log2e):
     return p, row_max + tl.log2(denom)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "M", "HEAD_DIM", "STORE_LSE"])
+@triton.autotune(configs=_fwd_configs(), key=["N", "M", "HEAD_DIM", "STORE_LSE"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _agent_fwd_kernel(Q, K, V, O, LSE,
                       sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,

@@ -45,8 +45,18 @@ _FALLBACK_BLOCK_L = 64  # key tile of the combine step's softmax over all keys, 
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_L": _KEY_QUANTUM}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
-            for bl, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    configs = [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
+               for bl, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    # (64, 8 warps) takes 139 registers per thread, one program per SM; capped at 128 it does not spill
+    # (python -m kernels.resources, sm_90) and two fit.
+    return configs + [triton.Config({"BLOCK_L": 64}, num_warps=8, num_stages=2, maxnreg=128)]
+
+
+def _prune_fwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    # fp32 inputs (tf32x3 splits every operand) spill even at 255 registers: a register cap would only spill more.
+    if nargs["Q"].dtype == torch.float32:
+        return [c for c in configs if not getattr(c, "maxnreg", None)]
+    return configs
 
 
 def _bwd_configs() -> list[triton.Config]:
@@ -73,7 +83,8 @@ def _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, 
     return logits
 
 
-@triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"])
+@triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
                        sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,

@@ -1,0 +1,293 @@
+"""Compile every kernel and autotune config for a GPU architecture, offline, and report what each one costs.
+
+    python -m kernels.resources [--arch 90] [--dtype bf16 ...] [--kernel NAME ...] [--max-configs N] [--out F]
+
+No GPU is needed: Triton compiles to PTX and its bundled ptxas assembles the cubin for the named architecture
+(default sm_90, the H100/H200). For each kernel at the paper's shapes, each dtype and each autotune config it
+would try there (after the kernel's own config pruning) it reports the registers per thread, the bytes spilled
+to local memory per thread (stores + loads, from ``ptxas -v``), the shared memory per program, an estimate of
+how many programs fit one SM at once (registers, warps, shared memory), and which MMA instructions the PTX uses.
+The arguments are specialised as Triton specialises them at run time for contiguous tensors: unit strides
+become constants and pointers and multiples of 16 carry the divisibility hint.
+
+Uses: a config that spills, or fits one program per SM, will not win the autotuning and only costs compile time;
+a kernel that does not compile for the GPU at all (an error the interpreter cannot show) fails here, on any
+machine. Must run without ``TRITON_INTERPRET`` (Triton fixes compiled or interpreted mode at import).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+# Per-SM limits of sm_90 (H100/H200): registers, resident warps, shared memory, resident programs.
+SM_REGISTERS, SM_WARPS, SM_SHARED, SM_PROGRAMS = 65536, 64, 228 * 1024, 32
+SMS = 132  # H100 SXM multiprocessors, for the split counts the wrappers would choose
+
+
+@dataclass(frozen=True)
+class Ptr:
+    """A tensor argument: its element type in Triton's spelling (bf16, fp32, i32, i8)."""
+
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel at one shape: the JIT function, its argument values (constexprs included) and its configs."""
+
+    kernel: str
+    case: str
+    fn: Any
+    args: dict[str, Any]
+    configs: list[Any]
+
+
+@dataclass(frozen=True)
+class Result:
+    kernel: str
+    case: str
+    dtype: str
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    programs_per_sm: int
+    mma: str
+    seconds: float
+
+
+def _contiguous(shape: Sequence[int]) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return strides[::-1]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split(extent: int, quantum: int, other_axis: int) -> tuple[int, int]:
+    """kernels._triton_utils.split_extent on an SMS-multiprocessor GPU (two waves)."""
+    quanta = _cdiv(extent, quantum)
+    splits = min(quanta, max(1, _cdiv(2 * SMS, other_axis)))
+    length = _cdiv(quanta, splits) * quantum
+    return _cdiv(extent, length), length
+
+
+def variants(dtype: str) -> list[Variant]:
+    """Every kernel at the paper's shapes (bench/test_kernels.py's batch-8 cases) for inputs of ``dtype``."""
+    import torch
+
+    from kernels import _triton_utils as u
+    from kernels import agent_triton as at
+    from kernels import masked_triton as mt
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    x = Ptr(dtype)
+    f32, i32, i8 = Ptr("fp32"), Ptr("i32"), Ptr("i8")
+    prec = dict(PRECISION=u.dot_precision(torch_dtype), UPCAST=False)
+    out: list[Variant] = []
+
+    for case, (b, h, n, m, d, shared) in {"refine-b8": (8, 8, 21760, 100, 32, False),
+                                          "rein-b8": (8, 1, 1024, 100, 1024, True)}.items():
+        qs, ks = _contiguous((b, h, n, d)), _contiguous((1 if shared else b, h, m, d))
+        kb = 0 if shared else ks[0]
+        block_d = u.tile(d, at._MAX_BLOCK_D_BYTES // torch_dtype.itemsize)
+        common = dict(HEAD_DIM=d, BLOCK_M=u.tile(m), BLOCK_D=block_d, **prec)
+        strides = dict(zip(("sqb", "sqh", "sqn", "sqd"), qs)) | dict(skb=kb, skh=ks[1], skm=ks[2], skd=ks[3],
+                                                                      svb=kb, svh=ks[1], svm=ks[2], svd=ks[3])
+        fwd = dict(Q=x, K=x, V=x, O=x, LSE=f32, **strides, **dict(zip(("sob", "soh", "son", "sod"), qs)),
+                   H=h, N=n, M=m, scale_log2e=1.0, STORE_LSE=True, **common)
+        example = {"Q": torch.empty(0, dtype=torch_dtype)}  # what the configs' pruning functions look at
+        configs = at._prune_fwd_configs(at._agent_fwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=block_d)
+        out.append(Variant("agent_fwd", case, at._agent_fwd_kernel.fn, fwd, configs))
+        _, rows = _split(n, at._ROW_QUANTUM, b * h)
+        bwd = dict(Q=x, K=x, V=x, DO=x, LSE=f32, DQ=x, PART=f32, **strides,
+                   **dict(zip(("sdob", "sdoh", "sdon", "sdod"), qs)), **dict(zip(("sdqb", "sdqh", "sdqn", "sdqd"), qs)),
+                   H=h, N=n, M=m, rows_per_split=rows, scale=1.0, scale_log2e=1.0, **common)
+        configs = at._prune_bwd_configs(at._agent_bwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=block_d)
+        out.append(Variant("agent_bwd", case, at._agent_bwd_kernel.fn, bwd, configs))
+
+    b, h, nq, seq, d, c = 8, 8, 100, 4096, 32, 256
+    qs, ks = _contiguous((b, h, nq, d)), _contiguous((b, h, seq, d))
+    mes, mfs = _contiguous((b, nq, c)), _contiguous((b, c, seq))
+    splits, keys = _split(seq, mt._KEY_QUANTUM, b * h)
+    q_strides = dict(zip(("sqb", "sqh", "sqq", "sqd"), qs))
+    kv_strides = dict(zip(("skb", "skh", "skl", "skd"), ks)) | dict(zip(("svb", "svh", "svl", "svd"), ks))
+    mask_strides = dict(zip(("smeb", "smeq", "smec"), mes)) | dict(zip(("smfb", "smfc", "smfl"), mfs))
+    mask = dict(MASK_DIM=c, BLOCK_C=u.tile(c, mt._MAX_BLOCK_C), MASK_PRECISION=prec["PRECISION"], MASK_UPCAST=False)
+    common = dict(HEAD_DIM=d, BLOCK_Q=u.tile(nq), BLOCK_D=u.tile(d), **prec)
+    case = f"decoder-b{b}-L{seq}"
+    fwd = dict(Q=x, K=x, V=x, ME=x, MF=x, O_PART=f32, LSE_PART=f32, OPEN_PART=i32, **q_strides, **kv_strides,
+               **mask_strides, H=h, NQ=nq, L=seq, keys_per_split=keys, scale_log2e=1.0, **common, **mask)
+    configs = mt._prune_fwd_configs(mt._masked_fwd_kernel.configs, {"Q": torch.empty(0, dtype=torch_dtype)})
+    out.append(Variant("masked_fwd", case, mt._masked_fwd_kernel.fn, fwd, configs))
+    combine = dict(O_PART=f32, LSE_PART=f32, OPEN_PART=i32, Q=x, K=x, V=x, O=x, LSE=f32, ROW_OPEN=i8, **q_strides,
+                   **kv_strides, **dict(zip(("sob", "soh", "soq", "sod"), qs)), H=h, NQ=nq, L=seq, N_SPLITS=splits,
+                   scale_log2e=1.0, BLOCK_L=mt._FALLBACK_BLOCK_L, **common)
+    out.append(Variant("masked_combine", case, mt._masked_combine_kernel, combine, [_FixedConfig(4)]))
+    bwd = dict(Q=x, K=x, V=x, ME=x, MF=x, O=x, DO=x, LSE=f32, ROW_OPEN=i8, DQ_PART=f32, DK=x, DV=x, **q_strides,
+               **kv_strides, **mask_strides, **dict(zip(("sob", "soh", "soq", "sod"), qs)),
+               **dict(zip(("sdob", "sdoh", "sdoq", "sdod"), qs)), **dict(zip(("sdkb", "sdkh", "sdkl", "sdkd"), ks)),
+               **dict(zip(("sdvb", "sdvh", "sdvl", "sdvd"), ks)), H=h, NQ=nq, L=seq, keys_per_split=keys, scale=1.0,
+               scale_log2e=1.0, **common, **mask)
+    out.append(Variant("masked_bwd", case, mt._masked_bwd_kernel.fn, bwd, mt._masked_bwd_kernel.configs))
+    part = dict(PART=f32, OUT=x, ROWS=splits, COLS=b * h * nq * d, BLOCK=1024)
+    out.append(Variant("sum_partials", case + " dq", u._sum_partials_kernel, part, [_FixedConfig(4)]))
+    return out
+
+
+@dataclass(frozen=True)
+class _FixedConfig:
+    """A launch without autotuning: num_warps only, no meta-parameters."""
+
+    num_warps: int
+    num_stages: int = 3
+    kwargs: dict | None = None
+
+
+def _specialise(fn: Any, values: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``triton.compile`` as the JIT would build them for these values."""
+    params = {p.name: p for p in fn.params}
+    missing = [name for name in fn.arg_names if name not in values]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no example value for {', '.join(missing)}")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = values[name]
+        if params[name].is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, Ptr):
+            signature[name] = "*" + value.dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:  # the JIT turns integer arguments equal to 1 into constants
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill store + load bytes per thread) from ``ptxas -v`` on the kernel's PTX, with the
+    ptxas the Triton wheel bundles (cuobjdump's resource summary leaves spills out)."""
+    import triton.backends.nvidia as nvidia  # its wheel ships ptxas in bin/
+
+    ptxas = Path(nvidia.__file__).parent / "bin" / "ptxas"
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # as Triton assembles: sm_90a for wgmma
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([str(ptxas), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "kernel.o")],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{done.stderr}")
+    registers = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
+    if not registers or not spills:
+        raise RuntimeError(f"ptxas -v printed no register or spill figures:\n{done.stderr}")
+    return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
+def programs_per_sm(registers: int, warps: int, shared: int) -> int:
+    """Programs resident on one sm_90 SM at once, from registers (allocated per warp in 256s), warps and shared
+    memory (1 KiB reserved per program). An estimate: it leaves out the register file's bank constraints."""
+    per_warp = _cdiv(max(registers, 1) * 32, 256) * 256
+    by_regs = SM_REGISTERS // (per_warp * warps)
+    by_shared = SM_SHARED // (shared + 1024) if shared else SM_PROGRAMS
+    return min(by_regs, SM_WARPS // warps, by_shared, SM_PROGRAMS)
+
+
+def compile_variant(variant: Variant, config: Any, dtype: str, arch: int) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    values = dict(variant.args)
+    values.update(config.kwargs or {})
+    signature, constexprs, attrs = _specialise(variant.fn, values)
+    target = GPUTarget("cuda", arch, 32)
+    requested = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if getattr(config, "maxnreg", None):
+        requested["maxnreg"] = config.maxnreg
+    options = make_backend(target).parse_options(requested)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(variant.fn, signature, constexprs=constexprs, attrs=attrs), target=target,
+                              options=options.__dict__)
+    seconds = time.perf_counter() - start
+    ptx = compiled.asm["ptx"]
+    registers, spilled = _resource_usage(ptx, arch)
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    shared = int(compiled.metadata.shared)
+    meta = ", ".join(f"{k}={v}" for k, v in (config.kwargs or {}).items())
+    label = (meta + ", " if meta else "") + f"warps={config.num_warps}, stages={config.num_stages}"
+    if getattr(config, "maxnreg", None):
+        label += f", maxnreg={config.maxnreg}"
+    return Result(variant.kernel, variant.case, dtype, label,
+                  registers, spilled, shared, programs_per_sm(registers, config.num_warps, shared), mma, seconds)
+
+
+def render(results: Sequence[Result], arch: int) -> str:
+    lines = [f"# Kernel resources on sm_{arch} (compiled offline)", "",
+             "Registers per thread, register spill traffic per thread (ptxas: spill store + load bytes), shared "
+             "memory per program, programs resident per SM (estimate), MMA instructions in the PTX.", "",
+             "| kernel | case | dtype | config | registers | spill B | shared KiB | programs/SM | mma | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.kernel} | {r.case} | {r.dtype} | {r.config} | {r.registers} | {r.spill_bytes} | "
+                     f"{r.shared_bytes / 1024:.1f} | {r.programs_per_sm} | {r.mma} | {r.seconds:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kernels.resources", description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability ×10 (default 90: H100/H200)")
+    ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), default=None,
+                    help="input dtype (repeatable; default bf16, fp16 and fp32)")
+    ap.add_argument("--kernel", action="append", default=None,
+                    help="agent_fwd, agent_bwd, masked_fwd, masked_combine, masked_bwd or sum_partials "
+                         "(repeatable; default all)")
+    ap.add_argument("--max-configs", type=int, default=None, help="only the first N autotune configs of each")
+    ap.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
+        ap.error("TRITON_INTERPRET is set: the kernels would be built for the interpreter; unset it")
+    if args.max_configs is not None and args.max_configs < 1:
+        ap.error(f"--max-configs {args.max_configs}: expected a positive integer")
+    results: list[Result] = []
+    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    for dtype in args.dtype or ["bf16", "fp16", "fp32"]:
+        chosen = [v for v in variants(dtype) if args.kernel is None or v.kernel in args.kernel]
+        if args.kernel and not chosen:
+            ap.error(f"--kernel {', '.join(args.kernel)}: no such kernel")
+        for variant in chosen:
+            for config in variant.configs[:args.max_configs]:
+                result = compile_variant(variant, config, dtype, args.arch)
+                progress(f"{result.kernel} {result.case} {dtype} [{result.config}]: {result.registers} registers, "
+                         f"{result.spill_bytes} B spilled, {result.shared_bytes} B shared ({result.seconds:.1f} s)")
+                results.append(result)
+    text = render(results, args.arch)
+    sys.stdout.write(text)
+    if args.out is not None:
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
