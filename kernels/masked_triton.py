@@ -45,10 +45,10 @@ _FALLBACK_BLOCK_L = 64  # key tile of the combine step's softmax over all keys, 
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_L": _KEY_QUANTUM}, num_warps=4, num_stages=1)]
+    # (32, 8 warps) needs only ~107 registers per thread in bf16, so two programs share an SM. (64, 8 warps) takes
+    # 139, one program per SM; capped at 128 it does not spill and two fit (python -m kernels.resources, sm_90).
     configs = [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
-               for bl, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
-    # (64, 8 warps) takes 139 registers per thread, one program per SM; capped at 128 it does not spill
-    # (python -m kernels.resources, sm_90) and two fit.
+               for bl, w, s in ((32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
     return configs + [triton.Config({"BLOCK_L": 64}, num_warps=8, num_stages=2, maxnreg=128)]
 
 
