@@ -30,9 +30,12 @@ from kernels._triton_utils import (INTERPRET, LOG2E, cdiv, check_float, check_sc
                                    needs_upcast, persistent_programs, split_extent, sum_partials, tile)
 
 MAX_KEYS = 256  # the key tile is held whole in registers
-# Widest d-chunk in bytes per row: 128 elements in fp16/bf16, 64 in fp32, so a (128, BLOCK_D) key or value chunk is
-# 32 KiB in any dtype and the backward's pipelined chunk loads stay inside an H100 block's 227 KiB of shared memory.
+# Head widths up to this many bytes per row (128 elements in fp16/bf16, 64 in fp32) are one d-chunk: q, K and V
+# tiles stay whole. Wider heads (Rein: d = 1024) are cut into chunks of _WIDE_CHUNK_BYTES, narrower in the backward,
+# which holds more tiles per chunk: with 256-byte chunks every Rein config spilled registers on sm_90 (80–3200 bytes
+# per thread, bf16), with these none of the bf16 forward and the 8-warp backward ones do (python -m kernels.resources).
 _MAX_BLOCK_D_BYTES = 256
+_WIDE_CHUNK_BYTES = {"fwd": 128, "bwd": 64}
 # Every backward BLOCK_N divides it, so a split's rows are whole query blocks for any config. Kept at the largest
 # backward block so that short sequences still split finely: Rein's 1024 rows of one head give 16 programs.
 _ROW_QUANTUM = 64
@@ -153,7 +156,8 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
 
 
 def _prune_bwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    # fp32 wide heads: tf32x3 splits every chunk operand in two, and 64-row tiles no longer fit shared memory.
+    # fp32 wide heads: tf32x3 splits every chunk operand in two; 64-row tiles then spill 1–2 KiB per thread or fill
+    # shared memory (python -m kernels.resources, sm_90).
     if nargs["Q"].dtype == torch.float32 and kwargs["HEAD_DIM"] > kwargs["BLOCK_D"]:
         return [c for c in configs if c.kwargs["BLOCK_N"] == 32]
     return configs
@@ -275,6 +279,14 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q: expected non-empty (B, H, N, d), got {tuple(q.shape)}")
 
 
+def block_d(d: int, element_size: int, direction: str) -> int:
+    """The d-chunk width: the whole (padded) head where it fits _MAX_BLOCK_D_BYTES, else the wide-head chunk of
+    ``direction`` ("fwd" or "bwd")."""
+    if tile(d) * element_size <= _MAX_BLOCK_D_BYTES:
+        return tile(d)
+    return max(16, _WIDE_CHUNK_BYTES[direction] // element_size)  # 16: tl.dot's smallest operand side
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> tuple[Tensor, Tensor | None]:
     b, h, n, d = q.shape
     m = k.shape[2]
@@ -290,7 +302,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> 
     _agent_fwd_kernel[grid](
         q, k, v, o, lse if store_lse else o, *q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *o.stride(),
         h, n, m, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=tile(d, _MAX_BLOCK_D_BYTES // q.element_size()),
+        HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=block_d(d, q.element_size(), "fwd"),
         PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), STORE_LSE=store_lse)
     return o, lse
 
@@ -300,11 +312,11 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, scale: f
     m = k.shape[2]
     max_splits = max(1, _PARTIAL_BUDGET // (2 * 4 * b * h * m * d))
     splits, rows_per_split = split_extent(n, _ROW_QUANTUM, b * h, q.device, max_splits)
-    block_d = tile(d, _MAX_BLOCK_D_BYTES // q.element_size())
+    chunk = block_d(d, q.element_size(), "bwd")
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     # dK and dV partials, (2, splits, B, H, M, d) fp32. With one d-chunk every program writes its whole slot; with
     # several it accumulates into it atomically, which needs zeros to start from.
-    alloc = torch.empty if block_d >= d else torch.zeros
+    alloc = torch.empty if chunk >= d else torch.zeros
     part = alloc((2, splits, b, h, m, d), dtype=torch.float32, device=q.device)
     kb = 0 if k.shape[0] == 1 else k.stride(0)
     vb = 0 if v.shape[0] == 1 else v.stride(0)
@@ -312,7 +324,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, scale: f
         q, k, v, do, lse, dq, part,
         *q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *do.stride(), *dq.stride(),
         h, n, m, rows_per_split, scale, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=block_d,
+        HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=chunk,
         PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype))
     # Sum the splits, and for keys shared by the batch the images too: rows (split[, image]) of (2, rows, elems).
     if k.shape[0] == 1:

@@ -103,20 +103,20 @@ def variants(dtype: str) -> list[Variant]:
                                           "rein-b8": (8, 1, 1024, 100, 1024, True)}.items():
         qs, ks = _contiguous((b, h, n, d)), _contiguous((1 if shared else b, h, m, d))
         kb = 0 if shared else ks[0]
-        block_d = u.tile(d, at._MAX_BLOCK_D_BYTES // torch_dtype.itemsize)
-        common = dict(HEAD_DIM=d, BLOCK_M=u.tile(m), BLOCK_D=block_d, **prec)
+        fwd_d, bwd_d = (at.block_d(d, torch_dtype.itemsize, direction) for direction in ("fwd", "bwd"))
+        common = dict(HEAD_DIM=d, BLOCK_M=u.tile(m), **prec)
         strides = dict(zip(("sqb", "sqh", "sqn", "sqd"), qs)) | dict(skb=kb, skh=ks[1], skm=ks[2], skd=ks[3],
                                                                       svb=kb, svh=ks[1], svm=ks[2], svd=ks[3])
         fwd = dict(Q=x, K=x, V=x, O=x, LSE=f32, **strides, **dict(zip(("sob", "soh", "son", "sod"), qs)),
-                   H=h, N=n, M=m, scale_log2e=1.0, STORE_LSE=True, **common)
+                   H=h, N=n, M=m, scale_log2e=1.0, STORE_LSE=True, BLOCK_D=fwd_d, **common)
         example = {"Q": torch.empty(0, dtype=torch_dtype)}  # what the configs' pruning functions look at
-        configs = at._prune_fwd_configs(at._agent_fwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=block_d)
+        configs = at._prune_fwd_configs(at._agent_fwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=fwd_d)
         out.append(Variant("agent_fwd", case, at._agent_fwd_kernel.fn, fwd, configs))
         _, rows = _split(n, at._ROW_QUANTUM, b * h)
         bwd = dict(Q=x, K=x, V=x, DO=x, LSE=f32, DQ=x, PART=f32, **strides,
                    **dict(zip(("sdob", "sdoh", "sdon", "sdod"), qs)), **dict(zip(("sdqb", "sdqh", "sdqn", "sdqd"), qs)),
-                   H=h, N=n, M=m, rows_per_split=rows, scale=1.0, scale_log2e=1.0, **common)
-        configs = at._prune_bwd_configs(at._agent_bwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=block_d)
+                   H=h, N=n, M=m, rows_per_split=rows, scale=1.0, scale_log2e=1.0, BLOCK_D=bwd_d, **common)
+        configs = at._prune_bwd_configs(at._agent_bwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=bwd_d)
         out.append(Variant("agent_bwd", case, at._agent_bwd_kernel.fn, bwd, configs))
 
     b, h, nq, seq, d, c = 8, 8, 100, 4096, 32, 256

@@ -123,7 +123,8 @@ def test_agent_single_key_returns_its_value_and_gets_all_the_gradient():
 
 def test_agent_wide_rein_head_is_chunked_over_d():
     torch.manual_seed(3)
-    # d = 1024 is sixteen 64-wide chunks in fp32; keys shared as the Rein tokens are; 150 rows make two splits.
+    # d = 1024 is 32-wide chunks in fp32 forward, 16-wide backward; keys shared as the Rein tokens are; 150 rows
+    # make two splits.
     check_agent(leaf(2, 1, 150, 1024), leaf(1, 1, 20, 1024), leaf(1, 1, 20, 1024))
 
 
