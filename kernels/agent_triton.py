@@ -72,8 +72,10 @@ def _prune_fwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> l
 def _bwd_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": _ROW_QUANTUM}, num_warps=4, num_stages=1)]
+    # (16, 4 warps, 3 stages): 168 registers per thread instead of 255 at d = 32, so 3 programs share an SM, not 2
+    # (python -m kernels.resources, sm_90).
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 2))]
+            for bn, w, s in ((16, 4, 3), (32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 2))]
 
 
 @triton.jit
@@ -159,7 +161,7 @@ def _prune_bwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> l
     # fp32 wide heads: tf32x3 splits every chunk operand in two; 64-row tiles then spill 1–2 KiB per thread or fill
     # shared memory (python -m kernels.resources, sm_90).
     if nargs["Q"].dtype == torch.float32 and kwargs["HEAD_DIM"] > kwargs["BLOCK_D"]:
-        return [c for c in configs if c.kwargs["BLOCK_N"] == 32]
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 32]
     return configs
 
 
