@@ -6,9 +6,9 @@ o written once. The kernel is memory-bound (it moves ~2·N·d elements for 4·N�
 softmax and the value product are fused. A program either owns one query block, or (autotuned, ``WAVES`` > 0) a
 few programs per SM stride over the blocks with K and V held in registers, so Triton can pipeline the next
 block's q load under the current block's math. The log-sum-exp (for the backward) is only written when a
-backward can follow. For wide heads (the Rein attention: one
-head of d = 1024) a (BLOCK_N, 1024) tile would not fit in registers, so QKᵀ is accumulated over BLOCK_D-wide
-chunks of d and P·V is produced and stored chunk by chunk; the (BLOCK_N, BLOCK_M) probability tile stays resident.
+backward can follow. For wide heads (the Rein attention: one head of d = 1024) a (BLOCK_N, 1024) tile would not
+fit in registers, so QKᵀ is accumulated over BLOCK_D-wide chunks of d and P·V is produced and stored chunk by
+chunk; the (BLOCK_N, BLOCK_M) probability tile stays resident.
 
 Backward. With S = scale·QKᵀ, P = softmax(S), dP = dO·Vᵀ and δ = rowsum(P ∘ dP) (= rowsum(dO ∘ O), since
 O = PV, so O need not be read), dS = P ∘ (dP − δ); dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
@@ -32,8 +32,8 @@ from kernels._triton_utils import (INTERPRET, LOG2E, cdiv, check_float, check_sc
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Head widths up to this many bytes per row (128 elements in fp16/bf16, 64 in fp32) are one d-chunk: q, K and V
 # tiles stay whole. Wider heads (Rein: d = 1024) are cut into chunks of _WIDE_CHUNK_BYTES, narrower in the backward,
-# which holds more tiles per chunk: with 256-byte chunks every Rein config spilled registers on sm_90 (80–3200 bytes
-# per thread, bf16), with these none of the bf16 forward and the 8-warp backward ones do (python -m kernels.resources).
+# which holds more tiles per chunk: with 256-byte chunks every bf16 Rein config spilled registers on sm_90 (80–3200
+# bytes per thread), with these none does (python -m kernels.resources).
 _MAX_BLOCK_D_BYTES = 256
 _WIDE_CHUNK_BYTES = {"fwd": 128, "bwd": 64}
 # Every backward BLOCK_N divides it, so a split's rows are whole query blocks for any config. Kept at the largest
