@@ -25,9 +25,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+KERNELS = ("agent_fwd", "agent_bwd", "masked_fwd", "masked_combine", "masked_bwd", "sum_partials")
 # Per-SM limits of sm_90 (H100/H200): registers, resident warps, shared memory, resident programs.
 SM_REGISTERS, SM_WARPS, SM_SHARED, SM_PROGRAMS = 65536, 64, 228 * 1024, 32
 SMS = 132  # H100 SXM multiprocessors, for the split counts the wrappers would choose
@@ -63,6 +64,15 @@ class Result:
     programs_per_sm: int
     mma: str
     seconds: float
+
+
+@dataclass(frozen=True)
+class _FixedConfig:
+    """A launch without autotuning: num_warps only, no meta-parameters."""
+
+    num_warps: int
+    num_stages: int = 3
+    kwargs: dict | None = None
 
 
 def _contiguous(shape: Sequence[int]) -> list[int]:
@@ -146,15 +156,6 @@ def variants(dtype: str) -> list[Variant]:
     part = dict(PART=f32, OUT=x, ROWS=splits, COLS=b * h * nq * d, BLOCK=1024)
     out.append(Variant("sum_partials", case + " dq", u._sum_partials_kernel, part, [_FixedConfig(4)]))
     return out
-
-
-@dataclass(frozen=True)
-class _FixedConfig:
-    """A launch without autotuning: num_warps only, no meta-parameters."""
-
-    num_warps: int
-    num_stages: int = 3
-    kwargs: dict | None = None
 
 
 def _specialise(fn: Any, values: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -245,7 +246,8 @@ def render(results: Sequence[Result], arch: int) -> str:
     lines = [f"# Kernel resources on sm_{arch} (compiled offline)", "",
              "Registers per thread, register spill traffic per thread (ptxas: spill store + load bytes), shared "
              "memory per program, programs resident per SM (estimate), MMA instructions in the PTX.", "",
-             "| kernel | case | dtype | config | registers | spill B | shared KiB | programs/SM | mma | compile s |",
+             "| kernel | case | dtype | config | registers | spill B | shared KiB | programs/SM | mma | "
+             "compile s (≈0: cached) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.kernel} | {r.case} | {r.dtype} | {r.config} | {r.registers} | {r.spill_bytes} | "
@@ -259,8 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), default=None,
                     help="input dtype (repeatable; default bf16, fp16 and fp32)")
     ap.add_argument("--kernel", action="append", default=None,
-                    help="agent_fwd, agent_bwd, masked_fwd, masked_combine, masked_bwd or sum_partials "
-                         "(repeatable; default all)")
+                    help=f"one of {', '.join(KERNELS)} (repeatable; default all)")
     ap.add_argument("--max-configs", type=int, default=None, help="only the first N autotune configs of each")
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
     args = ap.parse_args(argv)
@@ -268,17 +269,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("TRITON_INTERPRET is set: the kernels would be built for the interpreter; unset it")
     if args.max_configs is not None and args.max_configs < 1:
         ap.error(f"--max-configs {args.max_configs}: expected a positive integer")
+    unknown = sorted(set(args.kernel or ()) - set(KERNELS))
+    if unknown:
+        ap.error(f"--kernel {', '.join(unknown)}: no such kernel; expected one of {', '.join(KERNELS)}")
     results: list[Result] = []
-    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     for dtype in args.dtype or ["bf16", "fp16", "fp32"]:
-        chosen = [v for v in variants(dtype) if args.kernel is None or v.kernel in args.kernel]
-        if args.kernel and not chosen:
-            ap.error(f"--kernel {', '.join(args.kernel)}: no such kernel")
-        for variant in chosen:
+        for variant in variants(dtype):
+            if args.kernel is not None and variant.kernel not in args.kernel:
+                continue
             for config in variant.configs[:args.max_configs]:
                 result = compile_variant(variant, config, dtype, args.arch)
-                progress(f"{result.kernel} {result.case} {dtype} [{result.config}]: {result.registers} registers, "
-                         f"{result.spill_bytes} B spilled, {result.shared_bytes} B shared ({result.seconds:.1f} s)")
+                print(f"{result.kernel} {result.case} {dtype} [{result.config}]: {result.registers} registers, "
+                      f"{result.spill_bytes} B spilled, {result.shared_bytes} B shared ({result.seconds:.1f} s)",
+                      file=sys.stderr, flush=True)
                 results.append(result)
     text = render(results, args.arch)
     sys.stdout.write(text)
