@@ -80,17 +80,18 @@ def _bwd_configs() -> list[triton.Config]:
 
 @triton.jit
 def _softmax_rows(s, key_ok, scale_log2e):
-    """(BLOCK_N, BLOCK_M) raw logits → (normalised probabilities, base-2 log-sum-exp per row); padded keys get 0.
+    """(BLOCK_N, BLOCK_M) raw logits → (unnormalised probabilities, 1 / their row sum, base-2 log-sum-exp per
+    row); padded keys get 0.
 
-    Normalising P (BLOCK_N·BLOCK_M divides) instead of O (BLOCK_N·d) is cheaper for the wide Rein head and gives
-    the backward the same P it recomputes from the log-sum-exp.
+    The row maximum is taken on the raw logits (the scale is positive), so scaling and shifting are one fused
+    multiply-add per element. Per element the tile then costs a select, a max, an FMA, an exp2 and an add; the
+    caller normalises whichever of P (BLOCK_N·BLOCK_M) and O (BLOCK_N·d) is smaller.
     """
-    s = tl.where(key_ok[None, :], s * scale_log2e, float("-inf"))
-    row_max = tl.max(s, axis=1)
-    p = tl.exp2(s - row_max[:, None])
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    shift = tl.max(s, axis=1) * scale_log2e
+    p = tl.exp2(s * scale_log2e - shift[:, None])
     denom = tl.sum(p, axis=1)
-    p = p * (1.0 / denom)[:, None]
-    return p, row_max + tl.log2(denom)
+    return p, 1.0 / denom, shift + tl.log2(denom)
 
 
 @triton.autotune(configs=_fwd_configs(), key=["N", "M", "HEAD_DIM", "STORE_LSE"],
@@ -127,10 +128,13 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
             row_ok = offs_n < N
             nd_mask = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=nd_mask, other=0.0)
-            p, lse = _softmax_rows(mm(q, tl.trans(k), PRECISION, UPCAST), key_ok, scale_log2e)
+            p, inv_sum, lse = _softmax_rows(mm(q, tl.trans(k), PRECISION, UPCAST), key_ok, scale_log2e)
             if STORE_LSE:
                 tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok)
-            o = mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
+            if BLOCK_D < BLOCK_M:  # normalise the narrower tile: O (e.g. d = 32 over 128 padded keys)
+                o = mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST) * inv_sum[:, None]
+            else:
+                o = mm((p * inv_sum[:, None]).to(V.dtype.element_ty), v, PRECISION, UPCAST)
             tl.store(o_base + offs_n[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty), mask=nd_mask)
     else:
         # Wide heads (Rein: d = 1024): a (BLOCK_N, d) tile would not fit in registers, so QKᵀ is accumulated
@@ -145,10 +149,10 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
                 q = tl.load(q_ptrs + c * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 k = tl.load(k_ptrs + c * skd, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
                 s += mm(q, tl.trans(k), PRECISION, UPCAST)
-            p, lse = _softmax_rows(s, key_ok, scale_log2e)
+            p, inv_sum, lse = _softmax_rows(s, key_ok, scale_log2e)
             if STORE_LSE:
                 tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok)
-            p_in = p.to(V.dtype.element_ty)
+            p_in = (p * inv_sum[:, None]).to(V.dtype.element_ty)  # P is narrower than the whole of O here
             o_ptrs = o_base + offs_n[:, None] * son + offs_d[None, :] * sod
             for c in range(0, HEAD_DIM, BLOCK_D):
                 d_ok = (c + offs_d) < HEAD_DIM

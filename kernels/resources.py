@@ -63,6 +63,7 @@ class Result:
     shared_bytes: int
     programs_per_sm: int
     mma: str
+    instructions: int
     seconds: float
 
 
@@ -204,6 +205,19 @@ def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
+def _sass_instructions(cubin: bytes) -> int:
+    """Number of SASS instructions in the kernel (static count, every path), from the bundled cuobjdump: a proxy
+    for the issue cost of one pass through its loop when comparing variants of one kernel."""
+    import triton.backends.nvidia as nvidia
+
+    tool = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, flags=re.MULTILINE))
+
+
 def programs_per_sm(registers: int, warps: int, shared: int) -> int:
     """Programs resident on one sm_90 SM at once, from registers (allocated per warp in 256s), warps and shared
     memory (1 KiB reserved per program). An estimate: it leaves out the register file's bank constraints."""
@@ -233,25 +247,27 @@ def compile_variant(variant: Variant, config: Any, dtype: str, arch: int) -> Res
     ptx = compiled.asm["ptx"]
     registers, spilled = _resource_usage(ptx, arch)
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    instructions = _sass_instructions(compiled.asm["cubin"])
     shared = int(compiled.metadata.shared)
     meta = ", ".join(f"{k}={v}" for k, v in (config.kwargs or {}).items())
     label = (meta + ", " if meta else "") + f"warps={config.num_warps}, stages={config.num_stages}"
     if getattr(config, "maxnreg", None):
         label += f", maxnreg={config.maxnreg}"
     return Result(variant.kernel, variant.case, dtype, label,
-                  registers, spilled, shared, programs_per_sm(registers, config.num_warps, shared), mma, seconds)
+                  registers, spilled, shared, programs_per_sm(registers, config.num_warps, shared), mma, instructions, seconds)
 
 
 def render(results: Sequence[Result], arch: int) -> str:
     lines = [f"# Kernel resources on sm_{arch} (compiled offline)", "",
              "Registers per thread, register spill traffic per thread (ptxas: spill store + load bytes), shared "
-             "memory per program, programs resident per SM (estimate), MMA instructions in the PTX.", "",
-             "| kernel | case | dtype | config | registers | spill B | shared KiB | programs/SM | mma | "
+             "memory per program, programs resident per SM (estimate), MMA instructions in the PTX, SASS "
+             "instructions (static count).", "",
+             "| kernel | case | dtype | config | registers | spill B | shared KiB | programs/SM | mma | SASS | "
              "compile s (≈0: cached) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.kernel} | {r.case} | {r.dtype} | {r.config} | {r.registers} | {r.spill_bytes} | "
-                     f"{r.shared_bytes / 1024:.1f} | {r.programs_per_sm} | {r.mma} | {r.seconds:.1f} |")
+                     f"{r.shared_bytes / 1024:.1f} | {r.programs_per_sm} | {r.mma} | {r.instructions} | {r.seconds:.1f} |")
     return "\n".join(lines) + "\n"
 
 
