@@ -50,7 +50,7 @@ def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
         q: (B, H, N, d) queries, fp32/fp16/bf16.
         k: (B, H, M, d) or (1, H, M, d) keys shared over the batch; 1 ≤ M ≤ 256.
         v: same shape as k.
-        scale: logit scale; default d ** -0.5.
+        scale: logit scale, positive; default d ** -0.5.
     Returns:
         (B, H, N, d) in q's dtype, differentiable in q, k and v. Same result as ``agent_attention_reference``.
     """
@@ -67,7 +67,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
         mask_embed: (B, Q, C) mask embeddings; mask_feats: (B, C, L) mask features. Key l is blocked for query i
             when mask_embed[b, i] · mask_feats[b, :, l] < 0, unless every key is blocked for i (then none is).
             Not differentiated.
-        scale: logit scale; default d ** -0.5.
+        scale: logit scale, positive; default d ** -0.5.
     Returns:
         (B, H, Q, d) in q's dtype, differentiable in q, k and v. Same result as ``masked_attention_reference``.
     """

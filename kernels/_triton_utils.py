@@ -131,12 +131,17 @@ def check_float(name: str, t: torch.Tensor) -> None:
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:
-    """The logit scale: ``scale`` or head_dim ** -0.5; a finite float is expected."""
+    """The logit scale: ``scale`` or head_dim ** -0.5; a finite, positive float is expected.
+
+    Positive because the kernels take each row's maximum on the unscaled logits and mask with -inf before scaling
+    (so that scaling and shifting are one fused multiply-add per element): the maximum of the scaled logits only
+    for a scale > 0, and -inf · 0 would be NaN.
+    """
     if scale is None:
         return head_dim ** -0.5
     value = float(scale)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"scale: expected a finite float, got {scale}")
+    if value != value or value in (float("inf"), float("-inf")) or value <= 0:
+        raise ValueError(f"scale: expected a finite, positive float, got {scale}")
     return value
 
 

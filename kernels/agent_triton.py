@@ -365,7 +365,7 @@ def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
         q: (B, H, N, d) queries, fp32/fp16/bf16; N any length, d any width (chunked above 128, 64 for fp32).
         k: (B, H, M, d) or (1, H, M, d) keys shared over the batch; 1 ≤ M ≤ 256; q's dtype and device.
         v: same shape as k.
-        scale: logit scale; default d ** -0.5.
+        scale: logit scale, positive; default d ** -0.5.
     Returns:
         (B, H, N, d) in q's dtype, differentiable in q, k and v (accumulation in fp32).
     """

@@ -122,12 +122,13 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
         ld_mask = l_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :] * svd, mask=ld_mask, other=0.0)
-        s = tl.where(is_open, mm(q, tl.trans(k), PRECISION, UPCAST) * scale_log2e, float("-inf"))
+        # Running maxima on the unscaled logits (scale > 0), so scaling and shifting are one FMA per element.
+        s = tl.where(is_open, mm(q, tl.trans(k), PRECISION, UPCAST), float("-inf"))
         # A row may have seen no open key yet (max = -inf): shift by 0 then, so exp2 gives 0, not NaN.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new) * scale_log2e
+        alpha = tl.exp2(m_i * scale_log2e - shift)
+        p = tl.exp2(s * scale_log2e - shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
         m_i = m_new
@@ -139,7 +140,7 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
     l_safe = tl.where(has_open, l_i, 1.0)
     tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=q_ok[:, None] & d_ok[None, :])
-    tl.store(LSE_PART + row, tl.where(has_open, m_i + tl.log2(l_safe), float("-inf")), mask=q_ok)
+    tl.store(LSE_PART + row, tl.where(has_open, m_i * scale_log2e + tl.log2(l_safe), float("-inf")), mask=q_ok)
     tl.store(OPEN_PART + row, n_open, mask=q_ok)
 
 
@@ -382,7 +383,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
         k, v: (B, H, L, d) keys and values (flattened memory), q's dtype and device.
         mask_embed: (B, Q, C) mask embeddings; mask_feats: (B, C, L) mask features (any float dtype; not
             differentiated). Key l is blocked for query i when their dot product is < 0, unless all of i's keys are.
-        scale: logit scale; default d ** -0.5.
+        scale: logit scale, positive; default d ** -0.5.
     Returns:
         (B, H, Q, d) in q's dtype, differentiable in q, k and v (accumulation in fp32).
     """

@@ -169,6 +169,16 @@ def test_agent_rejects_keys_that_do_not_fit_the_queries(k_shape, match):
         kernels.agent_attention(q, k, k)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan"), float("inf")])
+def test_kernels_reject_a_scale_that_is_not_positive_and_finite(scale):
+    q, k = torch.randn(1, 1, 8, 32, device=DEVICE), torch.randn(1, 1, 4, 32, device=DEVICE)
+    me, mf = torch.randn(1, 8, 4, device=DEVICE), torch.randn(1, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="scale: expected a finite, positive float"):
+        kernels.agent_attention(q, k, k, scale=scale)
+    with pytest.raises(ValueError, match="scale: expected a finite, positive float"):
+        kernels.masked_attention(q, k, k, me, mf, scale=scale)
+
+
 def test_agent_rejects_mixed_dtypes():
     q, k = torch.randn(1, 1, 8, 32, device=DEVICE), torch.randn(1, 1, 4, 32, device=DEVICE)
     with pytest.raises(ValueError, match="one dtype"):
