@@ -4,7 +4,10 @@ The mask. Key l is blocked for query i when mask_embed[b, i] · mask_feats[b, :,
 below 0.5). Each key tile therefore costs one extra (BLOCK_Q, C) × (C, BLOCK_L) product next to QKᵀ; the
 (B·H, Q, L) boolean that Mask2Former materialises is never written. The mask is shared by the heads but recomputed
 per head: the C·L·Q products are a few GFLOP at the paper's shapes and the repeated factor reads hit L2, which costs
-less than materialising and re-reading a mask.
+less than materialising and re-reading a mask. The backward recomputes the logits from the same factors, but its
+channel chunking and MMA shapes may differ from the forward's, so a logit within float rounding of 0 can be
+decided differently by the two (PyTorch's own forward and backward do not share such decisions either: the mask
+is not differentiated); integer-valued factors, as in the tests, give exact logits and identical decisions.
 
 Forward tiling (flash-decoding). With Q ≈ 100 all queries of a (batch, head) fit one BLOCK_Q tile, so a grid over
 query blocks would leave batch 1 with 8 programs; instead the keys are cut into splits and each program runs an
@@ -38,24 +41,35 @@ from kernels._triton_utils import (INTERPRET, LOG2E, check_float, check_scale, d
 MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
 _KEY_QUANTUM = 64 if INTERPRET else 128  # every BLOCK_L below divides it, so splits hold whole key tiles
-_MAX_BLOCK_C = 64  # mask-channel chunk of the in-kernel mask product; fixed so forward and backward sum alike
+# Mask-channel chunk of the in-kernel mask product. The forward may instead take all channels in one product
+# (WHOLE_C, autotuned): the mask embeddings are then loop-invariant and loaded once, not once per key tile.
+_MAX_BLOCK_C = 64
+_MAX_WHOLE_C = 256  # widest channel count taken whole (a (128, 256) bf16 tile is 64 KiB of shared memory)
 _FALLBACK_BLOCK_L = 64  # key tile of the combine step's softmax over all keys, for rows with every key blocked
 
 
 def _fwd_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_L": _KEY_QUANTUM}, num_warps=4, num_stages=1)]
+    if INTERPRET:  # the whole-channel product here; the backward's tests cover the chunked one
+        return [triton.Config({"BLOCK_L": _KEY_QUANTUM, "WHOLE_C": True}, num_warps=4, num_stages=1)]
     # (32, 8 warps) needs only ~107 registers per thread in bf16, so two programs share an SM. (64, 8 warps) takes
-    # 139, one program per SM; capped at 128 it does not spill and two fit (python -m kernels.resources, sm_90).
-    configs = [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
+    # 139, one program per SM; capped at 128 it does not spill and two fit. With all 256 mask channels in one
+    # product the loop body of those two shrinks by 15–20 % (445 → 358 and 636 → 540 SASS instructions), for
+    # 112 and 152 KiB of shared memory: two and one programs per SM (python -m kernels.resources, sm_90).
+    configs = [triton.Config({"BLOCK_L": bl, "WHOLE_C": False}, num_warps=w, num_stages=s)
                for bl, w, s in ((32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
-    return configs + [triton.Config({"BLOCK_L": 64}, num_warps=8, num_stages=2, maxnreg=128)]
+    return configs + [triton.Config({"BLOCK_L": 64, "WHOLE_C": False}, num_warps=8, num_stages=2, maxnreg=128),
+                      triton.Config({"BLOCK_L": 32, "WHOLE_C": True}, num_warps=8, num_stages=2),
+                      triton.Config({"BLOCK_L": 64, "WHOLE_C": True}, num_warps=8, num_stages=2, maxnreg=128)]
 
 
 def _prune_fwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    # fp32 inputs (tf32x3 splits every operand) spill even at 255 registers: a register cap would only spill more.
+    # fp32 inputs (tf32x3 splits every operand) spill even at 255 registers: a register cap would only spill more,
+    # and their whole-channel tiles need more shared memory than an SM has (392 KiB at 256 channels).
     if nargs["Q"].dtype == torch.float32:
-        return [c for c in configs if not getattr(c, "maxnreg", None)]
+        configs = [c for c in configs if not getattr(c, "maxnreg", None) and not c.kwargs["WHOLE_C"]]
+    # The whole-channel product only differs from the chunked one above one chunk, and only fits up to a bound.
+    if not kwargs["BLOCK_C"] < tile(kwargs["MASK_DIM"]) <= _MAX_WHOLE_C:
+        configs = [c for c in configs if not c.kwargs["WHOLE_C"]]
     return configs
 
 
@@ -91,11 +105,13 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
                        smeb, smeq, smec, smfb, smfc, smfl,
                        H, NQ, L, keys_per_split, scale_log2e,
                        HEAD_DIM: tl.constexpr, MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                       MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr, BLOCK_L: tl.constexpr):
+                       BLOCK_C: tl.constexpr, MASK_TILE: tl.constexpr, PRECISION: tl.constexpr,
+                       UPCAST: tl.constexpr, MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr,
+                       BLOCK_L: tl.constexpr, WHOLE_C: tl.constexpr):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_bh = tl.num_programs(1)
+    CHUNK: tl.constexpr = MASK_TILE if WHOLE_C else BLOCK_C
     b = pid_bh // H
     h = pid_bh % H
     offs_q = tl.arange(0, BLOCK_Q)
@@ -115,7 +131,7 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
         offs_l = start + tl.arange(0, BLOCK_L)
         l_ok = offs_l < hi
         logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
-                              MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
+                              MASK_DIM, BLOCK_Q, BLOCK_L, CHUNK, MASK_PRECISION, MASK_UPCAST)
         is_open = (logits >= 0) & l_ok[None, :]
         n_open += tl.sum(is_open.to(tl.int32), axis=1)
 
@@ -326,7 +342,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, scale: flo
         q, k, v, me, mf, o_part, lse_part, open_part,
         *q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(),
         h, nq, seq, keys_per_split, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, **precision, **_mask_args(me))
+        HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, **precision, **_mask_args(me), MASK_TILE=tile(me.shape[2]))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     row_open = torch.empty((b, h, nq), dtype=torch.int8, device=q.device)

@@ -141,8 +141,10 @@ def variants(dtype: str) -> list[Variant]:
     common = dict(HEAD_DIM=d, BLOCK_Q=u.tile(nq), BLOCK_D=u.tile(d), **prec)
     case = f"decoder-b{b}-L{seq}"
     fwd = dict(Q=x, K=x, V=x, ME=x, MF=x, O_PART=f32, LSE_PART=f32, OPEN_PART=i32, **q_strides, **kv_strides,
-               **mask_strides, H=h, NQ=nq, L=seq, keys_per_split=keys, scale_log2e=1.0, **common, **mask)
-    configs = mt._prune_fwd_configs(mt._masked_fwd_kernel.configs, {"Q": torch.empty(0, dtype=torch_dtype)})
+               **mask_strides, H=h, NQ=nq, L=seq, keys_per_split=keys, scale_log2e=1.0, MASK_TILE=u.tile(c),
+               **common, **mask)
+    configs = mt._prune_fwd_configs(mt._masked_fwd_kernel.configs, {"Q": torch.empty(0, dtype=torch_dtype)},
+                                    BLOCK_C=mask["BLOCK_C"], MASK_DIM=c)
     out.append(Variant("masked_fwd", case, mt._masked_fwd_kernel.fn, fwd, configs))
     combine = dict(O_PART=f32, LSE_PART=f32, OPEN_PART=i32, Q=x, K=x, V=x, O=x, LSE=f32, ROW_OPEN=i8, **q_strides,
                    **kv_strides, **dict(zip(("sob", "soh", "soq", "sod"), qs)), H=h, NQ=nq, L=seq, N_SPLITS=splits,
