@@ -6,8 +6,8 @@ below 0.5). Each key tile therefore costs one extra (BLOCK_Q, C) × (C, BLOCK_L)
 per head: the C·L·Q products are a few GFLOP at the paper's shapes and the repeated factor reads hit L2, which costs
 less than materialising and re-reading a mask. The backward recomputes the logits from the same factors, but its
 channel chunking and MMA shapes may differ from the forward's, so a logit within float rounding of 0 can be
-decided differently by the two (PyTorch's own forward and backward do not share such decisions either: the mask
-is not differentiated); integer-valued factors, as in the tests, give exact logits and identical decisions.
+decided differently by the two (the reference decides once); only such keys' gradient terms are affected, and
+integer-valued factors, as in the tests, give exact logits and identical decisions.
 
 Forward tiling (flash-decoding). With Q ≈ 100 all queries of a (batch, head) fit one BLOCK_Q tile, so a grid over
 query blocks would leave batch 1 with 8 programs; instead the keys are cut into splits and each program runs an
