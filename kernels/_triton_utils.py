@@ -64,6 +64,17 @@ def next_power_of_2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+def autotune_bench(kernel_call, quantiles):
+    """The autotuner's timing of one config: 5 ms of warm-up and 25 ms of repetitions instead of Triton's 25 + 100.
+
+    The kernels take tens of microseconds, so 25 ms is hundreds of runs, enough to rank configs; with ~10 configs
+    per kernel and a tuning per shape and dtype, the default would spend most of a GPU check benchmarking.
+    """
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def tile(n: int, cap: int | None = None) -> int:
     """Smallest power of two ≥ n (and ≥ 16, the smallest ``tl.dot`` operand side), optionally capped."""
     size = max(16, next_power_of_2(n))

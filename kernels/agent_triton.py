@@ -26,8 +26,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels._triton_utils import (INTERPRET, LOG2E, cdiv, check_float, check_scale, dot_precision, mm,
-                                   needs_upcast, persistent_programs, split_extent, sum_partials, tile)
+from kernels._triton_utils import (INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale, dot_precision,
+                                   mm, needs_upcast, persistent_programs, split_extent, sum_partials, tile)
 
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Head widths up to this many bytes per row (128 elements in fp16/bf16, 64 in fp32) are one d-chunk: q, K and V
@@ -95,7 +95,7 @@ def _softmax_rows(s, key_ok, scale_log2e):
 
 
 @triton.autotune(configs=_fwd_configs(), key=["N", "M", "HEAD_DIM", "STORE_LSE"],
-                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs}, do_bench=autotune_bench)
 @triton.jit
 def _agent_fwd_kernel(Q, K, V, O, LSE,
                       sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,
@@ -170,7 +170,7 @@ def _prune_bwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> l
 
 
 @triton.autotune(configs=_bwd_configs(), key=["N", "M", "HEAD_DIM"], reset_to_zero=["PART"],
-                 prune_configs_by={"early_config_prune": _prune_bwd_configs})
+                 prune_configs_by={"early_config_prune": _prune_bwd_configs}, do_bench=autotune_bench)
 @triton.jit
 def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
                       sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,

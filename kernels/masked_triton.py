@@ -35,8 +35,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels._triton_utils import (INTERPRET, LOG2E, check_float, check_scale, dot_precision, mm, needs_upcast,
-                                   split_extent, sum_partials, tile)
+from kernels._triton_utils import (INTERPRET, LOG2E, autotune_bench, check_float, check_scale, dot_precision, mm,
+                                   needs_upcast, split_extent, sum_partials, tile)
 
 MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
@@ -98,7 +98,7 @@ def _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, 
 
 
 @triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"],
-                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs}, do_bench=autotune_bench)
 @triton.jit
 def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
                        sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
@@ -229,7 +229,8 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, Q, K, V, O, LSE, ROW_OPE
     tl.store(ROW_OPEN + pid_bh * NQ + offs_q, row_open.to(tl.int8), mask=q_ok)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"])
+@triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"],
+                 do_bench=autotune_bench)
 @triton.jit
 def _masked_bwd_kernel(Q, K, V, ME, MF, O, DO, LSE, ROW_OPEN, DQ_PART, DK, DV,
                        sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,

@@ -255,8 +255,8 @@ def compile_variant(variant: Variant, config: Any, dtype: str, arch: int) -> Res
     label = (meta + ", " if meta else "") + f"warps={config.num_warps}, stages={config.num_stages}"
     if getattr(config, "maxnreg", None):
         label += f", maxnreg={config.maxnreg}"
-    return Result(variant.kernel, variant.case, dtype, label,
-                  registers, spilled, shared, programs_per_sm(registers, config.num_warps, shared), mma, instructions, seconds)
+    return Result(variant.kernel, variant.case, dtype, label, registers, spilled, shared,
+                  programs_per_sm(registers, config.num_warps, shared), mma, instructions, seconds)
 
 
 def render(results: Sequence[Result], arch: int) -> str:
@@ -269,7 +269,8 @@ def render(results: Sequence[Result], arch: int) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.kernel} | {r.case} | {r.dtype} | {r.config} | {r.registers} | {r.spill_bytes} | "
-                     f"{r.shared_bytes / 1024:.1f} | {r.programs_per_sm} | {r.mma} | {r.instructions} | {r.seconds:.1f} |")
+                     f"{r.shared_bytes / 1024:.1f} | {r.programs_per_sm} | {r.mma} | {r.instructions} | "
+                     f"{r.seconds:.1f} |")
     return "\n".join(lines) + "\n"
 
 
