@@ -234,6 +234,22 @@ def graph_replay_ms(launch: Callable[[], Tensor], replays: int = 20) -> tuple[fl
         return None, f"not capturable in a CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
+def _assert_grads_agree(fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+                        ref: Callable[[Tensor, Tensor, Tensor], Tensor], inputs: list[Tensor]) -> None:
+    """dq, dk, dv of ``fn`` against the fp32 ``ref`` on the same (rounded) inputs: the autotuned configs' backward
+    at the paper's shapes, with the bounds of tests/test_kernels.py (norm 2 eps, max 4 eps of the reference's)."""
+    grad_out = torch.randn(inputs[0].shape, device=inputs[0].device, dtype=inputs[0].dtype)
+    actual = torch.autograd.grad(fn(*inputs), inputs, grad_out)
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(ref(*leaves), leaves, grad_out.float())
+    eps = torch.finfo(inputs[0].dtype).eps if inputs[0].dtype != torch.float32 else 1e-5
+    for name, a, e in zip(("dq", "dk", "dv"), actual, expected):
+        err = a.float() - e
+        assert float(err.norm()) <= 2 * eps * float(e.norm()), f"{name}: norm error {float(err.norm()):.3e}"
+        worst = float(err.abs().max())
+        assert worst <= 4 * eps * float(e.abs().max()), f"{name}: max error {worst:.3e}"
+
+
 def _assert_agrees(out: Tensor, expected: Tensor) -> None:
     # The benchmark dtype's rounding of P and of the output: a few eps of the output's scale (see tests/).
     eps = torch.finfo(out.dtype).eps if out.dtype != torch.float32 else 1e-6
@@ -253,6 +269,8 @@ def test_agent_attention(benchmark, case: AgentCase, impl: str, mode: str):
     out = _run(benchmark, agent_fn(impl, scale), [q, k, v], mode, f"agent {case.name} {mode}", flops)
     with torch.no_grad():
         _assert_agrees(out, kernels.agent_attention_reference(q.float(), k.float(), v.float(), scale=scale))
+    if impl == "triton" and mode == "fwd+bwd":
+        _assert_grads_agree(agent_fn(impl, scale), agent_fn("reference", scale), [q, k, v])
 
 
 @pytest.mark.parametrize("case, impl, mode", MASKED_PARAMS)
@@ -270,3 +288,5 @@ def test_masked_attention(benchmark, case: MaskedCase, impl: str, mode: str):
     out = _run(benchmark, masked_fn(impl, scale, me, mf), [q, k, v], mode, f"masked {case.name} {mode}", flops)
     with torch.no_grad():
         _assert_agrees(out, kernels.masked_attention_reference(q.float(), k.float(), v.float(), me, mf, scale=scale))
+    if impl == "triton" and mode == "fwd+bwd":
+        _assert_grads_agree(masked_fn(impl, scale, me, mf), masked_fn("reference", scale, me, mf), [q, k, v])

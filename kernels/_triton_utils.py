@@ -17,6 +17,11 @@ import triton.language as tl
 # the bf16 workaround) always agree with the kind of function Triton built.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
+# QD_TRITON_AUTOTUNE=0: one fixed config per kernel instead of autotuning. Every autotune config is one more
+# compilation per shape and dtype (about a second each); a correctness run at many shapes (the gpu tests) spends
+# minutes on them, while the results do not depend on the config. Read once, at import, like the configs.
+AUTOTUNE: bool = os.environ.get("QD_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
+
 LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is one instruction): exp(x) = exp2(x · log2 e)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -26,8 +26,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels._triton_utils import (INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale, dot_precision,
-                                   mm, needs_upcast, persistent_programs, split_extent, sum_partials, tile)
+from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
+                                   dot_precision, mm, needs_upcast, persistent_programs, split_extent, sum_partials,
+                                   tile)
 
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Head widths up to this many bytes per row (128 elements in fp16/bf16, 64 in fp32) are one d-chunk: q, K and V
@@ -46,6 +47,8 @@ _PARTIAL_BUDGET = 1 << 28  # bytes of fp32 dK/dV partials the backward may alloc
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:  # 64-row blocks and one program per few blocks: the tests cover ragged and strided blocks
         return [triton.Config({"BLOCK_N": 64, "WAVES": 1}, num_warps=4, num_stages=1)]
+    if not AUTOTUNE:  # valid for every dtype and head width (see kernels._triton_utils.AUTOTUNE)
+        return [triton.Config({"BLOCK_N": 64, "WAVES": 4}, num_warps=4, num_stages=3)]
     # WAVES = 0: one query block per program, latency hidden only by other resident programs. WAVES > 0: each
     # program strides over several blocks with K and V kept in registers, and num_stages ≥ 3 pipelines the next
     # block's q load under the current block's math (the kernel is bound by load latency, not by flops).
@@ -72,6 +75,8 @@ def _prune_fwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> l
 def _bwd_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": _ROW_QUANTUM}, num_warps=4, num_stages=1)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3)]
     # (16, 4 warps, 3 stages): 168 registers per thread instead of 255 at d = 32, so 3 programs share an SM, not 2
     # (python -m kernels.resources, sm_90).
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)

@@ -35,8 +35,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels._triton_utils import (INTERPRET, LOG2E, autotune_bench, check_float, check_scale, dot_precision, mm,
-                                   needs_upcast, split_extent, sum_partials, tile)
+from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, check_float, check_scale,
+                                   dot_precision, mm, needs_upcast, split_extent, sum_partials, tile)
 
 MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
@@ -51,6 +51,8 @@ _FALLBACK_BLOCK_L = 64  # key tile of the combine step's softmax over all keys, 
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:  # the whole-channel product here; the backward's tests cover the chunked one
         return [triton.Config({"BLOCK_L": _KEY_QUANTUM, "WHOLE_C": True}, num_warps=4, num_stages=1)]
+    if not AUTOTUNE:  # valid for every dtype and channel count (see kernels._triton_utils.AUTOTUNE)
+        return [triton.Config({"BLOCK_L": 32, "WHOLE_C": False}, num_warps=8, num_stages=2)]
     # (32, 8 warps) needs only ~107 registers per thread in bf16, so two programs share an SM. (64, 8 warps) takes
     # 139, one program per SM; capped at 128 it does not spill and two fit. With all 256 mask channels in one
     # product the loop body of those two shrinks by 15–20 % (445 → 358 and 636 → 540 SASS instructions), for
@@ -76,6 +78,8 @@ def _prune_fwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> l
 def _bwd_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_L": _KEY_QUANTUM}, num_warps=4, num_stages=1)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_L": 64}, num_warps=8, num_stages=2)]
     return [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
             for bl, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2))]
 

@@ -35,3 +35,21 @@ def test_resources_refuses_to_run_under_the_interpreter():
     done = subprocess.run([sys.executable, "-m", "kernels.resources", "--max-configs", "1"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "TRITON_INTERPRET is set" in done.stderr
+
+
+def test_without_autotuning_each_kernel_has_one_config_and_it_compiles_for_every_dtype(tmp_path: Path):
+    """QD_TRITON_AUTOTUNE=0 (the gpu tests' fast mode) must give every kernel one config that is valid for every
+    dtype and shape, since the autotuner's pruning is skipped when there is a single config."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"QD_TRITON_AUTOTUNE": "0"}
+    count = ("import kernels.agent_triton as a, kernels.masked_triton as m; "
+             "print(*(len(k.configs) for k in (a._agent_fwd_kernel, a._agent_bwd_kernel, m._masked_fwd_kernel, "
+             "m._masked_bwd_kernel)))")
+    done = subprocess.run([sys.executable, "-c", count], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["1", "1", "1", "1"], done.stderr[-2000:]
+    out = tmp_path / "fixed.md"
+    done = subprocess.run([sys.executable, "-m", "kernels.resources", "--dtype", "bf16", "--dtype", "fp16", "--dtype",
+                           "fp32", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3 * 8 and all(int(r[7]) >= 1 for r in rows)  # every one fits an SM
