@@ -36,6 +36,7 @@ if not CUDA:
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
+from qd_core.checkpoint import atomic_write  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -131,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(lines) + "\n\n" + "\n\n".join(profiles) + "\n"
     sys.stdout.write(text)
     if args.out is not None:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        atomic_write(args.out, lambda tmp: tmp.write_text(text))
     return 0
 
 

@@ -187,9 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = next((b["extra_info"].get("device") for b in data["benchmarks"] if "extra_info" in b), "unknown")
     text = render(rows, args.bandwidth_tbs, f"Kernel microbenchmarks on {device}")
     if args.out is not None:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        from qd_core.checkpoint import atomic_write  # torch comes with it; only needed here
+
+        atomic_write(args.out, lambda tmp: tmp.write_text(text))
     else:
         print(text, end="")
     return 0

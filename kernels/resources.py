@@ -186,12 +186,17 @@ def _specialise(fn: Any, values: dict[str, Any]) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+def _nvidia_tool(name: str) -> Path:
+    """A CUDA tool (ptxas, cuobjdump) from the bin/ folder Triton's NVIDIA backend ships in its wheel."""
+    import triton.backends.nvidia as nvidia
+
+    return Path(nvidia.__file__).parent / "bin" / name
+
+
 def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
     """(registers per thread, spill store + load bytes per thread) from ``ptxas -v`` on the kernel's PTX, with the
     ptxas the Triton wheel bundles (cuobjdump's resource summary leaves spills out)."""
-    import triton.backends.nvidia as nvidia  # its wheel ships ptxas in bin/
-
-    ptxas = Path(nvidia.__file__).parent / "bin" / "ptxas"
+    ptxas = _nvidia_tool("ptxas")
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # as Triton assembles: sm_90a for wgmma
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
@@ -210,9 +215,7 @@ def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
 def _sass_instructions(cubin: bytes) -> int:
     """Number of SASS instructions in the kernel (static count, every path), from the bundled cuobjdump: a proxy
     for the issue cost of one pass through its loop when comparing variants of one kernel."""
-    import triton.backends.nvidia as nvidia
-
-    tool = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    tool = _nvidia_tool("cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
