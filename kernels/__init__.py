@@ -37,10 +37,16 @@ def _triton_module(name: str, t: Tensor) -> ModuleType:
                 raise ValueError("Triton kernels on CPU run under Triton's interpreter, which must be chosen before "
                                  "torch.compile / diffusers is imported: start the process with TRITON_INTERPRET=1")
             os.environ["TRITON_INTERPRET"] = "1"
-        elif utils is not None and not utils.INTERPRET:
+        elif utils is not None and not utils.INTERPRET and not _offline():
             raise ValueError("Triton kernels: got CPU tensors but the kernels were built for CUDA; set "
                              "TRITON_INTERPRET=1 before the first kernel call to run them on CPU")
     return importlib.import_module(f"kernels.{name}")
+
+
+def _offline() -> bool:
+    """Whether ``kernels.offline_driver`` stands in for CUDA (CPU tensors then go to the compiled kernels)."""
+    offline = sys.modules.get("kernels.offline_driver")
+    return offline is not None and offline.INSTALLED
 
 
 def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, Callable
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
 
 # Read the same way Triton reads it when the decorators below run, so the launch-side choices (fixed configs,
 # the bf16 workaround) always agree with the kind of function Triton built.
@@ -21,6 +25,9 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1
 # compilation per shape and dtype (about a second each); a correctness run at many shapes (the gpu tests) spends
 # minutes on them, while the results do not depend on the config. Read once, at import, like the configs.
 AUTOTUNE: bool = os.environ.get("QD_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
+
+# QD_TRITON_FAST_LAUNCH=0: every launch goes through Triton's own dispatch (see ``Launcher``). Read once, at import.
+FAST_LAUNCH: bool = os.environ.get("QD_TRITON_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "off")
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is one instruction): exp(x) = exp2(x · log2 e)
 
@@ -86,19 +93,29 @@ def tile(n: int, cap: int | None = None) -> int:
     return min(size, cap) if cap is not None else size
 
 
+_SM_OVERRIDE: list[int] = []  # see use_multiprocessors
+
+
+def use_multiprocessors(count: int) -> None:
+    """Size launch grids for a GPU of ``count`` SMs whatever the tensors' device (``kernels.offline_driver``)."""
+    _SM_OVERRIDE[:] = [count]
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs a split launch aims for: two waves of the GPU's SMs.
 
     Under the interpreter programs run one after another, so a small number still exercises the split paths.
     """
-    if INTERPRET or device.type != "cuda":
+    if not _SM_OVERRIDE and (INTERPRET or device.type != "cuda"):
         return 4
-    return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * multiprocessors(device)
 
 
 def multiprocessors(device: torch.device) -> int:
     """The GPU's SM count; 3 under the interpreter, so that a grid sized in waves of SMs still has programs that
     stride over several blocks (see ``persistent_programs``)."""
+    if _SM_OVERRIDE:
+        return _SM_OVERRIDE[0]
     if INTERPRET or device.type != "cuda":
         return 3
     return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
@@ -175,6 +192,77 @@ def _sum_partials_kernel(PART, OUT, ROWS, COLS, BLOCK: tl.constexpr):
     tl.store(OUT + t.to(tl.int64) * COLS + offs, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
+GridFn = Callable[[dict], tuple]
+
+
+def _hooks_installed() -> bool:
+    """Whether a launch hook is installed (a profiler's). Triton 3.6+ keeps them as hook chains, empty by
+    default, and passes the chains to its launcher, which calls them; with no hook in them, passing None (the
+    launcher then calls nothing) is the same launch without the per-call metadata they would receive."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class Launcher:
+    """Launches one ``@triton.jit`` kernel, autotuned or not, paying Triton's per-call dispatch once per signature.
+
+    ``kernel[grid](*args)`` costs ~15 µs of host time per call on a 2-core CPU before the launch itself (the
+    autotuner's key, the binder specialising every argument, the compiled-kernel key), several times the ~1 µs
+    an argument key takes here. The kernels run at sizes where the host cost of a call is comparable to the GPU
+    work, so the first call of each signature goes through Triton (autotuning, compiling) and the later ones
+    launch the kernel it returned directly, with the config it chose and the exact argument list Triton passes
+    (``JITFunction.run``: every parameter in order, constexprs included; Triton 3.6 and 3.7 alike).
+
+    The signature is everything Triton specialises on and more: the current device, each tensor's dtype and
+    16-byte alignment, the values of the scalar arguments (sizes, strides, scales) and of the constexprs; the
+    autotuner's key is among them, so the cached config is the one it would pick. Call sites pass tensors first,
+    then scalars, with one Python type per position. Triton's path is taken instead under the interpreter, with
+    ``QD_TRITON_FAST_LAUNCH=0``, while a launch hook is installed (profilers; see ``_hooks_installed``), or for
+    configs with a pre-hook.
+    """
+
+    _MAX_ENTRIES = 4096  # signatures kept per kernel; cleared beyond (each miss only costs one Triton dispatch)
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.tuned = isinstance(kernel, Autotuner)
+        self.names: list[str] = list((kernel.fn if self.tuned else kernel).arg_names)
+        self.entries: dict[tuple, tuple[Any, dict, tuple]] = {}
+
+    def __call__(self, grid: tuple | GridFn, tensors: tuple, scalars: tuple, **constexprs: Any) -> None:
+        """Launch on ``grid`` (a tuple, or a function of the meta-parameters) with ``(*tensors, *scalars)`` as the
+        kernel's leading positional parameters and ``constexprs`` (and the autotuned config) as the rest."""
+        if INTERPRET or not FAST_LAUNCH:
+            self.kernel[grid](*tensors, *scalars, **constexprs)
+            return
+        device = driver.active.get_current_device()
+        key = (device, tuple([(t.dtype, t.data_ptr() & 15) for t in tensors]), scalars, tuple(constexprs.items()))
+        entry = self.entries.get(key)
+        if entry is None or _hooks_installed():
+            compiled = self.kernel[grid](*tensors, *scalars, **constexprs)
+            self._remember(key, compiled, len(tensors) + len(scalars), constexprs)
+            return
+        compiled, meta, tail = entry
+        g = grid(meta) if callable(grid) else grid
+        compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
+                     driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
+                     None, None, *tensors, *scalars, *tail)
+
+    def _remember(self, key: tuple, compiled: Any, positional: int, constexprs: dict) -> None:
+        config = self.kernel.best_config if self.tuned else None
+        if compiled is None or getattr(compiled, "function", None) is None or (config is not None and config.pre_hook):
+            return
+        meta = dict(constexprs, **(config.kwargs if config is not None else {}))
+        missing = [name for name in self.names[positional:] if name not in meta]
+        if missing:  # a parameter left to its default: its value is not known here, so keep Triton's path
+            return
+        if len(self.entries) >= self._MAX_ENTRIES:
+            self.entries.clear()
+        self.entries[key] = (compiled, meta, tuple(meta[name] for name in self.names[positional:]))
+
+
 def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(T, R, E) contiguous fp32 partials → (T, E) sums over R in ``dtype``, in one launch.
 
@@ -184,5 +272,8 @@ def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     t, rows, cols = part.shape
     out = torch.empty((t, cols), dtype=dtype, device=part.device)
     block = 1024 if not INTERPRET else max(16, min(4096, next_power_of_2(cols)))
-    _sum_partials_kernel[(cdiv(cols, block), t)](part, out, rows, cols, BLOCK=block, num_warps=4)
+    _sum_partials_launch((cdiv(cols, block), t), (part, out), (rows, cols), BLOCK=block, num_warps=4)
     return out
+
+
+_sum_partials_launch = Launcher(_sum_partials_kernel)

@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
-                                   dot_precision, mm, needs_upcast, persistent_programs, split_extent, sum_partials,
-                                   tile)
+                                   dot_precision, Launcher, mm, needs_upcast, persistent_programs, split_extent,
+                                   sum_partials, tile)
 
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Head widths up to this many bytes per row (128 elements in fp16/bf16, 64 in fp32) are one d-chunk: q, K and V
@@ -310,9 +310,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> 
     def grid(meta: dict) -> tuple[int, int]:
         return persistent_programs(cdiv(n, meta["BLOCK_N"]), meta["WAVES"], b * h, q.device), b * h
 
-    _agent_fwd_kernel[grid](
-        q, k, v, o, lse if store_lse else o, *q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *o.stride(),
-        h, n, m, scale * LOG2E,
+    _fwd_launch(
+        grid, (q, k, v, o, lse if store_lse else o),
+        (*q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *o.stride(), h, n, m, scale * LOG2E),
         HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=block_d(d, q.element_size(), "fwd"),
         PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), STORE_LSE=store_lse)
     return o, lse
@@ -331,10 +331,10 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, scale: f
     part = alloc((2, splits, b, h, m, d), dtype=torch.float32, device=q.device)
     kb = 0 if k.shape[0] == 1 else k.stride(0)
     vb = 0 if v.shape[0] == 1 else v.stride(0)
-    _agent_bwd_kernel[(splits, b * h)](
-        q, k, v, do, lse, dq, part,
-        *q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *do.stride(), *dq.stride(),
-        h, n, m, rows_per_split, scale, scale * LOG2E,
+    _bwd_launch(
+        (splits, b * h), (q, k, v, do, lse, dq, part),
+        (*q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *do.stride(), *dq.stride(),
+         h, n, m, rows_per_split, scale, scale * LOG2E),
         HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=chunk,
         PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype))
     # Sum the splits, and for keys shared by the batch the images too: rows (split[, image]) of (2, rows, elems).
@@ -343,6 +343,10 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, scale: f
     else:
         grads = sum_partials(part.view(2, splits, b * h * m * d), k.dtype)
     return dq, grads[0].view(k.shape), grads[1].view(v.shape)
+
+
+_fwd_launch = Launcher(_agent_fwd_kernel)
+_bwd_launch = Launcher(_agent_bwd_kernel)
 
 
 class AgentAttention(torch.autograd.Function):

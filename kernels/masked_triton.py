@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, check_float, check_scale,
-                                   dot_precision, mm, needs_upcast, split_extent, sum_partials, tile)
+                                   dot_precision, Launcher, mm, needs_upcast, split_extent, sum_partials, tile)
 
 MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
@@ -343,17 +343,17 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, scale: flo
     open_part = torch.empty((splits, b * h, nq), dtype=torch.int32, device=q.device)
     block_q, block_d = tile(nq), tile(d)
     precision = dict(PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype))
-    _masked_fwd_kernel[(splits, b * h)](
-        q, k, v, me, mf, o_part, lse_part, open_part,
-        *q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(),
-        h, nq, seq, keys_per_split, scale * LOG2E,
+    _fwd_launch(
+        (splits, b * h), (q, k, v, me, mf, o_part, lse_part, open_part),
+        (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), h, nq, seq, keys_per_split,
+         scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, **precision, **_mask_args(me), MASK_TILE=tile(me.shape[2]))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     row_open = torch.empty((b, h, nq), dtype=torch.int8, device=q.device)
-    _masked_combine_kernel[(b * h,)](
-        o_part, lse_part, open_part, q, k, v, o, lse, row_open,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, seq, splits, scale * LOG2E,
+    _combine_launch(
+        (b * h,), (o_part, lse_part, open_part, q, k, v, o, lse, row_open),
+        (*q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, seq, splits, scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_L=_FALLBACK_BLOCK_L, **precision, num_warps=4)
     return o, lse, row_open
 
@@ -366,13 +366,18 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, o: Tensor
     dq_part = torch.empty((splits, b, h, nq, d), dtype=torch.float32, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    _masked_bwd_kernel[(splits, b * h)](
-        q, k, v, me, mf, o, do, lse, row_open, dq_part, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *o.stride(), *do.stride(), *dk.stride(),
-        *dv.stride(), h, nq, seq, keys_per_split, scale, scale * LOG2E,
+    _bwd_launch(
+        (splits, b * h), (q, k, v, me, mf, o, do, lse, row_open, dq_part, dk, dv),
+        (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *o.stride(), *do.stride(), *dk.stride(),
+         *dv.stride(), h, nq, seq, keys_per_split, scale, scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=tile(nq), BLOCK_D=tile(d), PRECISION=dot_precision(q.dtype),
         UPCAST=needs_upcast(q.dtype), **_mask_args(me))
     return sum_partials(dq_part.view(1, splits, b * h * nq * d), q.dtype).view(q.shape), dk, dv
+
+
+_fwd_launch = Launcher(_masked_fwd_kernel)
+_combine_launch = Launcher(_masked_combine_kernel)
+_bwd_launch = Launcher(_masked_bwd_kernel)
 
 
 class MaskedAttention(torch.autograd.Function):
