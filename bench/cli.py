@@ -46,7 +46,7 @@ VERSION_PACKAGES = ("torch", "triton", "onnx", "onnxruntime", "onnxruntime-gpu",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0].strip("`: "))
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0].split(": ", 1)[1])
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where to run (default: cuda when available, else cpu)")
     ap.add_argument("--config", default=None,

@@ -25,6 +25,10 @@ def _triton_module(name: str, t: Tensor) -> ModuleType:
     """Import ``kernels.<name>`` so that it can run on ``t``'s device (see the module docstring)."""
     if not isinstance(t, Tensor):
         raise ValueError(f"q: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_cuda:  # the common case, checked first: it is paid on every call
+        module = sys.modules.get(f"kernels.{name}")
+        if module is not None:
+            return module
     utils = sys.modules.get("kernels._triton_utils")
     if t.device.type == "cpu":
         if utils is None and os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on"):

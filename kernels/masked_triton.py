@@ -325,7 +325,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_feat
 def _mask_factors(mask_embed: Tensor, mask_feats: Tensor) -> tuple[Tensor, Tensor]:
     """Both factors in one dtype (the promoted one), detached: the mask is not differentiated."""
     dtype = torch.promote_types(mask_embed.dtype, mask_feats.dtype)
-    return mask_embed.detach().to(dtype), mask_feats.detach().to(dtype)
+    return tuple(t if t.dtype == dtype and not t.requires_grad else t.detach().to(dtype)  # type: ignore[return-value]
+                 for t in (mask_embed, mask_feats))
 
 
 def _mask_args(mask_embed: Tensor) -> dict:

@@ -24,12 +24,9 @@ BACKENDS = ("torch", "triton", "sdpa", "xformers", "flex")
 
 
 def _tracing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    if torch.onnx.is_in_onnx_export():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+    # Cheapest checks first: this runs on every attention call (is_in_onnx_export alone costs ~1 µs).
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or torch.onnx.is_in_onnx_export())
 
 
 def backend_for(t: Tensor) -> str:
@@ -59,6 +56,11 @@ def _kernel_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (no call at all when it already is: these run several dozen times per forward)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
     """Softmax(q kᵀ·scale) v with keys shared over the batch allowed.
 
@@ -69,7 +71,7 @@ def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
         import kernels
 
         dtype = _kernel_dtype(q, k, v)
-        return kernels.agent_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
+        return kernels.agent_attention(_as(q, dtype), _as(k, dtype), _as(v, dtype), scale=scale)
     if backend == "torch":
         return agent_attention_reference(q, k, v, scale=scale)
     return attention(q, k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1), scale=scale)
@@ -88,7 +90,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
         import kernels
 
         dtype = _kernel_dtype(q, k, v)
-        return kernels.masked_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask_embed, mask_feats, scale=scale)
+        return kernels.masked_attention(_as(q, dtype), _as(k, dtype), _as(v, dtype), mask_embed, mask_feats,
+                                        scale=scale)
     if backend == "torch":
         return masked_attention_reference(q, k, v, mask_embed, mask_feats, scale=scale)
     allowed = ~blocked_keys(mask_embed, mask_feats)[:, None]  # SDPA: True = may attend
