@@ -155,6 +155,25 @@ def split_extent(extent: int, quantum: int, programs_per_split: int, device: tor
     return cdiv(extent, length), length
 
 
+def checked_once(check: Callable[..., None]) -> Callable[..., None]:
+    """``check(*tensors)``, skipped for tensors of shapes, dtypes and devices it has already accepted.
+
+    The input checks of the kernels depend on nothing else, and they run on every call (a few µs of host time at
+    sizes where a call's host time is comparable to its GPU time); a signature that fails is checked again.
+    """
+    accepted: set[tuple] = set()
+
+    def run(*tensors: torch.Tensor) -> None:
+        key = tuple([(t.shape, t.dtype, t.device) for t in tensors])
+        if key not in accepted:
+            check(*tensors)
+            if len(accepted) >= 4096:
+                accepted.clear()
+            accepted.add(key)
+    run.__doc__ = check.__doc__
+    return run
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     """Raise ValueError unless ``t`` is an fp32/fp16/bf16 tensor on a CUDA or CPU device."""
     if t.dtype not in _FLOAT_DTYPES:

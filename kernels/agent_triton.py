@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
-                                   dot_precision, Launcher, mm, needs_upcast, persistent_programs, split_extent,
-                                   sum_partials, tile)
+                                   checked_once, dot_precision, Launcher, mm, needs_upcast, persistent_programs,
+                                   split_extent, sum_partials, tile)
 
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Head widths up to this many bytes per row (128 elements in fp16/bf16, 64 in fp32) are one d-chunk: q, K and V
@@ -269,6 +269,7 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
                               sem="relaxed")
 
 
+@checked_once
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)

@@ -36,7 +36,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, check_float, check_scale,
-                                   dot_precision, Launcher, mm, needs_upcast, split_extent, sum_partials, tile)
+                                   checked_once, dot_precision, Launcher, mm, needs_upcast, split_extent, sum_partials,
+                                   tile)
 
 MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
@@ -293,6 +294,7 @@ def _masked_bwd_kernel(Q, K, V, ME, MF, O, DO, LSE, ROW_OPEN, DQ_PART, DK, DV,
     tl.store(DQ_PART + row[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=qd_mask)
 
 
+@checked_once
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_feats: Tensor) -> None:
     for name, t, dims in (("q", q, "(B, H, Q, d)"), ("k", k, "(B, H, L, d)"), ("v", v, "(B, H, L, d)"),
                           ("mask_embed", mask_embed, "(B, Q, C)"), ("mask_feats", mask_feats, "(B, C, L)")):

@@ -179,6 +179,25 @@ def test_kernels_reject_a_scale_that_is_not_positive_and_finite(scale):
         kernels.masked_attention(q, k, k, me, mf, scale=scale)
 
 
+def test_input_checks_remember_accepted_signatures_only():
+    """The checks are skipped for shapes/dtypes/devices accepted before, never for ones rejected before, and a
+    signature differing only in a rejected detail (here the key count, the dtype) is still checked."""
+    q, k = torch.randn(1, 1, 8, 32, device=DEVICE), torch.randn(1, 1, 4, 32, device=DEVICE)
+    kernels.agent_attention(q, k, k)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="1 to 256 keys"):
+            kernels.agent_attention(q, torch.randn(1, 1, 300, 32, device=DEVICE), torch.randn(1, 1, 300, 32,
+                                                                                              device=DEVICE))
+        with pytest.raises(ValueError, match="one dtype"):
+            kernels.agent_attention(q, k.half(), k.half())
+    me, mf = torch.randn(1, 8, 4, device=DEVICE), torch.randn(1, 4, 4, device=DEVICE)
+    kernels.masked_attention(q, k, k, me, mf)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="mask_feats: expected shape"):
+            kernels.masked_attention(q, k, k, me, torch.randn(1, 4, 5, device=DEVICE))
+    kernels.agent_attention(q, k, k)
+
+
 def test_agent_rejects_mixed_dtypes():
     q, k = torch.randn(1, 1, 8, 32, device=DEVICE), torch.randn(1, 1, 4, 32, device=DEVICE)
     with pytest.raises(ValueError, match="one dtype"):
