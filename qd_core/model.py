@@ -82,9 +82,9 @@ class QueryDiffStudent(nn.Module):
     def forward(self, images: Tensor) -> StudentOutput:
         """images: (B, 3, H, W) normalised, H and W multiples of 32 → all decoder outputs."""
         self.check_images(images)
-        feats = self.backbone(images, adapter=self.reins)
+        tokens = self.reins.all_tokens() if self.reins is not None else None  # (L, m, D), shared with the queries
+        feats = self.backbone(images, adapter=self.reins.bind(tokens) if self.reins is not None else None)
         pyramid = self.backbone.pyramid(feats)
-        tokens = self.reins.all_tokens() if self.reins is not None else None
         queries = self.agent_queries(feats.layers, tokens)  # (B, m, D)
         head_queries = self.query_link(queries)  # (B, m, d)
         mask_features, memories = self.pixel_decoder(pyramid)

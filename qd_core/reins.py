@@ -14,6 +14,7 @@ The module's ``forward(tokens, layer)`` is the adapter hook of ``DinoVisionTrans
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -62,19 +63,33 @@ class LoRAReins(nn.Module):
         """Rein tokens of every block, (L, m, D)."""
         return torch.matmul(self.learnable_tokens_a, self.learnable_tokens_b)
 
-    def forward(self, x: Tensor, layer: int) -> Tensor:
+    def token_values(self, tokens: Tensor) -> Tensor:
+        """The attention values of Rein tokens: (..., m, D) → (..., m, D), token 0's row zero.
+
+        Token 0 stays in the softmax (a patch can put its mass there and opt out) but contributes no value.
+        """
+        values = self.mlp_token2feat(tokens)
+        return torch.cat([torch.zeros_like(values[..., :1, :]), values[..., 1:, :]], dim=-2)
+
+    def bind(self, tokens: Tensor) -> Callable[[Tensor, int], Tensor]:
+        """The backbone's adapter for one forward pass, with every block's tokens (L, m, D) (``all_tokens()``)
+        and their values computed once for all blocks: two batched products instead of two per block, which
+        at batch 1 are a few dozen kernel launches of a few µs of work each."""
+        values = self.token_values(tokens)
+        return lambda x, layer: self(x, layer, tokens[layer], values[layer])
+
+    def forward(self, x: Tensor, layer: int, tokens: Tensor | None = None, values: Tensor | None = None) -> Tensor:
         """Refine the patch tokens of block ``layer``'s output.
 
-        x: (B, 1+N, D) tokens, CLS first (the CLS token passes through unchanged). Returns (B, 1+N, D).
+        x: (B, 1+N, D) tokens, CLS first (the CLS token passes through unchanged); tokens, values: block
+        ``layer``'s (m, D) Rein tokens and values when already computed (see ``bind``). Returns (B, 1+N, D).
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim or x.shape[1] < 2:
             raise ValueError(f"x: expected (B, 1+N, {self.embed_dim}) tokens with a CLS token and N >= 1 patches, "
                              f"got shape {tuple(x.shape)}")
         cls, patches = x[:, :1], x[:, 1:]
-        t = self.tokens(layer)
-        values = self.mlp_token2feat(t)
-        # Token 0 stays in the softmax (a patch can put its mass there and opt out) but contributes no value.
-        values = torch.cat([torch.zeros_like(values[:1]), values[1:]], dim=0)
+        t = self.tokens(layer) if tokens is None else tokens
+        values = self.token_values(t) if values is None else values
         # One head of width D; the m keys are shared by the whole batch, so they keep a batch dim of 1.
         delta = agent_attention(patches[:, None], t[None, None], values[None, None], scale=self.embed_dim ** -0.5)
         delta = self.mlp_delta_f(delta[:, 0] + patches)

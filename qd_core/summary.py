@@ -37,20 +37,50 @@ def parameter_counts(model: nn.Module) -> list[ModuleCount]:
     return rows
 
 
+class _OwnerFlopCounter(FlopCounterMode):
+    """FlopCounterMode that also books each operation to the top-level child of the model whose module (the child
+    or any descendant) is innermost when it runs, ``None`` outside them. A child's descendant called from outside
+    the child's own forward (e.g. the Rein token values, computed once per pass for all blocks) is still that
+    child's work, and an adapter called inside the backbone's forward is the adapter's, not both."""
+
+    def __init__(self, owner: list[str]) -> None:
+        super().__init__(display=False)
+        self.owner = owner
+        self.by_owner: dict[str | None, int] = {}
+
+    def _count_flops(self, func_packet, out, args, kwargs):  # noqa: ANN001 (FlopCounterMode's hook)
+        if func_packet in self.flop_registry:
+            flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+            key = self.owner[-1] if self.owner else None
+            self.by_owner[key] = self.by_owner.get(key, 0) + flops
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
 def count_flops(model: nn.Module, height: int, width: int, batch: int = 1) -> tuple[int, dict[str, int]]:
-    """FLOPs of ``model.semantic_logits`` on one (batch, 3, H, W) input; returns (total, per top-level module)."""
+    """FLOPs of ``model.semantic_logits`` on one (batch, 3, H, W) input; returns (total, per top-level child)."""
     images = torch.zeros(batch, 3, height, width, device="meta")
-    counter = FlopCounterMode(display=False, depth=2)
-    with counter, torch.no_grad():
-        model.semantic_logits(images)
-    # Keys are module paths such as "QueryDiffStudent.backbone"; keep the direct children of the root.
-    per_module = {key.split(".")[1]: sum(ops.values()) for key, ops in counter.get_flop_counts().items()
-                  if key.count(".") == 1}
-    # The backbone calls the Reins adapter inside its own forward, so the tracker books those FLOPs twice;
-    # keep them on the adapter so the rows add up to the total.
-    if "reins" in per_module and "backbone" in per_module:
-        per_module["backbone"] -= per_module["reins"]
-    return counter.get_total_flops(), per_module
+    owner: list[str] = []
+
+    def leave(_module: nn.Module, _args: object, _out: object) -> None:  # a hook's return would replace the output
+        owner.pop()
+
+    handles = []
+    for name, child in model.named_children():
+        for module in child.modules():
+            handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name: owner.append(name)))
+            handles.append(module.register_forward_hook(leave))
+    counter = _OwnerFlopCounter(owner)
+    try:
+        with counter, torch.no_grad():
+            model.semantic_logits(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = counter.get_total_flops()
+    if total and not counter.by_owner:
+        raise RuntimeError("qd_core.summary: FlopCounterMode no longer reports operations through _count_flops "
+                           f"(torch {torch.__version__}); the per-module FLOPs cannot be booked")
+    return total, {name: flops for name, flops in counter.by_owner.items() if name is not None}
 
 
 def build_meta_student(cfg: Config) -> nn.Module:
@@ -70,7 +100,8 @@ def summarize(cfg: Config, height: int | None = None, width: int | None = None) 
     total, per_module = count_flops(model.requires_grad_(False), height, width)
     modules = [{"name": r.name, "trainable": r.trainable, "frozen": r.frozen,
                 "gflops": per_module.get(r.name, 0) / 1e9} for r in rows]
-    # Work done by the student itself outside its children: the class × mask product of the semantic logits.
+    # Work done by the student itself outside its children: the class × mask product of the semantic logits and
+    # the Rein tokens' A·B product (a matmul of parameters, done once per pass for all blocks and the queries).
     modules.append({"name": "(combine)", "trainable": 0, "frozen": 0,
                     "gflops": (total - sum(per_module.get(r.name, 0) for r in rows)) / 1e9})
     return {

@@ -5,7 +5,9 @@ a subprocess (this file run as a script) because the test session runs Triton's 
 three times: through Triton's dispatch, then through the launcher twice (its first call of a signature goes
 through Triton, the second launches directly); the recorded launches must be equal: kernel, grid, stream and every
 argument (tensors by dtype, shape, strides and alignment). It also checks that an installed launch hook makes the
-launcher step aside, and that CPU tensors are refused when the kernels were built for a GPU that is absent.
+launcher step aside. A second run trains one step of the tiny student under bf16 autocast with every attention on
+the compiled kernels (outputs are not computed, so only the calls are checked: every kernel compiles for sm_90 at
+the shapes, strides and dtypes the model hands it, and is launched).
 """
 from __future__ import annotations
 
@@ -35,6 +37,20 @@ def test_direct_launches_equal_tritons_dispatch_for_every_kernel():
     assert set(result["direct"]) == {"_agent_fwd_kernel", "_agent_bwd_kernel", "_masked_fwd_kernel",
                                      "_masked_combine_kernel", "_masked_bwd_kernel", "_sum_partials_kernel"}
     assert result["hooked_launches"] == result["hook_calls"] > 0
+
+
+def test_the_student_reaches_every_compiled_kernel_under_bf16_autocast():
+    result = _run_script("student")
+    # Per training step of the tiny config: the Rein token attention after each of its ViT blocks and the
+    # refinement (agent), the masked attention of each decoder layer; each forward with its backward.
+    launched = result["launched"]
+    assert set(launched) == {"_agent_fwd_kernel", "_agent_bwd_kernel", "_masked_fwd_kernel",
+                             "_masked_combine_kernel", "_masked_bwd_kernel", "_sum_partials_kernel"}, launched
+    assert launched["_agent_fwd_kernel"] == result["blocks"] + 1
+    assert launched["_masked_fwd_kernel"] == launched["_masked_combine_kernel"] == result["decoder_layers"]
+    assert launched["_agent_bwd_kernel"] == launched["_agent_fwd_kernel"]
+    assert launched["_masked_bwd_kernel"] == launched["_masked_fwd_kernel"]
+    assert result["dtypes"] == ["torch.bfloat16"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,5 +153,32 @@ def _main() -> None:
                       "hooked_launches": hooked, "hook_calls": len(seen)}))
 
 
+def _student() -> None:
+    from kernels.offline_driver import install
+
+    launches = install(arch=90)
+    os.environ["QD_ATTENTION"] = "triton"
+    import torch
+
+    from qd_core import build_student, load_config
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    student = build_student(cfg).train()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = student(images)
+        loss = sum(t.float().sum() for t in (*out.class_logits, *out.mask_logits))
+    loss.backward()
+    counts: dict[str, int] = {}
+    dtypes = set()
+    for launch in launches:
+        counts[launch.kernel] = counts.get(launch.kernel, 0) + 1
+        if launch.kernel.endswith("_fwd_kernel"):
+            dtypes.add(str(launch.args[0].dtype))
+    print(json.dumps({"launched": counts, "dtypes": sorted(dtypes), "blocks": cfg.model.backbone.depth,
+                      "decoder_layers": cfg.model.head.decoder_layers}))
+
+
 if __name__ == "__main__":
-    _main()
+    _student() if sys.argv[1:] == ["student"] else _main()

@@ -54,8 +54,14 @@ def eval_module(cfg: HeadConfig, seed: int = 1) -> Refinement:
 
 
 def capture_attention_outputs(module: Refinement) -> tuple[list[Tensor], torch.utils.hooks.RemovableHandle]:
+    """The cross-attention's output per map, [M0, M1, M2, M3], cut from its one call over all four maps' tokens
+    (an output of another length, e.g. from a call per map, is kept whole and fails the token-count check)."""
     outputs: list[Tensor] = []
-    handle = module.cross_attn.register_forward_hook(lambda _m, _args, out: outputs.append(out.detach()))
+    counts = [math.prod(MASK_SIZE)] + [h * w for h, w in MEMORY_SIZES]
+
+    def keep(_m, _args, out: Tensor) -> None:
+        outputs.extend(out.detach().split(counts, dim=1) if out.shape[1] == sum(counts) else [out.detach()])
+    handle = module.cross_attn.register_forward_hook(keep)
     return outputs, handle
 
 
@@ -99,9 +105,13 @@ def test_one_attention_module_is_shared_by_all_four_maps() -> None:
     cfg = head_cfg()
     module = Refinement(cfg)
     assert sum(isinstance(m, MultiheadAttention) for m in module.modules()) == 1
+    calls: list[int] = []
+    counter = module.cross_attn.register_forward_hook(lambda *_: calls.append(1))
     outputs, handle = capture_attention_outputs(module)
     module(*inputs(cfg))
     handle.remove()
+    counter.remove()
+    assert len(calls) == 1  # the four maps' tokens go through as one sequence
     token_counts = [math.prod(MASK_SIZE)] + [h * w for h, w in MEMORY_SIZES]
     assert [o.shape[1] for o in outputs] == token_counts
 

@@ -79,11 +79,13 @@ class Refinement(nn.Module):
         keys = self.query_proj(queries)
         maps = [mask_features, *memories]
         out_size = mask_features.shape[-2:]
+        # The four maps attend to the same keys with the same weights, and every step is per token, so they go
+        # through as one sequence: one attention call (and one of each projection) instead of four.
+        tokens = torch.cat([m.flatten(2) for m in maps], dim=2).transpose(1, 2)  # (B, Σ h·w, d)
+        responses = self.cross_attn(tokens, keys, keys).transpose(1, 2).split([m[0, 0].numel() for m in maps], dim=2)
         attended = []
-        for m in maps:
-            b, c, h, w = m.shape
-            r = self.cross_attn(m.flatten(2).transpose(1, 2), keys, keys)  # (B, h·w, d)
-            r = r.transpose(1, 2).reshape(b, c, h, w)
+        for m, r in zip(maps, responses):
+            r = r.reshape(m.shape)
             attended.append(resize(m + r if self.residual else r, out_size))
         fused_input = torch.cat(attended, dim=1)  # (B, 4d, H/4, W/4), order [M0, M1, M2, M3]
         fused = [f(fused_input) for f in self.fusions]
