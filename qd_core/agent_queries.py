@@ -69,12 +69,14 @@ class AgentQueryEncoder(nn.Module):
         b = layers[0].shape[0]
         if not self.image_dependent:
             return tokens.unsqueeze(0).expand(b, -1, -1, -1)
-        out = []
-        for t, feats in zip(tokens, layers):
-            t = t.unsqueeze(0).expand(b, -1, -1)
-            f = self.norm_feat(feats)
-            out.append(t + self.aggregate(self.norm_query(t), f, f))
-        return torch.stack(out, dim=1)
+        n_layers, m, d = tokens.shape
+        # Every (layer, image) pair is an independent attention with the same weights, so all L·B of them run as
+        # one batch: one norm and one attention call instead of L (at batch 1, L·~10 launches of little work).
+        feats = self.norm_feat(torch.stack(layers)).flatten(0, 1)  # (L·B, N, D)
+        t = tokens.unsqueeze(1).expand(n_layers, b, m, d).reshape(n_layers * b, m, d)
+        queries = self.norm_query(tokens).unsqueeze(1).expand(n_layers, b, m, d).reshape(n_layers * b, m, d)
+        out = t + self.aggregate(queries, feats, feats)  # (L·B, m, D)
+        return out.view(n_layers, b, m, d).transpose(0, 1)
 
     def forward(self, layers: list[Tensor], tokens: Tensor | None = None) -> Tensor:
         """layers: L × (B, N, D) patch tokens after every block; tokens: (L, m, D) Rein tokens, or None to use

@@ -25,6 +25,22 @@ def test_image_dependent_queries_differ_between_images():
     assert not torch.allclose(q[0], q[1])
 
 
+def test_layer_queries_are_each_layers_tokens_plus_their_cross_attention_to_its_features():
+    """METHOD §3.3 per layer l and image b: T_l + Attn(LN(T_l), LN(F_l,b), LN(F_l,b)), written out one pair at a
+    time; the encoder runs all pairs as one batch. fp32: the same products in another batching, ~1e-6."""
+    enc = encoder().eval()
+    tokens = torch.randn(8, 5, 32)
+    feats = [torch.randn(3, 12, 32) for _ in range(8)]
+    with torch.no_grad():
+        got = enc.layer_queries(tokens, feats)  # (B, L, m, D)
+        for layer in range(8):
+            for image in range(3):
+                t = tokens[layer][None]
+                f = enc.norm_feat(feats[layer][image][None])
+                expected = t + enc.aggregate(enc.norm_query(t), f, f)
+                torch.testing.assert_close(got[image, layer], expected[0], atol=1e-5, rtol=0)
+
+
 def test_image_independent_variant_ignores_features():
     enc = encoder(image_dependent=False)
     tokens = torch.randn(8, 5, 32)
