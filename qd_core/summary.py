@@ -4,7 +4,9 @@
 
 FLOPs are counted by ``torch.utils.flop_counter`` on the meta device (no memory, no compute): matrix products,
 convolutions and attention, 2 FLOPs per multiply-add. Elementwise work (norms, softmax, bilinear sampling) is
-not counted, as is usual for MFU.
+not counted, as is usual for MFU. The same pass counts the ATen operations of one eager forward (with the PyTorch
+attention path), those that are not views being about one GPU kernel launch each: at batch 1 an eager forward is
+bound by their host cost, so this is the figure that fewer-launch rewrites move.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from qd_core.config import Config, ConfigError, load_config
@@ -54,6 +57,28 @@ class _OwnerFlopCounter(FlopCounterMode):
             key = self.owner[-1] if self.owner else None
             self.by_owner[key] = self.by_owner.get(key, 0) + flops
         return super()._count_flops(func_packet, out, args, kwargs)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active: all, and those that are not views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.computing = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (TorchDispatchMode's hook)
+        self.ops += 1
+        self.computing += not getattr(func, "is_view", False)
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model: nn.Module, height: int, width: int, batch: int = 1) -> tuple[int, int]:
+    """(all, not views) ATen operations of ``model.semantic_logits`` on one (batch, 3, H, W) input, in a pass of
+    its own: FlopCounterMode changes which operations run (it decomposes some)."""
+    images = torch.zeros(batch, 3, height, width, device="meta")
+    with _OpCounter() as ops, torch.no_grad():
+        model.semantic_logits(images)
+    return ops.ops, ops.computing
 
 
 def count_flops(model: nn.Module, height: int, width: int, batch: int = 1) -> tuple[int, dict[str, int]]:
@@ -98,6 +123,7 @@ def summarize(cfg: Config, height: int | None = None, width: int | None = None) 
     rows = parameter_counts(model)
     # FlopCounterMode's module tracker hooks autograd on parameters that require grad; counting needs none.
     total, per_module = count_flops(model.requires_grad_(False), height, width)
+    ops, computing = count_ops(model, height, width)
     modules = [{"name": r.name, "trainable": r.trainable, "frozen": r.frozen,
                 "gflops": per_module.get(r.name, 0) / 1e9} for r in rows]
     # Work done by the student itself outside its children: the class × mask product of the semantic logits and
@@ -111,6 +137,8 @@ def summarize(cfg: Config, height: int | None = None, width: int | None = None) 
         "trainable": sum(r.trainable for r in rows),
         "frozen": sum(r.frozen for r in rows),
         "gflops": total / 1e9,
+        "eager_ops": ops,
+        "eager_ops_not_views": computing,
     }
 
 
@@ -120,6 +148,8 @@ def format_summary(s: dict) -> str:
     for m in s["modules"]:
         lines.append(f"{m['name']:<16}{m['trainable']:>14,}{m['frozen']:>14,}{m['gflops']:>10.1f}")
     lines.append(f"{'total':<16}{s['trainable']:>14,}{s['frozen']:>14,}{s['gflops']:>10.1f}")
+    lines.append(f"eager operations per forward: {s['eager_ops_not_views']:,} computing + "
+                 f"{s['eager_ops'] - s['eager_ops_not_views']:,} views (PyTorch attention path)")
     return "\n".join(lines)
 
 

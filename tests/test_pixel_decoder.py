@@ -93,6 +93,19 @@ def test_position_encoding_matches_formula_on_2x3_grid() -> None:
     torch.testing.assert_close(pos[1], expected, atol=2e-6, rtol=0)
 
 
+def test_position_encoding_is_made_once_per_size_and_serves_training_after_inference() -> None:
+    """The second call with the same arguments returns the encoding made by the first (no recomputation); one
+    made under inference_mode must still be usable by an autograd-recorded product that saves it."""
+    with torch.inference_mode():
+        first = sine_position_encoding(1, 5, 7, 8, device="cpu", dtype=torch.float32)
+    second = sine_position_encoding(3, 5, 7, 8, device="cpu", dtype=torch.float32)
+    assert second.shape == (3, 16, 5, 7) and second.data_ptr() == first.data_ptr()
+    assert sine_position_encoding(1, 5, 7, 8, device="cpu", dtype=torch.float64).data_ptr() != first.data_ptr()
+    weight = torch.ones(16, 1, 1, requires_grad=True)
+    (second * weight).sum().backward()  # mul saves its inputs for backward
+    torch.testing.assert_close(weight.grad[:, 0, 0], second.sum(dim=(0, 2, 3)))
+
+
 def test_position_encoding_rejects_odd_num_feats() -> None:
     with pytest.raises(ValueError, match="num_feats"):
         sine_position_encoding(1, 2, 3, 5)

@@ -31,7 +31,7 @@ def test_vitl16_512_counts_backbone_frozen_rest_trainable():
 def test_cli_prints_table(capsys):
     assert main(["--config", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert "backbone" in out and "total" in out
+    assert "backbone" in out and "total" in out and "eager operations per forward:" in out
 
 
 def test_module_rows_add_up_to_the_total():

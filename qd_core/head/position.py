@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
+
+# Encodings already made, by (h, w, num_feats, temperature, normalize, scale, device, dtype): each is ~20 small
+# operations (kernel launches on a GPU) and a forward needs six, always the same for a given input size.
+_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
+_CACHE_SIZE = 32
 
 
 def sine_position_encoding(b: int, h: int, w: int, num_feats: int, *, temperature: float = 10000.0,
@@ -25,12 +31,34 @@ def sine_position_encoding(b: int, h: int, w: int, num_feats: int, *, temperatur
         temperature, normalize, scale: as in DETR.
         device, dtype: of the result; the math is done in fp32 and cast at the end.
     Returns:
-        (B, 2·num_feats, h, w).
+        (B, 2·num_feats, h, w), an expanded view of an encoding kept for the next call with the same arguments
+        (outside tracing): read it, do not write into it.
     """
     if num_feats <= 0 or num_feats % 2:
         raise ValueError(f"num_feats={num_feats}: expected a positive even number (sin/cos pairs)")
     if h <= 0 or w <= 0:
         raise ValueError(f"h, w = {h}, {w}: expected a positive map size")
+    from qd_core.attention import _tracing  # late: qd_core.attention imports the kernels package
+
+    if _tracing():  # an exported or compiled graph computes it (or folds it) itself
+        pos = _encode(h, w, num_feats, temperature, normalize, scale, device, dtype)
+        return pos.unsqueeze(0).expand(b, -1, -1, -1)
+    key = (h, w, num_feats, temperature, normalize, scale, torch.device(device) if device is not None else None,
+           dtype)
+    pos = _CACHE.get(key)
+    if pos is None:
+        # A normal tensor even under inference_mode, so that training may use it after an inference call.
+        with torch.inference_mode(False), torch.no_grad():
+            pos = _encode(h, w, num_feats, temperature, normalize, scale, device, dtype)
+        _CACHE[key] = pos
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return pos.unsqueeze(0).expand(b, -1, -1, -1)
+
+
+def _encode(h: int, w: int, num_feats: int, temperature: float, normalize: bool, scale: float,
+            device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
+    """The (2·num_feats, h, w) encoding (see sine_position_encoding)."""
     ones = torch.ones(h, w, dtype=torch.float32, device=device)
     y_embed = ones.cumsum(0)
     x_embed = ones.cumsum(1)
@@ -45,5 +73,4 @@ def sine_position_encoding(b: int, h: int, w: int, num_feats: int, *, temperatur
     pos_y = y_embed[:, :, None] / dim_t
     pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
     pos_y = torch.stack((pos_y[:, :, 0::2].sin(), pos_y[:, :, 1::2].cos()), dim=3).flatten(2)
-    pos = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)  # (2F, h, w)
-    return pos.to(dtype).unsqueeze(0).expand(b, -1, -1, -1)
+    return torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1).to(dtype)  # (2F, h, w)
