@@ -93,4 +93,4 @@ class LoRAReins(nn.Module):
         # One head of width D; the m keys are shared by the whole batch, so they keep a batch dim of 1.
         delta = agent_attention(patches[:, None], t[None, None], values[None, None], scale=self.embed_dim ** -0.5)
         delta = self.mlp_delta_f(delta[:, 0] + patches)
-        return torch.cat([cls, patches + self.scale * delta], dim=1)
+        return torch.cat([cls, torch.addcmul(patches, delta, self.scale)], dim=1)
