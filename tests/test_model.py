@@ -107,3 +107,43 @@ def test_vitl16_512_forward_on_cpu_has_documented_shapes():
     assert out.agent_queries.shape == (1, 100, 1024)
     assert sem.shape == (1, 19, 128, 128)
     assert torch.isfinite(sem).all()
+
+
+def test_a_forward_moves_no_host_tensor_to_the_device_after_the_first(monkeypatch):
+    """On a GPU a host tensor moved to the device (``torch.tensor(..., device="cuda")``, ``.to("cuda")``) is a copy
+    that waits for the stream to drain and is not allowed while a CUDA graph is captured. After the first forward
+    (which makes the shared constants: level sizes and offsets, position encodings) a forward must make none, in
+    training mode too. The meta device stands in for the GPU."""
+    from torch.utils._pytree import tree_flatten
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qd_core.summary import build_meta_student
+
+    copies: list[str] = []
+
+    class HostToDevice(TorchDispatchMode):  # .to(device) / copy_ of a host tensor
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if any(t.device.type == "cpu" for t in inputs) and any(t.is_meta for t in outputs):
+                copies.append(str(func))
+            return out
+
+    def spy(make):  # torch.tensor / as_tensor build on the host and move below the dispatcher
+        def made_on_device(data, *args, device=None, **kwargs):
+            if device is not None and torch.device(device).type != "cpu":
+                copies.append(f"torch.{make.__name__}({data!r}, device={device})")
+            return make(data, *args, device=device, **kwargs)
+        return made_on_device
+
+    student = build_meta_student(load_config("vitl16_512"))
+    images = torch.zeros(1, 3, 512, 512, device="meta")
+    for train in (False, True):
+        student.train(train)
+        student(images)  # makes the constants
+        with monkeypatch.context() as patch, HostToDevice():
+            patch.setattr(torch, "tensor", spy(torch.tensor))
+            patch.setattr(torch, "as_tensor", spy(torch.as_tensor))
+            student(images)
+        assert copies == [], f"host-to-device copies in a {'training' if train else 'eval'} forward: {copies}"

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qd_core.layers import device_constant
+
 SAMPLING_MODES = ("grid_sample", "gather")
 
 # Level shapes: a (L, 2) long tensor of (h, w) rows, or a Python sequence of (h, w) int pairs.
@@ -37,7 +39,7 @@ def _shapes_as_ints(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
 def _shapes_as_tensor(spatial_shapes: SpatialShapes, device: torch.device) -> Tensor:
     if isinstance(spatial_shapes, Tensor):
         return spatial_shapes.to(device=device, dtype=torch.long)
-    return torch.tensor([[int(h), int(w)] for h, w in spatial_shapes], dtype=torch.long, device=device)
+    return device_constant(tuple((int(h), int(w)) for h, w in spatial_shapes), torch.long, device)
 
 
 def _check_core_inputs(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
@@ -93,7 +95,11 @@ def _core_gather(value: Tensor, spatial_shapes: SpatialShapes, level_start_index
     _, num_keys, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     shapes = _shapes_as_tensor(spatial_shapes, value.device)
-    starts = torch.as_tensor(level_start_index, dtype=torch.long, device=value.device).view(num_levels, 1)
+    if isinstance(level_start_index, Tensor):
+        starts = level_start_index.to(device=value.device, dtype=torch.long)
+    else:
+        starts = device_constant(tuple(int(i) for i in level_start_index), torch.long, value.device)
+    starts = starts.view(num_levels, 1)
     # (L, 1) so they broadcast against the trailing (L, P) dims of the locations.
     heights, widths = shapes[:, 0:1], shapes[:, 1:2]
     h_f, w_f = heights.to(sampling_locations.dtype), widths.to(sampling_locations.dtype)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from qd_core.config import HeadConfig
 from qd_core.head.msda import SAMPLING_MODES, MSDeformAttn
 from qd_core.head.position import sine_position_encoding
-from qd_core.layers import Mlp, resize
+from qd_core.layers import Mlp, device_constant, resize
 
 NUM_LEVELS = 3  # encoder levels: strides 32, 16, 8
 
@@ -158,7 +158,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             spatial_shapes.append((h, w))
         level_sizes = [h * w for h, w in spatial_shapes]
         starts = [sum(level_sizes[:i]) for i in range(NUM_LEVELS)]
-        level_start_index = torch.tensor(starts, dtype=torch.long, device=feats[0].device)
+        level_start_index = device_constant(tuple(starts), torch.long, feats[0].device)
 
         memory = self.encoder(torch.cat(tokens, 1), torch.cat(positions, 1), spatial_shapes, level_start_index)
         memories = [m.transpose(1, 2).reshape(-1, self.dim, h, w)
