@@ -81,8 +81,12 @@ def _bwd_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_L": _KEY_QUANTUM}, num_warps=4, num_stages=1)]
     if not AUTOTUNE:
         return [triton.Config({"BLOCK_L": 64}, num_warps=8, num_stages=2)]
+    # In bf16 on sm_90 (python -m kernels.resources): (32, 4 warps) spills 56 B per thread and (64, 4) 588 B at
+    # 255 registers; (64, 8) does not spill but fits one program per SM. (16, 4) takes 205 registers without
+    # spilling, two per SM. Narrower key tiles do not shrink the kernel much: its registers go to the per-program
+    # (Q, d) tiles (q, dO, the dQ accumulator), which a register cap only spills (128: 224–444 B).
     return [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
-            for bl, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2))]
+            for bl, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (16, 4, 2))]
 
 
 @triton.jit
