@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
                                    checked_once, dot_precision, Launcher, mm, needs_upcast, persistent_programs,
-                                   split_extent, sum_partials, tile)
+                                   split_extent, sum_partials, target_programs, tile)
 
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Head widths up to this many bytes per row (128 elements in fp16/bf16, 64 in fp32) are one d-chunk: q, K and V
@@ -108,7 +108,8 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, STORE_LSE: tl.constexpr,
                       BLOCK_N: tl.constexpr, WAVES: tl.constexpr):
-    # Grid (programs ≤ query blocks, B·H); program p handles blocks p, p + programs, … (WAVES sizes the grid).
+    # Grid (programs ≤ query blocks, B·H, d-splits); program p handles blocks p, p + programs, … (WAVES sizes the
+    # grid); with several d-splits (wide heads only) each computes the whole softmax and its share of O's columns.
     pid_n = tl.program_id(0)
     n_programs = tl.num_programs(0)
     pid_bh = tl.program_id(1)
@@ -144,6 +145,13 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
     else:
         # Wide heads (Rein: d = 1024): a (BLOCK_N, d) tile would not fit in registers, so QKᵀ is accumulated
         # over d-chunks and P·V produced and stored chunk by chunk; K/V chunks come from L2 for every block.
+        # Rein at batch 1 has only N / BLOCK_N = 16 query blocks for a GPU of 132 SMs, so the output columns are
+        # also split across programs (grid axis 2): each recomputes S over all of d (its q block and K are read
+        # from L2 by the programs beside it) and writes its own column range of O.
+        pid_d = tl.program_id(2)
+        chunks_per_split = tl.cdiv(tl.cdiv(HEAD_DIM, BLOCK_D), tl.num_programs(2))
+        d_lo = pid_d * chunks_per_split * BLOCK_D
+        d_hi = tl.minimum(d_lo + chunks_per_split * BLOCK_D, HEAD_DIM)
         for blk in range(pid_n, n_blocks, n_programs):
             offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             row_ok = offs_n < N
@@ -156,10 +164,10 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
                 s += mm(q, tl.trans(k), PRECISION, UPCAST)
             p, inv_sum, lse = _softmax_rows(s, key_ok, scale_log2e)
             if STORE_LSE:
-                tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok)
+                tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok & (pid_d == 0))
             p_in = (p * inv_sum[:, None]).to(V.dtype.element_ty)  # P is narrower than the whole of O here
             o_ptrs = o_base + offs_n[:, None] * son + offs_d[None, :] * sod
-            for c in range(0, HEAD_DIM, BLOCK_D):
+            for c in range(d_lo, d_hi, BLOCK_D):
                 d_ok = (c + offs_d) < HEAD_DIM
                 v = tl.load(v_ptrs + c * svd, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
                 o = mm(p_in, v, PRECISION, UPCAST)
@@ -299,6 +307,16 @@ def block_d(d: int, element_size: int, direction: str) -> int:
     return max(16, _WIDE_CHUNK_BYTES[direction] // element_size)  # 16: tl.dot's smallest operand side
 
 
+_MAX_D_SPLITS = 8  # each split re-reads its q block and K (from L2) and recomputes S over the whole of d
+
+
+def d_splits(programs: int, chunks: int, device: torch.device) -> int:
+    """How many ways the forward splits O's d-chunks when ``programs`` (query-block programs × B·H) leave the GPU
+    short of its target (two waves of its SMs): 1 for narrow heads (one chunk) or a full GPU, at most
+    _MAX_D_SPLITS (Rein at batch 1: 16 query blocks × 8 = 128 programs, about one per SM of an H100)."""
+    return max(1, min(chunks, _MAX_D_SPLITS, target_programs(device) // programs))
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> tuple[Tensor, Tensor | None]:
     b, h, n, d = q.shape
     m = k.shape[2]
@@ -308,13 +326,16 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> 
     kb = 0 if k.shape[0] == 1 else k.stride(0)
     vb = 0 if v.shape[0] == 1 else v.stride(0)
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return persistent_programs(cdiv(n, meta["BLOCK_N"]), meta["WAVES"], b * h, q.device), b * h
+    chunk = block_d(d, q.element_size(), "fwd")
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        programs = persistent_programs(cdiv(n, meta["BLOCK_N"]), meta["WAVES"], b * h, q.device)
+        return programs, b * h, d_splits(programs * b * h, cdiv(d, chunk), q.device)
 
     _fwd_launch(
         grid, (q, k, v, o, lse if store_lse else o),
         (*q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *o.stride(), h, n, m, scale * LOG2E),
-        HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=block_d(d, q.element_size(), "fwd"),
+        HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=chunk,
         PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), STORE_LSE=store_lse)
     return o, lse
 

@@ -160,6 +160,19 @@ def test_agent_low_precision_wide_shared_head(dtype):
     check_agent(leaf(2, 1, 40, 1024, dtype=dtype), leaf(1, 1, 20, 1024, dtype=dtype), leaf(1, 1, 20, 1024, dtype=dtype))
 
 
+def test_agent_wide_head_output_columns_split_across_programs():
+    """One query block of one head: the forward splits O's d-chunks over several programs (each recomputing the
+    softmax); d = 1000 leaves the last split a ragged chunk. Output, log-sum-exp (through the gradients) and
+    gradients must equal the reference's."""
+    from kernels import agent_triton
+
+    torch.manual_seed(9)
+    q, k, v = leaf(1, 1, 20, 1000), leaf(1, 1, 7, 1000), leaf(1, 1, 7, 1000)
+    chunk = agent_triton.block_d(1000, q.element_size(), "fwd")
+    assert agent_triton.d_splits(1, -(-1000 // chunk), q.device) > 2
+    check_agent(q, k, v)
+
+
 @pytest.mark.parametrize("k_shape, match", [((2, 3, 10, 32), "k: expected shape"),
                                             ((2, 2, 300, 32), "1 to 256 keys"),
                                             ((2, 2, 10, 16), "k: expected shape")])
