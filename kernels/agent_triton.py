@@ -8,7 +8,8 @@ few programs per SM stride over the blocks with K and V held in registers, so Tr
 block's q load under the current block's math. The log-sum-exp (for the backward) is only written when a
 backward can follow. For wide heads (the Rein attention: one head of d = 1024) a (BLOCK_N, 1024) tile would not
 fit in registers, so QKᵀ is accumulated over BLOCK_D-wide chunks of d and P·V is produced and stored chunk by
-chunk; the (BLOCK_N, BLOCK_M) probability tile stays resident.
+chunk; the (BLOCK_N, BLOCK_M) probability tile stays resident. When the query blocks alone leave the GPU short of
+programs (Rein at batch 1: 16 blocks), O's d-chunks are split across programs too, each recomputing S.
 
 Backward. With S = scale·QKᵀ, P = softmax(S), dP = dO·Vᵀ and δ = rowsum(P ∘ dP) (= rowsum(dO ∘ O), since
 O = PV, so O need not be read), dS = P ∘ (dP − δ); dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
