@@ -17,7 +17,8 @@ dQ belongs to one query block and is written directly. dK and dV are sums over a
 when the keys are shared), so the N rows are cut into splits; each program walks the query blocks of one split
 and writes one fp32 partial per (split, batch, head), which one more launch sums and casts. With a single
 d-chunk the partial is accumulated in registers across the split's blocks; with several chunks it is accumulated
-in place with atomic adds into the program's own slot (no contention: nobody else writes it).
+in place with atomic adds into the program's own slot (no contention: nobody else writes it), and when the
+splits are few the chunks are divided among programs as in the forward (disjoint columns of the same slot).
 """
 from __future__ import annotations
 
@@ -239,6 +240,12 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
         tl.store(dk_ptrs, dk * scale, mask=kd_mask)
         tl.store(dv_ptrs, dv, mask=kd_mask)
     else:
+        # As in the forward, few row splits (Rein at batch 1: 16) also split the d-chunks of dQ, dK and dV across
+        # programs (grid axis 2), each recomputing S and dP over all of d; their column ranges are disjoint.
+        pid_d = tl.program_id(2)
+        chunks_per_split = tl.cdiv(tl.cdiv(HEAD_DIM, BLOCK_D), tl.num_programs(2))
+        d_lo = pid_d * chunks_per_split * BLOCK_D
+        d_hi = tl.minimum(d_lo + chunks_per_split * BLOCK_D, HEAD_DIM)
         for start in range(row_lo, row_hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             row_ok = offs_n < row_hi
@@ -262,7 +269,7 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
             delta = tl.sum(p * dp, axis=1)
             ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
             p_in = p.to(DO.dtype.element_ty)
-            for c in range(0, HEAD_DIM, BLOCK_D):
+            for c in range(d_lo, d_hi, BLOCK_D):
                 d_ok = (c + offs_d) < HEAD_DIM
                 nd_mask = row_ok[:, None] & d_ok[None, :]
                 kd_mask = key_ok[:, None] & d_ok[None, :]
@@ -355,7 +362,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, scale: f
     kb = 0 if k.shape[0] == 1 else k.stride(0)
     vb = 0 if v.shape[0] == 1 else v.stride(0)
     _bwd_launch(
-        (splits, b * h), (q, k, v, do, lse, dq, part),
+        (splits, b * h, d_splits(splits * b * h, cdiv(d, chunk), q.device)), (q, k, v, do, lse, dq, part),
         (*q.stride(), kb, *k.stride()[1:], vb, *v.stride()[1:], *do.stride(), *dq.stride(),
          h, n, m, rows_per_split, scale, scale * LOG2E),
         HEAD_DIM=d, BLOCK_M=tile(m), BLOCK_D=chunk,
