@@ -23,7 +23,9 @@ from kernels import agent_attention_reference, blocked_keys, masked_attention_re
 BACKENDS = ("torch", "triton", "sdpa", "xformers", "flex")
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
+    """Whether the model is being traced for export (torch.jit / torch.onnx / torch.export) or compiled: the
+    graph then takes the PyTorch paths and makes its constants itself."""
     # Cheapest checks first: this runs on every attention call (is_in_onnx_export alone costs ~1 µs).
     return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
             or torch.onnx.is_in_onnx_export())
@@ -34,7 +36,7 @@ def backend_for(t: Tensor) -> str:
     forced = os.environ.get("QD_ATTENTION", "").strip().lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"QD_ATTENTION={forced!r}: expected one of {', '.join(BACKENDS)}")
-    if _tracing():
+    if is_tracing():
         return "torch"
     if forced:
         if forced in ("xformers", "flex") and not t.is_cuda:

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from qd_core.attention import _tracing, agent_attention, attention, masked_attention
+from qd_core.attention import is_tracing, agent_attention, attention, masked_attention
 
 _CONSTANTS: OrderedDict[tuple, Tensor] = OrderedDict()
 _CONSTANTS_SIZE = 64
@@ -22,7 +22,7 @@ def device_constant(values: tuple, dtype: torch.dtype, device: torch.device | st
     tracing (export, torch.compile) a fresh tensor is made, which the graph keeps as a constant. The result is
     shared: read it, do not write into it.
     """
-    if _tracing():
+    if is_tracing():
         return torch.tensor(values, dtype=dtype, device=device)
     key = (values, dtype, torch.device(device))
     out = _CONSTANTS.get(key)

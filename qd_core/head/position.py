@@ -7,6 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from qd_core.attention import is_tracing
+
 # Encodings already made, by (h, w, num_feats, temperature, normalize, scale, device, dtype): each is ~20 small
 # operations (kernel launches on a GPU) and a forward needs six, always the same for a given input size.
 _CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -38,9 +40,8 @@ def sine_position_encoding(b: int, h: int, w: int, num_feats: int, *, temperatur
         raise ValueError(f"num_feats={num_feats}: expected a positive even number (sin/cos pairs)")
     if h <= 0 or w <= 0:
         raise ValueError(f"h, w = {h}, {w}: expected a positive map size")
-    from qd_core.attention import _tracing  # late: qd_core.attention imports the kernels package
 
-    if _tracing():  # an exported or compiled graph computes it (or folds it) itself
+    if is_tracing():  # an exported or compiled graph computes it (or folds it) itself
         pos = _encode(h, w, num_feats, temperature, normalize, scale, device, dtype)
         return pos.unsqueeze(0).expand(b, -1, -1, -1)
     key = (h, w, num_feats, temperature, normalize, scale, torch.device(device) if device is not None else None,
