@@ -51,6 +51,10 @@ def test_the_student_reaches_every_compiled_kernel_under_bf16_autocast():
     assert launched["_agent_bwd_kernel"] == launched["_agent_fwd_kernel"]
     assert launched["_masked_bwd_kernel"] == launched["_masked_fwd_kernel"]
     assert result["dtypes"] == ["torch.bfloat16"]
+    # An inference forward (eval, inference_mode): the same forward launches, no backward ones, no log-sum-exp.
+    inference = result["inference"]
+    assert inference == {name: launched[name] for name in ("_agent_fwd_kernel", "_masked_fwd_kernel",
+                                                          "_masked_combine_kernel")}, inference
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -176,8 +180,14 @@ def _student() -> None:
         counts[launch.kernel] = counts.get(launch.kernel, 0) + 1
         if launch.kernel.endswith("_fwd_kernel"):
             dtypes.add(str(launch.args[0].dtype))
+    start = len(launches)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        student.eval()(images)
+    inference: dict[str, int] = {}
+    for launch in launches[start:]:
+        inference[launch.kernel] = inference.get(launch.kernel, 0) + 1
     print(json.dumps({"launched": counts, "dtypes": sorted(dtypes), "blocks": cfg.model.backbone.depth,
-                      "decoder_layers": cfg.model.head.decoder_layers}))
+                      "decoder_layers": cfg.model.head.decoder_layers, "inference": inference}))
 
 
 if __name__ == "__main__":
