@@ -1,40 +1,12 @@
 """Small reusable layers shared by the backbone, the agent-query encoder and the head."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from qd_core.attention import is_tracing, agent_attention, attention, masked_attention
-
-_CONSTANTS: OrderedDict[tuple, Tensor] = OrderedDict()
-_CONSTANTS_SIZE = 64
-
-
-def device_constant(values: tuple, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """``torch.tensor(values, dtype, device)``, made once per (values, dtype, device) and then reused.
-
-    On a GPU, ``torch.tensor(..., device="cuda")`` is a host-to-device copy that waits for the stream to drain
-    (the host stops running ahead of the GPU) and is not allowed while a CUDA graph is captured; the level sizes
-    and offsets of the deformable attention are such constants, needed by every layer of every forward. While
-    tracing (export, torch.compile) a fresh tensor is made, which the graph keeps as a constant. The result is
-    shared: read it, do not write into it.
-    """
-    if is_tracing():
-        return torch.tensor(values, dtype=dtype, device=device)
-    key = (values, dtype, torch.device(device))
-    out = _CONSTANTS.get(key)
-    if out is None:
-        # A normal tensor even under inference_mode, so that training may use it after an inference call.
-        with torch.inference_mode(False):
-            out = torch.tensor(values, dtype=dtype, device=device)
-        _CONSTANTS[key] = out
-        if len(_CONSTANTS) > _CONSTANTS_SIZE:
-            _CONSTANTS.popitem(last=False)
-    return out
-
+from qd_core.attention import agent_attention, attention, masked_attention
 
 class Mlp(nn.Module):
     """Linear → activation → Linear. Names ``fc1``/``fc2`` match DINOv2 checkpoints."""

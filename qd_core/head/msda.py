@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qd_core.layers import device_constant
+from qd_core.constants import device_constant
 
 SAMPLING_MODES = ("grid_sample", "gather")
 

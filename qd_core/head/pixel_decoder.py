@@ -12,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from qd_core.config import HeadConfig
+from qd_core.constants import cached_constant, device_constant
 from qd_core.head.msda import SAMPLING_MODES, MSDeformAttn
 from qd_core.head.position import sine_position_encoding
-from qd_core.layers import Mlp, device_constant, resize
+from qd_core.layers import Mlp, resize
 
 NUM_LEVELS = 3  # encoder levels: strides 32, 16, 8
 
@@ -62,8 +63,16 @@ class DeformableEncoder(nn.Module):
                          dtype: torch.dtype) -> Tensor:
         """(S, 2) normalised (x, y) pixel centres ((j + 0.5)/w, (i + 0.5)/h) of every level, concatenated.
 
-        All images are unpadded (valid ratio 1), so a token's reference point is the same on every level.
+        All images are unpadded (valid ratio 1), so a token's reference point is the same on every level. Made
+        once per sizes, device and dtype (``qd_core.constants``): read it, do not write into it.
         """
+        shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+        return cached_constant(("reference_points", shapes, torch.device(device), dtype),
+                               lambda: DeformableEncoder._reference_points(shapes, device, dtype))
+
+    @staticmethod
+    def _reference_points(spatial_shapes: Sequence[tuple[int, int]], device: torch.device,
+                          dtype: torch.dtype) -> Tensor:
         points = []
         for h, w in spatial_shapes:
             ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h

@@ -2,17 +2,11 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
-from qd_core.attention import is_tracing
-
-# Encodings already made, by (h, w, num_feats, temperature, normalize, scale, device, dtype): each is ~20 small
-# operations (kernel launches on a GPU) and a forward needs six, always the same for a given input size.
-_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
-_CACHE_SIZE = 32
+from qd_core.constants import cached_constant
 
 
 def sine_position_encoding(b: int, h: int, w: int, num_feats: int, *, temperature: float = 10000.0,
@@ -34,26 +28,17 @@ def sine_position_encoding(b: int, h: int, w: int, num_feats: int, *, temperatur
         device, dtype: of the result; the math is done in fp32 and cast at the end.
     Returns:
         (B, 2·num_feats, h, w), an expanded view of an encoding kept for the next call with the same arguments
-        (outside tracing): read it, do not write into it.
+        (``qd_core.constants``): read it, do not write into it.
     """
     if num_feats <= 0 or num_feats % 2:
         raise ValueError(f"num_feats={num_feats}: expected a positive even number (sin/cos pairs)")
     if h <= 0 or w <= 0:
         raise ValueError(f"h, w = {h}, {w}: expected a positive map size")
 
-    if is_tracing():  # an exported or compiled graph computes it (or folds it) itself
-        pos = _encode(h, w, num_feats, temperature, normalize, scale, device, dtype)
-        return pos.unsqueeze(0).expand(b, -1, -1, -1)
-    key = (h, w, num_feats, temperature, normalize, scale, torch.device(device) if device is not None else None,
-           dtype)
-    pos = _CACHE.get(key)
-    if pos is None:
-        # A normal tensor even under inference_mode, so that training may use it after an inference call.
-        with torch.inference_mode(False), torch.no_grad():
-            pos = _encode(h, w, num_feats, temperature, normalize, scale, device, dtype)
-        _CACHE[key] = pos
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+    # ~20 small operations each, six per forward, always the same for a given input size: made once.
+    device = torch.device(device) if device is not None else None
+    pos = cached_constant(("sine", h, w, num_feats, temperature, normalize, scale, device, dtype),
+                          lambda: _encode(h, w, num_feats, temperature, normalize, scale, device, dtype))
     return pos.unsqueeze(0).expand(b, -1, -1, -1)
 
 
