@@ -328,7 +328,9 @@ def d_splits(programs: int, chunks: int, device: torch.device) -> int:
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> tuple[Tensor, Tensor | None]:
     b, h, n, d = q.shape
     m = k.shape[2]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # O in q's memory layout (the model's q is a (B, N, H, d) tensor seen as (B, H, N, d)): its transpose back to
+    # (B, N, H·d) is then a view, not a copy, as after SDPA. The kernels take any strides.
+    o = torch.empty_like(q)
     # Without a backward to come the log-sum-exp is neither allocated nor written (o stands in for the pointer).
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device) if store_lse else None
     kb = 0 if k.shape[0] == 1 else k.stride(0)
@@ -354,7 +356,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, scale: f
     max_splits = max(1, _PARTIAL_BUDGET // (2 * 4 * b * h * m * d))
     splits, rows_per_split = split_extent(n, _ROW_QUANTUM, b * h, q.device, max_splits)
     chunk = block_d(d, q.element_size(), "bwd")
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = torch.empty_like(q)
     # dK and dV partials, (2, splits, B, H, M, d) fp32. With one d-chunk every program writes its whole slot; with
     # several it accumulates into it atomically, which needs zeros to start from.
     alloc = torch.empty if chunk >= d else torch.zeros

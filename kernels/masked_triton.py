@@ -355,7 +355,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, scale: flo
         (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), h, nq, seq, keys_per_split,
          scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, **precision, **_mask_args(me), MASK_TILE=tile(me.shape[2]))
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = torch.empty_like(q)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     row_open = torch.empty((b, h, nq), dtype=torch.int8, device=q.device)
     _combine_launch(
@@ -371,8 +371,8 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, o: Tensor
     seq = k.shape[2]
     splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
     dq_part = torch.empty((splits, b, h, nq, d), dtype=torch.float32, device=q.device)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
     _bwd_launch(
         (splits, b * h), (q, k, v, me, mf, o, do, lse, row_open, dq_part, dk, dv),
         (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *o.stride(), *do.stride(), *dk.stride(),

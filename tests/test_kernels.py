@@ -192,6 +192,25 @@ def test_kernels_reject_a_scale_that_is_not_positive_and_finite(scale):
         kernels.masked_attention(q, k, k, me, mf, scale=scale)
 
 
+def test_outputs_and_gradients_keep_the_models_head_layout():
+    """The model's q, k, v are (B, N, H, d) tensors seen as (B, H, N, d); outputs (and dQ/dK/dV of the agent
+    kernel) come back in that layout, so that their transpose back to (B, N, H·d) is a view, as after SDPA."""
+    torch.manual_seed(10)
+
+    def heads(b: int, n: int, h: int, d: int) -> torch.Tensor:
+        return torch.randn(b, n, h, d, device=DEVICE).transpose(1, 2).requires_grad_()
+    q, k, v = heads(2, 40, 2, 32), heads(2, 9, 2, 32), heads(2, 9, 2, 32)
+    out = kernels.agent_attention(q, k, v)
+    assert out.stride() == q.stride()
+    grads = torch.autograd.grad(out, [q, k, v], torch.ones_like(out))
+    assert [g.stride() for g in grads[:1]] == [q.stride()]
+    check_agent(q, k, v)
+    me, mf = integer_factors(2, 40, 4, 9)
+    out = kernels.masked_attention(q, k, v, me, mf)
+    assert out.stride() == q.stride()
+    torch.testing.assert_close(out, kernels.masked_attention_reference(q, k, v, me, mf), atol=1e-5, rtol=1e-5)
+
+
 def test_input_checks_remember_accepted_signatures_only():
     """The checks are skipped for shapes/dtypes/devices accepted before, never for ones rejected before, and a
     signature differing only in a rejected detail (here the key count, the dtype) is still checked."""
