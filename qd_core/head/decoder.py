@@ -50,7 +50,7 @@ class MaskedDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, mask_embed: Tensor,
-                mask_feats: Tensor) -> Tensor:
+                mask_feats: Tensor, memory_key: Tensor | None = None) -> Tensor:
         """One decoder layer.
 
         Args:
@@ -60,10 +60,12 @@ class MaskedDecoderLayer(nn.Module):
             memory_pos: (B, L, d) or (1, L, d) sine encoding added to the memory to form the keys.
             mask_embed: (B, Nq, d) mask embeddings of the previous prediction.
             mask_feats: (B, d, L) mask features resized to this memory level.
+            memory_key: memory + memory_pos when already computed (the decoder makes it once per level).
         Returns:
             (B, Nq, d) updated query content.
         """
-        attended = self.cross_attn(query + query_pos, memory + memory_pos, memory, mask_embed, mask_feats)
+        key = memory + memory_pos if memory_key is None else memory_key
+        attended = self.cross_attn(query + query_pos, key, memory, mask_embed, mask_feats)
         query = self.norm1(query + attended)
         q = query + query_pos
         query = self.norm2(query + self.self_attn(q, q, query))
@@ -136,7 +138,9 @@ class MaskedAttentionDecoder(nn.Module):
             memory = m.flatten(2).transpose(1, 2) + self.level_embed.weight[i]
             # Batch 1, broadcast in the sum: the encoding does not depend on the image.
             pos = sine_position_encoding(1, h, w, c // 2, device=m.device, dtype=m.dtype)
-            levels.append((memory, pos.flatten(2).transpose(1, 2)))
+            pos = pos.flatten(2).transpose(1, 2)
+            # Each level serves every third layer: its keys (memory + position) are made once.
+            levels.append((memory, pos, memory + pos))
         mask_factors = resized_mask_features(mask_features, [m.shape[-2:] for m in memories])
 
         query = self.querys2feat(query_pos)
@@ -144,8 +148,8 @@ class MaskedAttentionDecoder(nn.Module):
         class_logits, mask_logits = [cls], [masks]
         for i, layer in enumerate(self.layers):
             level = i % NUM_LEVELS
-            memory, pos = levels[level]
-            query = layer(query, query_pos, memory, pos, embed.detach(), mask_factors[level])
+            memory, pos, key = levels[level]
+            query = layer(query, query_pos, memory, pos, embed.detach(), mask_factors[level], memory_key=key)
             cls, masks, embed = self.predict(query, mask_features)
             class_logits.append(cls)
             mask_logits.append(masks)
