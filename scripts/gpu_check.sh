@@ -8,7 +8,8 @@
 # STEPs, run in this order: env gpu_tests bench host_profile bench_e2e bench_flex kernel_tests. The default is the
 # kernel check (all but bench_e2e, ~6 minutes on an H100); bench_e2e, the
 # end-to-end benchmark of the ViT-L student, takes ~5 minutes more and is run by naming it. host_profile (~20 s)
-# splits the host time of one kernel call (issue rate, synchronised rate, cProfile) into host_profile.md.
+# splits the host time of one kernel call (issue rate, synchronised rate, cProfile; direct launches beside Triton's
+# own dispatch and SDPA) into host_profile.md.
 # All output goes to one log, gpu_check.log, beside the benchmark JSON files and the `python -m bench` report (few
 # files, so that a results folder fetched from a remote machine stays small).
 # Uses `python3` from PATH (the GPU machine has no venv; the package need not be installed). Every step has a time
@@ -71,7 +72,8 @@ torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())
 run gpu_tests 180 env QD_TRITON_AUTOTUNE=0 python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider
 run bench 180 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-json="$RESULTS/bench_kernels.json" \
     "${BENCH_OPTS[@]}"
-run host_profile 60 python3 -m bench.host_profile --out "$RESULTS/host_profile.md"
+# Host cost does not depend on the tile config: one fixed config each, no autotuning to wait for.
+run host_profile 60 env QD_TRITON_AUTOTUNE=0 python3 -m bench.host_profile --calls 200 --out "$RESULTS/host_profile.md"
 # End-to-end latency of every backend on the paper's student (random weights: latency only, the report says so).
 # Includes the kernel JSON of the bench step when there is one; carry data/bench-synthetic-2 to the GPU machine.
 # (KERNELS_JSON names one from an earlier run instead.)
