@@ -20,6 +20,7 @@ import torch
 
 INSTALLED = False  # set by install(); kernels/__init__.py then lets CPU tensors reach the compiled kernels
 
+
 @dataclass(frozen=True)
 class Launch:
     """One launch as Triton's launcher received it."""

@@ -325,7 +325,8 @@ def validate(cfg: Config) -> Config:
     need(tr.oversample_ratio >= 1, "train.oversample_ratio", tr.oversample_ratio, "a number >= 1")
     need(0 <= tr.importance_sample_ratio <= 1, "train.importance_sample_ratio", tr.importance_sample_ratio,
          "a number in [0, 1]")
-    need(len(tr.betas) == 2 and all(0 <= b_ < 1 for b_ in tr.betas), "train.betas", tr.betas, "[beta1, beta2] in [0, 1)")
+    need(len(tr.betas) == 2 and all(0 <= b_ < 1 for b_ in tr.betas), "train.betas", tr.betas,
+         "[beta1, beta2] in [0, 1)")
     need(tr.amp in ("auto", "bf16", "fp16", "off"), "train.amp", tr.amp, "'auto', 'bf16', 'fp16' or 'off'")
     inf = cfg.inference
     need(inf.mode in ("whole", "slide"), "inference.mode", inf.mode, "'whole' or 'slide'")
@@ -459,7 +460,8 @@ def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
         known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config (shipped: {', '.join(known)})")
+        raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config "
+                          f"(shipped: {', '.join(known)})")
     return shipped
 
 

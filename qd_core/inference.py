@@ -14,7 +14,8 @@ from torch import Tensor
 LogitsFn = Callable[[Tensor], Tensor]
 
 
-def window_grid(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def window_grid(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
+                ) -> list[tuple[int, int, int, int]]:
     """Window boxes (y1, y2, x1, x2) of mmseg's slide inference.
 
     Per axis: count = max(S − win + stride − 1, 0) // stride + 1; window i starts at i·stride, ends at

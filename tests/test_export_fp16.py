@@ -202,7 +202,8 @@ def test_fp16_pass_plans_precision_from_schemas_scopes_and_image_dependence():
     assert set(float_io(by_name["/keep/Mul"], types)) == {FLOAT}
     assert [o.type.tensor_type.elem_type for o in converted.graph.output] == [FLOAT, FLOAT]
     x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for got, want in zip(run(converted), run(model)):
         # fp16 weights and MatMul: ~1e-3 relative on values of order 1-10.
         np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-2)

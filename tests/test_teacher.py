@@ -376,7 +376,8 @@ def test_aggregator_rejects_maps_with_the_wrong_channels() -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _loss_inputs(b: int = 2, n: int = 5, m: int = 7, d: int = 12) -> tuple[GuidanceLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _loss_inputs(b: int = 2, n: int = 5, m: int = 7, d: int = 12
+                 ) -> tuple[GuidanceLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     loss = GuidanceLoss(d)
     return loss, torch.randn(b, n, d) * 2, torch.randn(b, m, d), torch.randn(b, m, d) * 3

@@ -1,4 +1,5 @@
-"""The stand-in backbone of the CPU default: pretrained on the synthetic source, saved in DINOv2 names, loaded frozen."""
+"""The stand-in backbone of the CPU default: pretrained on the synthetic source, saved in DINOv2 names, loaded
+frozen."""
 from __future__ import annotations
 
 import json

@@ -143,9 +143,10 @@ def make_tiny_backbone(cfg: Config, out: Path, train_spec: DatasetSpec, *, steps
         save_file(state, str(folder / WEIGHTS_FILE))
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (folder / "README.txt").write_text(
-            f"Tiny ViT (patch {b.patch_size}, width {b.embed_dim}, {b.depth} blocks) standing in for DINOv2 in the CPU\n"
-            f"default run; DINOv2 parameter names, loaded frozen through model.backbone.checkpoint.\n"
-            f"Made by `python -m train backbone`: {steps} AdamW steps of batch {batch_size} (lr {lr}, poly decay) on the\n"
+            f"Tiny ViT (patch {b.patch_size}, width {b.embed_dim}, {b.depth} blocks) standing in for DINOv2 in the "
+            f"CPU\ndefault run; DINOv2 parameter names, loaded frozen through model.backbone.checkpoint.\n"
+            f"Made by `python -m train backbone`: {steps} AdamW steps of batch {batch_size} (lr {lr}, poly decay) on "
+            f"the\n"
             f"synthetic source train split with the {cfg.name} config's augmentation, per-pixel cross-entropy of a\n"
             f"linear read-out of every block's patch tokens (discarded afterwards).\n"
             f"Loss {info['loss']['first']} -> {info['loss']['last']}, pixel accuracy "

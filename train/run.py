@@ -1,4 +1,5 @@
-"""``python -m train``: resolve the config and run folder, make the default data, teacher and backbone once, train, report.
+"""``python -m train``: resolve the config and run folder, make the default data, teacher and backbone once,
+train, report.
 
     python -m train                                  # tiny config, synthetic scenes, tiny teacher, CPU
     python -m train --config vitl16_512 data.train.kind=gta data.train.root=/data/gta ...
