@@ -109,3 +109,18 @@ def test_position_encoding_is_made_once_per_size_and_serves_training_after_infer
 def test_position_encoding_rejects_odd_num_feats() -> None:
     with pytest.raises(ValueError, match="num_feats"):
         sine_position_encoding(1, 2, 3, 5)
+
+
+def test_size_constants_are_bounded_in_bytes_and_keep_the_recent_ones(monkeypatch) -> None:
+    """Encodings of many sizes (whole-image inference over varied images) must not pile up: beyond the byte budget
+    the least recently used go, and one just used stays."""
+    from qd_core import constants
+
+    monkeypatch.setattr(constants, "_CACHE", type(constants._CACHE)())
+    monkeypatch.setattr(constants, "_CACHE_BYTES", 3 * 16 * 8 * 8 * 4)  # three 16-channel 8×8 fp32 encodings
+    first = sine_position_encoding(1, 8, 8, 8)
+    for w in (9, 10, 11, 12):
+        sine_position_encoding(1, 8, w, 8)
+        assert sine_position_encoding(1, 8, 8, 8).data_ptr() == first.data_ptr()  # used again: kept
+    held = sum(t.numel() * t.element_size() for t in constants._CACHE.values())
+    assert held <= constants._CACHE_BYTES and len(constants._CACHE) == 2
