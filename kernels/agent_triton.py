@@ -86,6 +86,15 @@ def _bwd_configs() -> list[triton.Config]:
 
 
 @triton.jit
+def _column_range(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[lo, hi) of the d-columns this program writes: its share, in whole BLOCK_D chunks, of the head's chunks
+    divided among the programs of grid axis 2 (the wide-head column splits; one split: all of d)."""
+    chunks_per_split = tl.cdiv(tl.cdiv(HEAD_DIM, BLOCK_D), tl.num_programs(2))
+    lo = tl.program_id(2) * chunks_per_split * BLOCK_D
+    return lo, tl.minimum(lo + chunks_per_split * BLOCK_D, HEAD_DIM)
+
+
+@triton.jit
 def _softmax_rows(s, key_ok, scale_log2e):
     """(BLOCK_N, BLOCK_M) raw logits → (unnormalised probabilities, 1 / their row sum, base-2 log-sum-exp per
     row); padded keys get 0.
@@ -150,10 +159,7 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
         # Rein at batch 1 has only N / BLOCK_N = 16 query blocks for a GPU of 132 SMs, so the output columns are
         # also split across programs (grid axis 2): each recomputes S over all of d (its q block and K are read
         # from L2 by the programs beside it) and writes its own column range of O.
-        pid_d = tl.program_id(2)
-        chunks_per_split = tl.cdiv(tl.cdiv(HEAD_DIM, BLOCK_D), tl.num_programs(2))
-        d_lo = pid_d * chunks_per_split * BLOCK_D
-        d_hi = tl.minimum(d_lo + chunks_per_split * BLOCK_D, HEAD_DIM)
+        d_lo, d_hi = _column_range(HEAD_DIM, BLOCK_D)
         for blk in range(pid_n, n_blocks, n_programs):
             offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             row_ok = offs_n < N
@@ -166,7 +172,8 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
                 s += mm(q, tl.trans(k), PRECISION, UPCAST)
             p, inv_sum, lse = _softmax_rows(s, key_ok, scale_log2e)
             if STORE_LSE:
-                tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok & (pid_d == 0))
+                # Every column split computes the same log-sum-exp; the first one stores it.
+                tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok & (tl.program_id(2) == 0))
             p_in = (p * inv_sum[:, None]).to(V.dtype.element_ty)  # P is narrower than the whole of O here
             o_ptrs = o_base + offs_n[:, None] * son + offs_d[None, :] * sod
             for c in range(d_lo, d_hi, BLOCK_D):
@@ -242,10 +249,7 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
     else:
         # As in the forward, few row splits (Rein at batch 1: 16) also split the d-chunks of dQ, dK and dV across
         # programs (grid axis 2), each recomputing S and dP over all of d; their column ranges are disjoint.
-        pid_d = tl.program_id(2)
-        chunks_per_split = tl.cdiv(tl.cdiv(HEAD_DIM, BLOCK_D), tl.num_programs(2))
-        d_lo = pid_d * chunks_per_split * BLOCK_D
-        d_hi = tl.minimum(d_lo + chunks_per_split * BLOCK_D, HEAD_DIM)
+        d_lo, d_hi = _column_range(HEAD_DIM, BLOCK_D)
         for start in range(row_lo, row_hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             row_ok = offs_n < row_hi

@@ -296,12 +296,17 @@ def test_student_round_trip_with_a_random_backbone(tmp_path):
     assert_same_state(fresh, model)
 
 
-def test_student_without_backbone_tensors_reads_them_from_the_configured_checkpoint(tmp_path):
+def saved_without_backbone(tmp_path):
+    """A stand-in student saved without its backbone, whose backbone file the config names: (model, cfg, path)."""
     reference = StandIn(tiny_cfg(), seed=0)
     dino = tmp_path / "dino.safetensors"
     save_state_file(reference.backbone.state_dict(), dino)
     cfg = tiny_cfg(str(dino))
-    path = save_student(reference, cfg, tmp_path / "student.safetensors")
+    return reference, cfg, save_student(reference, cfg, tmp_path / "student.safetensors")
+
+
+def test_student_without_backbone_tensors_reads_them_from_the_configured_checkpoint(tmp_path):
+    reference, cfg, path = saved_without_backbone(tmp_path)
     assert not any(k.startswith("backbone.") for k in load_file(str(path)))
     assert json.loads((tmp_path / "student.json").read_text())["include_frozen"] is False
     fresh = StandIn(cfg, seed=1)
@@ -310,11 +315,8 @@ def test_student_without_backbone_tensors_reads_them_from_the_configured_checkpo
 
 
 def test_student_refuses_a_backbone_file_other_than_the_one_it_was_trained_with(tmp_path):
-    reference = StandIn(tiny_cfg(), seed=0)
+    reference, cfg, path = saved_without_backbone(tmp_path)
     dino = tmp_path / "dino.safetensors"
-    save_state_file(reference.backbone.state_dict(), dino)
-    cfg = tiny_cfg(str(dino))
-    path = save_student(reference, cfg, tmp_path / "student.safetensors")
     recorded = json.loads((tmp_path / "student.json").read_text())["backbone_sha256"]
     assert recorded == hashlib.sha256(dino.read_bytes()).hexdigest()
     other = StandIn(tiny_cfg(), seed=5)  # same shapes, other weights: would load without complaint otherwise

@@ -82,7 +82,8 @@ class Refinement(nn.Module):
         # The four maps attend to the same keys with the same weights, and every step is per token, so they go
         # through as one sequence: one attention call (and one of each projection) instead of four.
         tokens = torch.cat([m.flatten(2) for m in maps], dim=2).transpose(1, 2)  # (B, Σ h·w, d)
-        responses = self.cross_attn(tokens, keys, keys).transpose(1, 2).split([m[0, 0].numel() for m in maps], dim=2)
+        sizes = [m.shape[-2] * m.shape[-1] for m in maps]
+        responses = self.cross_attn(tokens, keys, keys).transpose(1, 2).split(sizes, dim=2)
         attended = []
         for m, r in zip(maps, responses):
             r = r.reshape(m.shape)
