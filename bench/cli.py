@@ -8,7 +8,8 @@ The suites run in this process through ``pytest.main`` with ``--benchmark-json``
 report labels as such: its latency is meaningful, its mIoU is not. The exit status is pytest's (1 when a backend
 fails its accuracy tolerance, 2 when interrupted); the report is written either way. Ctrl-C or SIGTERM (a time
 limit such as ``timeout``) stops the suites after the test in progress and still writes the report of what ran,
-marked as stopped.
+marked as stopped. ``--time-limit S`` is the gentler stop: tests that would start after S seconds are skipped
+(the report lists them), so nothing is interrupted mid-call.
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import pytest
 
 from bench.report import NotRun, build_report, render_markdown, write_report
 from bench.settings import ENV_PREFIX, NO_CHECKPOINT, REPO_ROOT, newest_checkpoint
@@ -71,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a pytest-benchmark JSON of the kernel microbenchmarks to include (repeatable)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak TFLOP/s for MFU, overriding the table (needed for an MFU on CPUs)")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                    help="skip the tests that would start after this many seconds (the report lists them); "
+                         "default: no limit")
     ap.add_argument("--overwrite", action="store_true", help="replace today's report files if they exist")
     return ap
 
@@ -96,17 +103,56 @@ def versions() -> dict[str, str]:
 
 class OutcomeCollector:
     """A pytest plugin that keeps every skipped or failed test with its reason, and whether the run was cut short,
-    for the report."""
+    for the report; prints one progress line per test (a GPU run spends minutes in compilation and capture, and
+    pytest's dots do not say where); and, given ``time_limit``, skips the tests that would end after it.
 
-    def __init__(self) -> None:
+    A test "would end after it" when the time spent plus the longest test so far of the same backend (its
+    ``spec`` parameter: torch.compile's first call at each batch size takes minutes, an eager backend's seconds)
+    exceeds the limit. A limit the run respects is what lets it write its report; a stop by signal in the middle of
+    a compilation or a CUDA-graph capture may leave the process unable to."""
+
+    def __init__(self, time_limit: float | None = None, progress: Any = None) -> None:
         self.not_run: list[NotRun] = []
         self.passed = 0
         self.interrupted = False
+        self.time_limit = time_limit
+        self.progress = progress
+        self.start = time.monotonic()
+        self._longest: dict[str, float] = {}  # backend -> longest setup + call seconds of its tests so far
+        self._durations: dict[str, float] = {}  # nodeid -> its setup + call seconds so far
+
+    @staticmethod
+    def _backend(item_or_report: Any) -> str:
+        callspec = getattr(item_or_report, "callspec", None)
+        spec = callspec.params.get("spec") if callspec is not None else None
+        return str(getattr(spec, "name", "")) if spec is not None else ""
 
     def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
         self.interrupted = True
 
+    @pytest.hookimpl(tryfirst=True)  # before the fixtures: a skipped test builds nothing
+    def pytest_runtest_setup(self, item: Any) -> None:
+        if self.time_limit is None:
+            return
+        spent = time.monotonic() - self.start
+        expected = self._longest.get(self._backend(item), 0.0) if self._backend(item) else 0.0
+        if spent + expected > self.time_limit:
+            why = f" and ~{expected:.1f} s expected from an earlier test of its backend" if expected > 0 else ""
+            pytest.skip(f"--time-limit {self.time_limit:g} s: {spent:.1f} s spent{why}")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_makereport(self, item: Any, call: Any) -> None:
+        # Keyed by backend here, where the item (and its parameters) is at hand; logreport only sees the report.
+        if call.when in ("setup", "call") and self._backend(item):
+            total = self._durations.get(item.nodeid, 0.0) + call.duration
+            self._durations[item.nodeid] = total
+            backend = self._backend(item)
+            self._longest[backend] = max(self._longest.get(backend, 0.0), total)
+
     def pytest_runtest_logreport(self, report: Any) -> None:
+        if self.progress is not None and (report.when == "call" or report.outcome != "passed"):
+            print(f"[{time.monotonic() - self.start:6.0f} s] {report.nodeid.split('::')[-1]}: {report.outcome} "
+                  f"({report.when}, {report.duration:.1f} s)", file=self.progress, flush=True)
         if report.passed and report.when == "call":
             self.passed += 1
         elif report.skipped and report.when in ("setup", "call"):
@@ -152,7 +198,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import pytest
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, value in (("--images", images), ("--batch", batch)):
             if value < 1:
                 raise ValueError(f"{flag} {value}: expected a positive integer")
+        if args.time_limit is not None and args.time_limit <= 0:
+            raise ValueError(f"--time-limit {args.time_limit:g}: expected a positive number of seconds")
         if batch > images:
             raise ValueError(f"--batch {batch}: expected at most --images {images} (batches are evaluation images)")
     except ValueError as e:
@@ -192,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run_kernels = args.kernels if args.kernels is not None else device == "cuda"
     suites = [str(BENCH_DIR / "test_backends.py")] + ([str(BENCH_DIR / "test_kernels.py")] if run_kernels else [])
-    collector = OutcomeCollector()
+    collector = OutcomeCollector(args.time_limit, progress=sys.stderr)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="qd-bench-json-") as tmp, sigterm_as_interrupt():
         json_path = Path(tmp) / "benchmark.json"

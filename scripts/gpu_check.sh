@@ -5,18 +5,19 @@
 #
 #   bash scripts/gpu_check.sh [STEP ...]     # from anywhere; results in ${OUT:-./gpu_results}
 #
-# STEPs, run in this order: env gpu_tests bench host_profile bench_e2e bench_flex kernel_tests. The default is the
-# kernel check (all but bench_e2e, ~6 minutes on an H100); bench_e2e, the
-# end-to-end benchmark of the ViT-L student, takes ~5 minutes more and is run by naming it. host_profile (~20 s)
+# STEPs, run in this order: env gpu_tests bench host_profile op_profile bench_e2e bench_flex kernel_tests. The
+# default is the kernel check (all but bench_e2e, ~7 minutes on an H100); bench_e2e, the end-to-end benchmark of
+# the ViT-L student, takes up to 7 minutes more and is run by naming it. host_profile (~20 s)
 # splits the host time of one kernel call (issue rate, synchronised rate, cProfile; direct launches beside Triton's
-# own dispatch and SDPA) into host_profile.md.
+# own dispatch and SDPA) into host_profile.md. op_profile (~1 minute) books the GPU time of one ViT-L student
+# forward (bf16, Triton attention, batch 1 and 8) to its modules and kernels, into op_profile.md.
 # All output goes to one log, gpu_check.log, beside the benchmark JSON files and the `python -m bench` report (few
 # files, so that a results folder fetched from a remote machine stays small).
 # Uses `python3` from PATH (the GPU machine has no venv; the package need not be installed). Every step has a time
 # limit cut from one overall budget (GPU_CHECK_SECONDS, default 470 s, under 8 minutes on an H100), so a slow or
 # hanging step cannot starve the rest; a failed step is reported and the script goes on, exiting non-zero at the end.
 # A step at its limit gets SIGINT first (Ctrl-C: pytest stops after the test in progress and still saves its
-# benchmark JSON, and `python -m bench` still writes its report of what ran), then SIGKILL 20 s later.
+# benchmark JSON, and `python -m bench` still writes its report of what ran), then SIGKILL 30 s later.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,7 +31,7 @@ FAILED=()
 LOG="$RESULTS/gpu_check.log"
 : >"$LOG"
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(env gpu_tests bench host_profile bench_flex kernel_tests)
+((${#STEPS[@]})) || STEPS=(env gpu_tests bench host_profile op_profile bench_flex kernel_tests)
 wanted() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
 # run NAME MAX_SECONDS CMD...: at most MAX_SECONDS and never past the overall budget; output appended to $LOG
@@ -47,7 +48,8 @@ run() {
     if ((max > left)); then max=$left; fi
     echo "== $name (limit ${max}s): $*" | tee -a "$LOG"
     local rc=0
-    timeout --signal=INT --kill-after=20 "$max" "$@" 2>&1 | tee -a "$LOG" || rc=$?
+    # STEP_SECONDS tells a step its own limit (bench_e2e passes it on as --time-limit, less a margin for its report).
+    STEP_SECONDS=$max timeout --signal=INT --kill-after=30 "$max" "$@" 2>&1 | tee -a "$LOG" || rc=$?
     if ((rc == 0 || rc == 5)); then  # pytest's 5: nothing selected (e.g. no FlexAttention in this torch)
         echo "== $name: ok after $((SECONDS - START))s" | tee -a "$LOG"
     elif ((rc == 124)); then
@@ -74,13 +76,21 @@ run bench 180 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-
     "${BENCH_OPTS[@]}"
 # Host cost does not depend on the tile config: one fixed config each, no autotuning to wait for.
 run host_profile 60 env QD_TRITON_AUTOTUNE=0 python3 -m bench.host_profile --calls 200 --out "$RESULTS/host_profile.md"
+# Where the student's forward spends its GPU time (random weights; carry data/bench-synthetic-2 or it is drawn).
+run op_profile 120 python3 -m bench.op_profile --device cuda --config vitl16_512 --backend torch-triton-bf16 \
+    --batch 1 8 --out "$RESULTS/op_profile.md"
 # End-to-end latency of every backend on the paper's student (random weights: latency only, the report says so).
 # Includes the kernel JSON of the bench step when there is one; carry data/bench-synthetic-2 to the GPU machine.
-# (KERNELS_JSON names one from an earlier run instead.)
+# (KERNELS_JSON names one from an earlier run instead.) On an H100 the eager and CUDA-graph backends take ~90 s
+# together (model build included) and torch-compile-bf16 ~130 s per batch size (Inductor + graph capture), so the
+# whole list does not fit 420 s: --time-limit skips the tests that would end past the step's limit, less 60 s for
+# the report, and the report lists them (a run stopped by signal during a compilation was killed before its report
+# was written).
 KERNEL_JSON=()
 KJ="${KERNELS_JSON:-$RESULTS/bench_kernels.json}"
 [[ -f "$KJ" ]] && KERNEL_JSON=(--kernels-json "$KJ")
-run bench_e2e 300 python3 -m bench --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
+run bench_e2e 420 bash -c 'python3 -m bench --time-limit $((STEP_SECONDS > 120 ? STEP_SECONDS - 60 : 60)) "$@"' e2e \
+    --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
     --images 8 --batch 8 --backends "${E2E_BACKENDS:-torch-fp32,torch-bf16,torch-fp16,torch-triton-fp32,\
 torch-triton-bf16,torch-triton-bf16-graphs,torch-compile-bf16,ort-fp32,ort-fp16,trt-fp16}" "${KERNEL_JSON[@]}" \
     --out "$RESULTS" --overwrite

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,40 @@ def test_cli_stopped_by_sigterm_still_writes_the_report_of_what_ran(tmp_path: Pa
     assert report["meta"]["stopped_note"].startswith("interrupted")
     assert 1 <= len(report["latency"]) < 4
     assert "**stopped**: interrupted" in next(out.glob("cpu-*.md")).read_text()
+
+
+def test_time_limit_skips_the_tests_that_would_end_after_it(tmp_path: Path):
+    """``--time-limit``: a test runs only when the time spent plus the longest earlier test of its backend fits
+    the limit; skipped ones carry the reason the report shows; each test prints a progress line."""
+    import io
+
+    from bench.cli import OutcomeCollector
+
+    suite = tmp_path / "test_slow.py"
+    suite.write_text(
+        "import time\nimport pytest\n\n"
+        "class Spec:\n    def __init__(self, name, seconds):\n        self.name, self.seconds = name, seconds\n\n"
+        "SPECS = [Spec('slow', 1.0), Spec('fast', 0.0)]\n\n"
+        "@pytest.mark.parametrize('spec', SPECS, ids=lambda s: s.name)\n"
+        "@pytest.mark.parametrize('batch', [1, 8])\n"
+        "def test_latency(spec, batch):\n    time.sleep(spec.seconds)\n\n"
+        "def test_after():\n    pass\n")
+    progress = io.StringIO()
+    # slow-b1 runs (1 s); slow-b8 would end at ~2 s > 2.0 and is skipped; the fast ones and the unparametrised
+    # test (no backend, no expectation) start well before the limit and run.
+    collector = OutcomeCollector(time_limit=2.0, progress=progress)
+    rc = pytest.main([str(suite), "-q", "-p", "no:cacheprovider"], plugins=[collector])
+    assert rc == 0 and collector.passed == 4
+    assert [(n.test, n.outcome) for n in collector.not_run] == [("test_latency[8-slow]", "skipped")]
+    reason = collector.not_run[0].reason
+    assert re.fullmatch(r"--time-limit 2 s: 1\.\d s spent and ~1\.\d s expected from an earlier test of its backend",
+                        reason), reason
+    names = [ln.split("] ")[1].split(":")[0] for ln in progress.getvalue().splitlines()]
+    assert names == ["test_latency[1-slow]", "test_latency[1-fast]", "test_latency[8-slow]",
+                     "test_latency[8-fast]", "test_after"]
+
+    late = OutcomeCollector(time_limit=1e-9, progress=None)  # spent before the first test: every test is skipped
+    assert pytest.main([str(suite), "-q", "-p", "no:cacheprovider"], plugins=[late]) == 0
+    assert late.passed == 0 and len(late.not_run) == 5
+    assert late.not_run[0].reason.startswith("--time-limit 1e-09 s: 0.0 s spent")
+    assert "expected" not in late.not_run[0].reason

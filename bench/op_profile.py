@@ -1,0 +1,258 @@
+"""Where one forward of the student spends its time, per top-level module and per GPU kernel.
+
+    python -m bench.op_profile [--device cpu|cuda] [--config F] [--checkpoint C] [--backend B] [--batch N ...]
+                               [--iters N] [--top K] [--out FILE.md] [--trace FILE.json]
+
+The end-to-end benchmark says how long ``predict`` takes; this says where that time goes. It builds the student as
+``python -m bench`` does (same backends, same evaluation images, random weights unless a checkpoint is given),
+runs ``--iters`` forwards of each batch size under ``torch.profiler`` after two untimed ones, and writes:
+
+- per top-level module of the student (``backbone``, ``agent_queries``, ``pixel_decoder``, ...), plus the wrapper
+  around it (normalisation, semantic logits, full-size labels) as ``(wrapper)``: the GPU time of the kernels it
+  launched, their count, and its host time. GPU time below host time means the module is launch-bound: the GPU
+  waits for the host, which CUDA graphs or compilation remove; the GPU column is what would be left.
+- the kernels with the largest total GPU time (on CPU: the operators with the largest own host time).
+
+Only eager backends can be profiled this way (module hooks do not fire inside a replayed graph or a compiled
+one); their kernels are those a CUDA graph of the same backend replays. ``--trace`` also writes the Chrome trace
+(chrome://tracing, Perfetto).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from bench.backends import BackendSpec, BenchSession, TorchBackend, select_backends, unavailable_reason
+from bench.settings import BenchSettings
+from qd_core.checkpoint import atomic_write
+
+PROFILABLE = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-triton-fp32", "torch-triton-bf16")
+RANGE_PREFIX = "qd::"
+WRAPPER = "(wrapper)"
+
+
+@dataclass(frozen=True)
+class ModuleTime:
+    """One top-level module's share of a forward, per forward (means over the profiled iterations)."""
+
+    name: str
+    device_ms: float
+    host_ms: float
+    kernels: float
+    inside: str  # the enclosing module's name when this one runs inside another (its time is counted there too)
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    name: str
+    total_ms: float  # per forward
+    calls: float  # per forward
+
+
+@contextlib.contextmanager
+def module_ranges(model: nn.Module) -> Iterator[None]:
+    """Each top-level child of ``model`` runs inside a profiler range ``qd::<name>`` while the block is open."""
+    open_ranges: dict[str, list[Any]] = defaultdict(list)
+    handles = []
+    for name, child in model.named_children():
+        def pre(_m: nn.Module, _args: Any, name: str = name) -> None:
+            rf = torch.profiler.record_function(RANGE_PREFIX + name)
+            rf.__enter__()
+            open_ranges[name].append(rf)
+
+        def post(_m: nn.Module, _args: Any, _out: Any, name: str = name) -> None:
+            if open_ranges[name]:
+                open_ranges[name].pop().__exit__(None, None, None)
+        handles += [child.register_forward_pre_hook(pre), child.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _kernels_below(event: Any) -> tuple[int, float]:
+    """(count, µs) of the device kernels launched by ``event`` and everything below it."""
+    count, us = len(event.kernels), sum(k.duration for k in event.kernels)
+    for child in event.cpu_children:
+        c, t = _kernels_below(child)
+        count, us = count + c, us + t
+    return count, us
+
+
+def _enclosing_range(event: Any) -> str:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(RANGE_PREFIX) and parent.name != RANGE_PREFIX + "forward":
+            return parent.name.removeprefix(RANGE_PREFIX)
+        parent = parent.cpu_parent
+    return ""
+
+
+def summarize(events: Sequence[Any], iters: int, top: int) -> tuple[list[ModuleTime], list[KernelTime], float, float]:
+    """Module and kernel tables from the profiler's events: (modules, kernels, device ms, host ms) per forward."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    inside: dict[str, str] = {}
+    total_device = total_host = 0.0
+    for e in events:
+        if not e.name.startswith(RANGE_PREFIX):
+            continue
+        count, us = _kernels_below(e)
+        name = e.name.removeprefix(RANGE_PREFIX)
+        if name == "forward":
+            total_device += us / 1e3
+            total_host += e.cpu_time_total / 1e3
+            sums[WRAPPER][0] += us / 1e3
+            sums[WRAPPER][1] += e.cpu_time_total / 1e3
+            sums[WRAPPER][2] += count
+            continue
+        s = sums[name]
+        s[0], s[1], s[2] = s[0] + us / 1e3, s[1] + e.cpu_time_total / 1e3, s[2] + count
+        inside[name] = _enclosing_range(e)
+        if not inside[name]:  # the wrapper's own share is the forward less its top-level modules
+            w = sums[WRAPPER]
+            w[0], w[1], w[2] = w[0] - us / 1e3, w[1] - e.cpu_time_total / 1e3, w[2] - count
+    modules = [ModuleTime(n, s[0] / iters, s[1] / iters, s[2] / iters, inside.get(n, "")) for n, s in sums.items()]
+    modules.sort(key=lambda m: (m.name == WRAPPER, -m.device_ms, -m.host_ms))
+
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    any_kernels = any(e.kernels for e in events)
+    for e in events:
+        if any_kernels:
+            for k in e.kernels:
+                per_kernel[k.name][0] += k.duration / 1e3
+                per_kernel[k.name][1] += 1
+        elif not e.name.startswith(RANGE_PREFIX):  # CPU: operators by own host time
+            per_kernel[e.name][0] += e.self_cpu_time_total / 1e3
+            per_kernel[e.name][1] += 1
+    kernels = sorted((KernelTime(n, t / iters, c / iters) for n, (t, c) in per_kernel.items()),
+                     key=lambda k: -k.total_ms)[:top]
+    return modules, kernels, total_device / iters, total_host / iters
+
+
+def render(modules: Sequence[ModuleTime], kernels: Sequence[KernelTime], device_ms: float, host_ms: float, *,
+           title: str, gpu: bool) -> str:
+    lines = [f"# {title}", ""]
+    if gpu:
+        lines += [f"One forward: {device_ms:.2f} ms of GPU kernels, {host_ms:.2f} ms on the host "
+                  f"({'launch-bound: the GPU waits for the host' if host_ms > device_ms else 'GPU-bound'}).", "",
+                  "| module | GPU ms | % of GPU | kernels | host ms |", "|---|---|---|---|---|"]
+        for m in modules:
+            share = 100 * m.device_ms / device_ms if device_ms else 0.0
+            where = f" (inside {m.inside})" if m.inside else ""
+            lines.append(f"| {m.name}{where} | {m.device_ms:.3f} | {share:.1f} % | {m.kernels:.0f} | "
+                         f"{m.host_ms:.3f} |")
+        lines += ["", f"Top {len(kernels)} kernels by GPU time per forward:", "",
+                  "| kernel | GPU ms | % of GPU | calls |", "|---|---|---|---|"]
+        for k in kernels:
+            share = 100 * k.total_ms / device_ms if device_ms else 0.0
+            lines.append(f"| `{_short(k.name)}` | {k.total_ms:.3f} | {share:.1f} % | {k.calls:.0f} |")
+    else:
+        lines += [f"One forward: {host_ms:.2f} ms on the host (no GPU: host times only).", "",
+                  "| module | host ms | % |", "|---|---|---|"]
+        for m in modules:
+            where = f" (inside {m.inside})" if m.inside else ""
+            lines.append(f"| {m.name}{where} | {m.host_ms:.3f} | {100 * m.host_ms / host_ms if host_ms else 0:.1f} % |")
+        lines += ["", f"Top {len(kernels)} operators by own host time per forward:", "",
+                  "| operator | host ms | calls |", "|---|---|---|"]
+        for k in kernels:
+            lines.append(f"| `{_short(k.name)}` | {k.total_ms:.3f} | {k.calls:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(name: str, width: int = 110) -> str:
+    name = name.replace("|", "/").replace("`", "'")
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.op_profile", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="where to run (default: cuda when available, else cpu)")
+    ap.add_argument("--config", default="vitl16_512", help="config name or YAML (default vitl16_512)")
+    ap.add_argument("--checkpoint", default=None, help="student .safetensors (default: random weights)")
+    ap.add_argument("--data", type=Path, default=None, help="evaluation data, as for python -m bench")
+    ap.add_argument("--backend", default="torch-triton-bf16", choices=PROFILABLE,
+                    help="eager backend to profile (default torch-triton-bf16)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1],
+                    help="images per forward; several sizes are profiled one after another (default 1)")
+    ap.add_argument("--iters", type=int, default=3, help="profiled forwards, after two untimed ones (default 3)")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed (default 25)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables to this Markdown file")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="also write the Chrome trace to this JSON file (one per batch size, named -b<N>, when "
+                         "several are given)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: torch sees no CUDA device on this machine", file=sys.stderr)
+        return 2
+    for flag, value in (("--batch", min(args.batch)), ("--iters", args.iters), ("--top", args.top)):
+        if value < 1:
+            print(f"error: {flag} {value}: expected a positive integer", file=sys.stderr)
+            return 2
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        print(f"error: --checkpoint {args.checkpoint}: no such file", file=sys.stderr)
+        return 2
+    settings = BenchSettings(device=device, config=args.config,
+                             checkpoint=Path(args.checkpoint) if args.checkpoint else None, data=args.data,
+                             images=max(args.batch), batch=max(args.batch), backends=(args.backend,),
+                             cpu_compile=False,
+                             work=None)
+    spec: BackendSpec = select_backends((args.backend,))[0]
+    reason = unavailable_reason(spec, settings)
+    if reason is not None:
+        print(f"error: --backend {args.backend}: {reason}", file=sys.stderr)
+        return 2
+    session = BenchSession(settings)
+    backend = session.segmenter(spec)
+    assert isinstance(backend, TorchBackend)
+    gpu = device == "cuda"
+    texts = []
+    for batch in args.batch:
+        images = session.inputs(batch)
+
+        def forward() -> None:
+            with torch.profiler.record_function(RANGE_PREFIX + "forward"):
+                backend.predict(images)
+            if gpu:
+                torch.cuda.synchronize()
+
+        with module_ranges(backend.wrapper.model):
+            for _ in range(2):  # autotuning, allocator growth and lazy initialisation stay out of the profile
+                forward()
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(args.iters):
+                    forward()
+        modules, kernels, device_ms, host_ms = summarize(prof.events(), args.iters, args.top)
+        h, w = session.size
+        title = (f"Where one forward goes: {session.cfg.name}, {args.backend}, batch {batch} at {h}×{w}, "
+                 f"{session.device_name}, torch {torch.__version__}, mean of {args.iters}")
+        texts.append(render(modules, kernels, device_ms, host_ms, title=title, gpu=gpu))
+        print(texts[-1], flush=True)
+        if args.trace is not None:
+            trace = args.trace if len(args.batch) == 1 else args.trace.with_name(
+                f"{args.trace.stem}-b{batch}{args.trace.suffix}")
+            prof.export_chrome_trace(str(trace))
+    if args.out is not None:
+        text = "\n".join(texts)
+        atomic_write(args.out, lambda p: p.write_text(text))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

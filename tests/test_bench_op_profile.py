@@ -1,0 +1,69 @@
+"""bench.op_profile: module and kernel attribution of one forward, and the CLI on the tiny student."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bench.op_profile import WRAPPER, main, summarize
+
+
+def _event(name: str, kernels_us: tuple[float, ...] = (), children: tuple = (), cpu_us: float = 0.0):
+    e = SimpleNamespace(name=name, kernels=[SimpleNamespace(name=f"k_{name}", duration=us) for us in kernels_us],
+                        cpu_children=list(children), cpu_parent=None, cpu_time_total=cpu_us,
+                        self_cpu_time_total=cpu_us)
+    for c in children:
+        c.cpu_parent = e
+    return e
+
+
+def _forward() -> list[SimpleNamespace]:
+    """One forward: 1000 µs of GPU kernels; backbone 600 (of which reins 100), decoder 300, the wrapper 100."""
+    reins = _event("qd::reins", children=(_event("aten::mm", (100.0,)),), cpu_us=50.0)
+    backbone = _event("qd::backbone", children=(_event("aten::mm", (250.0, 250.0)), reins), cpu_us=400.0)
+    decoder = _event("qd::decoder", children=(_event("aten::bmm", (300.0,)),), cpu_us=300.0)
+    head = _event("aten::argmax", (100.0,))
+    forward = _event("qd::forward", children=(backbone, decoder, head), cpu_us=900.0)
+    events, stack = [], [forward]
+    while stack:  # the profiler lists every event, nested ones included
+        e = stack.pop()
+        events.append(e)
+        stack.extend(e.cpu_children)
+    return events
+
+
+def test_gpu_time_is_booked_to_modules_and_the_wrapper_keeps_the_rest():
+    events = _forward() + _forward()  # two iterations: every figure is per forward
+    modules, kernels, device_ms, host_ms = summarize(events, iters=2, top=10)
+    assert device_ms == pytest.approx(1.0) and host_ms == pytest.approx(0.9)
+    by_name = {m.name: m for m in modules}
+    assert by_name["backbone"].device_ms == pytest.approx(0.6) and by_name["backbone"].kernels == 3
+    assert by_name["reins"].device_ms == pytest.approx(0.1) and by_name["reins"].inside == "backbone"
+    assert by_name["decoder"].device_ms == pytest.approx(0.3) and by_name["decoder"].inside == ""
+    # The wrapper: the forward less its top-level modules (reins is inside the backbone, not subtracted twice).
+    assert by_name[WRAPPER].device_ms == pytest.approx(0.1) and by_name[WRAPPER].kernels == 1
+    assert by_name[WRAPPER].host_ms == pytest.approx(0.2)
+    assert [m.name for m in modules] == ["backbone", "decoder", "reins", WRAPPER]
+    assert [(k.name, k.total_ms, k.calls) for k in kernels[:2]] == [("k_aten::mm", pytest.approx(0.6), 3),
+                                                                     ("k_aten::bmm", pytest.approx(0.3), 1)]
+
+
+def test_cli_profiles_the_tiny_student_on_cpu(tmp_path: Path, capsys):
+    out, trace = tmp_path / "profile.md", tmp_path / "trace.json"
+    assert main(["--device", "cpu", "--config", "tiny", "--backend", "torch-fp32", "--batch", "1", "2",
+                 "--iters", "1", "--top", "5", "--out", str(out), "--trace", str(trace)]) == 0
+    text = out.read_text()
+    assert text.count("# Where one forward goes: tiny, torch-fp32") == 2 and "batch 2 at 128×128" in text
+    for module in ("backbone", "pixel_decoder", "decoder", WRAPPER):
+        assert f"| {module} |" in text
+    assert (tmp_path / "trace-b1.json").stat().st_size > 0 and (tmp_path / "trace-b2.json").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [(["--batch", "0"], "--batch 0: expected a positive integer"),
+                                           (["--backend", "torch-triton-bf16"], "--backend torch-triton-bf16: "),
+                                           (["--checkpoint", "missing.safetensors"], "no such file")])
+def test_cli_bad_arguments_get_one_line(args: list[str], message: str, capsys):
+    assert main(["--device", "cpu", "--config", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
