@@ -1,13 +1,23 @@
 """Mask2Former masked cross-attention in Triton: ~100 queries over L = 256–4096+ keys, the mask built in-kernel.
 
 The mask. Key l is blocked for query i when mask_embed[b, i] · mask_feats[b, :, l] < 0 (sigmoid of the mask logit
-below 0.5). Each key tile therefore costs one extra (BLOCK_Q, C) × (C, BLOCK_L) product next to QKᵀ; the
-(B·H, Q, L) boolean that Mask2Former materialises is never written. The mask is shared by the heads but recomputed
-per head: the C·L·Q products are a few GFLOP at the paper's shapes and the repeated factor reads hit L2, which costs
-less than materialising and re-reading a mask. The backward recomputes the logits from the same factors, but its
-channel chunking and MMA shapes may differ from the forward's, so a logit within float rounding of 0 can be
-decided differently by the two (the reference decides once); only such keys' gradient terms are affected, and
-integer-valued factors, as in the tests, give exact logits and identical decisions.
+below 0.5). The (B·H, Q, L) boolean that Mask2Former materialises is never written; the kernels decide the mask
+one of two ways:
+
+- Short memories (L < BITS_MIN_KEYS): each key tile costs one extra (BLOCK_Q, C) × (C, BLOCK_L) product next to
+  QKᵀ, per head, in the forward and again in the backward. At these sizes the repeated products are cheap and the
+  factors' re-reads hit L2.
+- Long memories: one launch decides every (query, key) pair of an image once, into a bit mask (B, Q, ⌈L/32⌉) int32
+  (bit j of word w: key 32·w + j is open), 1/8 of a byte per pair and shared by the heads (0.4 MB at B = 8,
+  Q = 100, L = 4096, against 26 MB for a boolean (B·H, Q, L) mask). The attention kernels then read one word per
+  32 keys instead of the C-wide product, which with C = 256 against d = 32 is most of their tensor-core work
+  (~60 % in the backward) and most of the bytes each key tile loads. The backward reuses the forward's bit mask,
+  so the two passes take the same decisions.
+
+When the factors are recomputed, the backward's channel chunking and MMA shapes may differ from the forward's,
+so a logit within float rounding of 0 can be decided differently by the two (the reference decides once); only
+such keys' gradient terms are affected, and integer-valued factors, as in the tests, give exact logits and
+identical decisions.
 
 Forward tiling (flash-decoding). With Q ≈ 100 all queries of a (batch, head) fit one BLOCK_Q tile, so a grid over
 query blocks would leave batch 1 with 8 programs; instead the keys are cut into splits and each program runs an
@@ -22,10 +32,10 @@ serial in L, but such rows are rare in a trained decoder, and keeping a second, 
 split instead would cost an extra exponential tile and P·V product per key tile and double the fp32 partials.
 
 Backward. dS = P ∘ (dP − δ), δ = rowsum(dO ∘ O) computed in-kernel; P is recomputed from the saved
-log-sum-exp with the mask recomputed from its factors and the saved per-row "has open keys" flag. Keys are split
-across programs as in the forward: each key tile's dK and dV are complete after one sweep over the (single) query
-tile and are written directly; dQ sums over all keys, so each program keeps it in registers across its split and
-writes one fp32 partial per split, summed (and cast) by one more launch.
+log-sum-exp with the mask (the forward's bit mask, or recomputed from its factors) and the saved per-row "has
+open keys" flag. Keys are split across programs as in the forward: each key tile's dK and dV are complete after
+one sweep over the (single) query tile and are written directly; dQ sums over all keys, so each program keeps it
+in registers across its split and writes one fp32 partial per split, summed (and cast) by one more launch.
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, check_float, check_scale,
+from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
                                    checked_once, dot_precision, Launcher, mm, needs_upcast, split_extent, sum_partials,
                                    tile)
 
@@ -47,6 +57,11 @@ _KEY_QUANTUM = 64 if INTERPRET else 128  # every BLOCK_L below divides it, so sp
 _MAX_BLOCK_C = 64
 _MAX_WHOLE_C = 256  # widest channel count taken whole (a (128, 256) bf16 tile is 64 KiB of shared memory)
 _FALLBACK_BLOCK_L = 64  # key tile of the combine step's softmax over all keys, for rows with every key blocked
+# From this many keys on, the mask is decided once per image into a bit mask (see the module docstring) instead of
+# once per head in every key tile of the forward and again in the backward. Below it the per-head products are
+# small and the extra launch would cost more than it saves.
+BITS_MIN_KEYS = 1024
+_BITS_WORDS = 2  # 32-key words per program of the bit-mask kernel (a (Q, 64) logit tile)
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -70,8 +85,9 @@ def _prune_fwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> l
     # and their whole-channel tiles need more shared memory than an SM has (392 KiB at 256 channels).
     if nargs["Q"].dtype == torch.float32:
         configs = [c for c in configs if not getattr(c, "maxnreg", None) and not c.kwargs["WHOLE_C"]]
-    # The whole-channel product only differs from the chunked one above one chunk, and only fits up to a bound.
-    if not kwargs["BLOCK_C"] < tile(kwargs["MASK_DIM"]) <= _MAX_WHOLE_C:
+    # The whole-channel product only differs from the chunked one above one chunk, and only fits up to a bound;
+    # reading a bit mask, neither runs.
+    if kwargs.get("FROM_BITS") or not kwargs["BLOCK_C"] < tile(kwargs["MASK_DIM"]) <= _MAX_WHOLE_C:
         configs = [c for c in configs if not c.kwargs["WHOLE_C"]]
     return configs
 
@@ -106,17 +122,68 @@ def _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, 
     return logits
 
 
-@triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"],
+@triton.jit
+def _mask_bits_kernel(ME, MF, BITS, smeb, smeq, smec, smfb, smfc, smfl, sbb, sbq, NQ, L,
+                      MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, WORDS: tl.constexpr,
+                      MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr):
+    """BITS[b, i, w] bit j = key 32·w + j is open for query i (its mask logit ≥ 0); grid (cdiv(L, 32·WORDS), B).
+    Bits past L are 0."""
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1)
+    BLOCK_L: tl.constexpr = WORDS * 32
+    offs_q = tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < NQ
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_ok = offs_l < L
+    logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
+                          MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
+    bit = ((logits >= 0) & l_ok[None, :]).to(tl.int32)
+    # Distinct powers of two: their sum is their bitwise or (bit 31 included, as int32 wraps).
+    shifted = tl.reshape(bit, (BLOCK_Q, WORDS, 32)) << tl.arange(0, 32)[None, None, :]
+    words = tl.sum(shifted, axis=2)
+    offs_w = pid_l * WORDS + tl.arange(0, WORDS)
+    tl.store(BITS + b * sbb + offs_q[:, None] * sbq + offs_w[None, :], words,
+             mask=q_ok[:, None] & (offs_w < (L + 31) // 32)[None, :])
+
+
+@triton.jit
+def _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq, smec, smfb, smfc, smfl, sbb, sbq,
+               MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+               MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr, FROM_BITS: tl.constexpr):
+    """(BLOCK_Q, BLOCK_L) boolean for the key tile at ``start``: key l is open for query i (and is a real key);
+    read from the bit mask, or computed from the factors.
+
+    The bit mask is read as one (BLOCK_Q,) column of words per 32 keys, each broadcast over its 32 columns: a
+    (BLOCK_Q, BLOCK_L) gather would hold a pointer per element in registers (compiled for sm_90, that raised the
+    forward's registers from 140 to 254 and made the backward spill). ``start`` is a multiple of 32 when
+    BLOCK_L ≥ 32 (key splits are whole 128-key quanta), and a narrower tile lies inside one word."""
+    if FROM_BITS:
+        WORDS: tl.constexpr = (BLOCK_L + 31) // 32
+        first = start // 32
+        word_of_col = tl.arange(0, BLOCK_L) // 32
+        words = tl.zeros((BLOCK_Q, BLOCK_L), dtype=tl.int32)
+        for i in tl.static_range(WORDS):
+            w = tl.load(BITS + b * sbb + offs_q * sbq + first + i, mask=q_ok & (first + i < (L + 31) // 32), other=0)
+            words = tl.where((word_of_col == i)[None, :], w[:, None], words)
+        is_open = ((words >> (offs_l % 32)[None, :]) & 1) != 0
+    else:
+        logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
+                              MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
+        is_open = logits >= 0
+    return is_open & l_ok[None, :]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM", "FROM_BITS"],
                  prune_configs_by={"early_config_prune": _prune_fwd_configs}, do_bench=autotune_bench)
 @triton.jit
-def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
+def _masked_fwd_kernel(Q, K, V, ME, MF, BITS, O_PART, LSE_PART, OPEN_PART,
                        sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-                       smeb, smeq, smec, smfb, smfc, smfl,
+                       smeb, smeq, smec, smfb, smfc, smfl, sbb, sbq,
                        H, NQ, L, keys_per_split, scale_log2e,
                        HEAD_DIM: tl.constexpr, MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_C: tl.constexpr, MASK_TILE: tl.constexpr, PRECISION: tl.constexpr,
                        UPCAST: tl.constexpr, MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr,
-                       BLOCK_L: tl.constexpr, WHOLE_C: tl.constexpr):
+                       FROM_BITS: tl.constexpr, BLOCK_L: tl.constexpr, WHOLE_C: tl.constexpr):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_bh = tl.num_programs(1)
@@ -139,9 +206,9 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, O_PART, LSE_PART, OPEN_PART,
     for start in range(lo, hi, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         l_ok = offs_l < hi
-        logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
-                              MASK_DIM, BLOCK_Q, BLOCK_L, CHUNK, MASK_PRECISION, MASK_UPCAST)
-        is_open = (logits >= 0) & l_ok[None, :]
+        is_open = _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq, smec, smfb, smfc,
+                             smfl, sbb, sbq, MASK_DIM, BLOCK_Q, BLOCK_L, CHUNK, MASK_PRECISION, MASK_UPCAST,
+                             FROM_BITS)
         n_open += tl.sum(is_open.to(tl.int32), axis=1)
 
         ld_mask = l_ok[:, None] & d_ok[None, :]
@@ -238,17 +305,18 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, Q, K, V, O, LSE, ROW_OPE
     tl.store(ROW_OPEN + pid_bh * NQ + offs_q, row_open.to(tl.int8), mask=q_ok)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM"],
+@triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM", "FROM_BITS"],
                  do_bench=autotune_bench)
 @triton.jit
-def _masked_bwd_kernel(Q, K, V, ME, MF, O, DO, LSE, ROW_OPEN, DQ_PART, DK, DV,
+def _masked_bwd_kernel(Q, K, V, ME, MF, BITS, O, DO, LSE, ROW_OPEN, DQ_PART, DK, DV,
                        sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-                       smeb, smeq, smec, smfb, smfc, smfl, sob, soh, soq, sod, sdob, sdoh, sdoq, sdod,
+                       smeb, smeq, smec, smfb, smfc, smfl, sbb, sbq, sob, soh, soq, sod, sdob, sdoh, sdoq, sdod,
                        sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
                        H, NQ, L, keys_per_split, scale, scale_log2e,
                        HEAD_DIM: tl.constexpr, MASK_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                       MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr, BLOCK_L: tl.constexpr):
+                       MASK_PRECISION: tl.constexpr, MASK_UPCAST: tl.constexpr, FROM_BITS: tl.constexpr,
+                       BLOCK_L: tl.constexpr):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_bh = tl.num_programs(1)
@@ -275,9 +343,10 @@ def _masked_bwd_kernel(Q, K, V, ME, MF, O, DO, LSE, ROW_OPEN, DQ_PART, DK, DV,
     for start in range(lo, hi, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         l_ok = offs_l < hi
-        logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
-                              MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
-        keep = ((logits >= 0) | unmasked_row[:, None]) & q_ok[:, None] & l_ok[None, :]
+        is_open = _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq, smec, smfb, smfc,
+                             smfl, sbb, sbq, MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST,
+                             FROM_BITS)
+        keep = (is_open | unmasked_row[:, None]) & q_ok[:, None] & l_ok[None, :]
 
         ld_mask = l_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
@@ -341,9 +410,36 @@ def _mask_args(mask_embed: Tensor) -> dict:
                 MASK_PRECISION=dot_precision(mask_embed.dtype), MASK_UPCAST=needs_upcast(mask_embed.dtype))
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def mask_bits(mask_embed: Tensor, mask_feats: Tensor) -> Tensor:
+    """(B, Q, C), (B, C, L) factors in one dtype → (B, Q, ⌈L/32⌉) int32: bit j of word w is set when key 32·w + j
+    is open for the query (mask_embed · mask_feats ≥ 0). One launch, one mask product per image."""
+    b, nq, c = mask_embed.shape
+    seq = mask_feats.shape[2]
+    bits = torch.empty((b, nq, cdiv(seq, 32)), dtype=torch.int32, device=mask_embed.device)
+    _bits_launch((cdiv(seq, 32 * _BITS_WORDS), b), (mask_embed, mask_feats, bits),
+                 (*mask_embed.stride(), *mask_feats.stride(), bits.stride(0), bits.stride(1), nq, seq),
+                 MASK_DIM=c, BLOCK_Q=tile(nq), BLOCK_C=tile(c, _MAX_BLOCK_C), WORDS=_BITS_WORDS,
+                 MASK_PRECISION=dot_precision(mask_embed.dtype), MASK_UPCAST=needs_upcast(mask_embed.dtype),
+                 num_warps=4)
+    return bits
+
+
+def _bits_args(bits: Tensor | None, me: Tensor) -> tuple[Tensor, tuple[int, int], bool]:
+    """(BITS tensor, its (batch, query) strides, FROM_BITS): without a bit mask the kernels take ``me`` in its
+    place, never read."""
+    if bits is None:
+        return me, (0, 0), False
+    return bits, (bits.stride(0), bits.stride(1)), True
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor,
+             scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """→ output (B, H, Q, d), log2-sum-exp (B, H, Q) fp32, row has an open key (B, H, Q) int8, and the bit mask
+    (B, Q, ⌈L/32⌉) when one was made (L ≥ BITS_MIN_KEYS), else None."""
     b, h, nq, d = q.shape
     seq = k.shape[2]
+    bits = mask_bits(me, mf) if seq >= BITS_MIN_KEYS else None
+    bits_t, bits_strides, from_bits = _bits_args(bits, me)
     splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
     o_part = torch.empty((splits, b * h, nq, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, b * h, nq), dtype=torch.float32, device=q.device)
@@ -351,10 +447,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, scale: flo
     block_q, block_d = tile(nq), tile(d)
     precision = dict(PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype))
     _fwd_launch(
-        (splits, b * h), (q, k, v, me, mf, o_part, lse_part, open_part),
-        (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), h, nq, seq, keys_per_split,
-         scale * LOG2E),
-        HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, **precision, **_mask_args(me), MASK_TILE=tile(me.shape[2]))
+        (splits, b * h), (q, k, v, me, mf, bits_t, o_part, lse_part, open_part),
+        (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *bits_strides, h, nq, seq,
+         keys_per_split, scale * LOG2E),
+        HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, **precision, **_mask_args(me), MASK_TILE=tile(me.shape[2]),
+        FROM_BITS=from_bits)
     o = torch.empty_like(q)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     row_open = torch.empty((b, h, nq), dtype=torch.int8, device=q.device)
@@ -362,26 +459,29 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, scale: flo
         (b * h,), (o_part, lse_part, open_part, q, k, v, o, lse, row_open),
         (*q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, seq, splits, scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_L=_FALLBACK_BLOCK_L, **precision, num_warps=4)
-    return o, lse, row_open
+    return o, lse, row_open, bits
 
 
-def _backward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, o: Tensor, lse: Tensor, row_open: Tensor,
-              do: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, bits: Tensor | None, o: Tensor, lse: Tensor,
+              row_open: Tensor, do: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients in q, k, v; the mask from the forward's bit mask when it made one (the same decisions)."""
     b, h, nq, d = q.shape
     seq = k.shape[2]
+    bits_t, bits_strides, from_bits = _bits_args(bits, me)
     splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
     dq_part = torch.empty((splits, b, h, nq, d), dtype=torch.float32, device=q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _bwd_launch(
-        (splits, b * h), (q, k, v, me, mf, o, do, lse, row_open, dq_part, dk, dv),
-        (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *o.stride(), *do.stride(), *dk.stride(),
-         *dv.stride(), h, nq, seq, keys_per_split, scale, scale * LOG2E),
+        (splits, b * h), (q, k, v, me, mf, bits_t, o, do, lse, row_open, dq_part, dk, dv),
+        (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *bits_strides, *o.stride(),
+         *do.stride(), *dk.stride(), *dv.stride(), h, nq, seq, keys_per_split, scale, scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=tile(nq), BLOCK_D=tile(d), PRECISION=dot_precision(q.dtype),
-        UPCAST=needs_upcast(q.dtype), **_mask_args(me))
+        UPCAST=needs_upcast(q.dtype), **_mask_args(me), FROM_BITS=from_bits)
     return sum_partials(dq_part.view(1, splits, b * h * nq * d), q.dtype).view(q.shape), dk, dv
 
 
+_bits_launch = Launcher(_mask_bits_kernel)
 _fwd_launch = Launcher(_masked_fwd_kernel)
 _combine_launch = Launcher(_masked_combine_kernel)
 _bwd_launch = Launcher(_masked_bwd_kernel)
@@ -394,16 +494,16 @@ class MaskedAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_feats: Tensor,  # type: ignore[override]
                 scale: float) -> Tensor:
         me, mf = _mask_factors(mask_embed, mask_feats)
-        o, lse, row_open = _forward(q, k, v, me, mf, scale)
-        ctx.save_for_backward(q, k, v, me, mf, o, lse, row_open)
+        o, lse, row_open, bits = _forward(q, k, v, me, mf, scale)
+        ctx.save_for_backward(q, k, v, me, mf, bits, o, lse, row_open)
         ctx.scale = scale
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None, None]:  # type: ignore[override]
-        q, k, v, me, mf, o, lse, row_open = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, me, mf, o, lse, row_open, do, ctx.scale)
+        q, k, v, me, mf, bits, o, lse, row_open = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, me, mf, bits, o, lse, row_open, do, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-KERNELS = ("agent_fwd", "agent_bwd", "masked_fwd", "masked_combine", "masked_bwd", "sum_partials")
+KERNELS = ("agent_fwd", "agent_bwd", "masked_bits", "masked_fwd", "masked_combine", "masked_bwd", "sum_partials")
 # Per-SM limits of sm_90 (H100/H200): registers, resident warps, shared memory, resident programs.
 SM_REGISTERS, SM_WARPS, SM_SHARED, SM_PROGRAMS = 65536, 64, 228 * 1024, 32
 SMS = 132  # H100 SXM multiprocessors, for the split counts the wrappers would choose
@@ -140,22 +140,32 @@ def variants(dtype: str) -> list[Variant]:
     mask = dict(MASK_DIM=c, BLOCK_C=u.tile(c, mt._MAX_BLOCK_C), MASK_PRECISION=prec["PRECISION"], MASK_UPCAST=False)
     common = dict(HEAD_DIM=d, BLOCK_Q=u.tile(nq), BLOCK_D=u.tile(d), **prec)
     case = f"decoder-b{b}-L{seq}"
-    fwd = dict(Q=x, K=x, V=x, ME=x, MF=x, O_PART=f32, LSE_PART=f32, OPEN_PART=i32, **q_strides, **kv_strides,
-               **mask_strides, H=h, NQ=nq, L=seq, keys_per_split=keys, scale_log2e=1.0, MASK_TILE=u.tile(c),
-               **common, **mask)
-    configs = mt._prune_fwd_configs(mt._masked_fwd_kernel.configs, {"Q": torch.empty(0, dtype=torch_dtype)},
-                                    BLOCK_C=mask["BLOCK_C"], MASK_DIM=c)
-    out.append(Variant("masked_fwd", case, mt._masked_fwd_kernel.fn, fwd, configs))
-    combine = dict(O_PART=f32, LSE_PART=f32, OPEN_PART=i32, Q=x, K=x, V=x, O=x, LSE=f32, ROW_OPEN=i8, **q_strides,
-                   **kv_strides, **dict(zip(("sob", "soh", "soq", "sod"), qs)), H=h, NQ=nq, L=seq, N_SPLITS=splits,
-                   scale_log2e=1.0, BLOCK_L=mt._FALLBACK_BLOCK_L, **common)
-    out.append(Variant("masked_combine", case, mt._masked_combine_kernel, combine, [_FixedConfig(4)]))
-    bwd = dict(Q=x, K=x, V=x, ME=x, MF=x, O=x, DO=x, LSE=f32, ROW_OPEN=i8, DQ_PART=f32, DK=x, DV=x, **q_strides,
-               **kv_strides, **mask_strides, **dict(zip(("sob", "soh", "soq", "sod"), qs)),
-               **dict(zip(("sdob", "sdoh", "sdoq", "sdod"), qs)), **dict(zip(("sdkb", "sdkh", "sdkl", "sdkd"), ks)),
-               **dict(zip(("sdvb", "sdvh", "sdvl", "sdvd"), ks)), H=h, NQ=nq, L=seq, keys_per_split=keys, scale=1.0,
-               scale_log2e=1.0, **common, **mask)
-    out.append(Variant("masked_bwd", case, mt._masked_bwd_kernel.fn, bwd, mt._masked_bwd_kernel.configs))
+    # L = 4096 reads the per-image bit mask (L ≥ BITS_MIN_KEYS); the decoder's L = 256 level computes the mask
+    # per key tile from its factors, as listed for the same shapes under "(mask from factors)".
+    bits_strides = dict(sbb=nq * _cdiv(seq, 32), sbq=_cdiv(seq, 32))
+    bits = dict(ME=x, MF=x, BITS=i32, **mask_strides, **bits_strides, NQ=nq, L=seq, MASK_DIM=c,
+                BLOCK_Q=u.tile(nq), BLOCK_C=mask["BLOCK_C"], WORDS=mt._BITS_WORDS,
+                MASK_PRECISION=prec["PRECISION"], MASK_UPCAST=False)
+    out.append(Variant("masked_bits", case, mt._mask_bits_kernel, bits, [_FixedConfig(4)]))
+    for from_bits, label in ((True, case), (False, case + " (mask from factors)")):
+        fwd = dict(Q=x, K=x, V=x, ME=x, MF=x, BITS=i32 if from_bits else x, O_PART=f32, LSE_PART=f32,
+                   OPEN_PART=i32, **q_strides, **kv_strides, **mask_strides, **bits_strides, H=h, NQ=nq, L=seq,
+                   keys_per_split=keys, scale_log2e=1.0, MASK_TILE=u.tile(c), FROM_BITS=from_bits, **common, **mask)
+        configs = mt._prune_fwd_configs(mt._masked_fwd_kernel.configs, {"Q": torch.empty(0, dtype=torch_dtype)},
+                                        BLOCK_C=mask["BLOCK_C"], MASK_DIM=c, FROM_BITS=from_bits)
+        out.append(Variant("masked_fwd", label, mt._masked_fwd_kernel.fn, fwd, configs))
+        if from_bits:
+            combine = dict(O_PART=f32, LSE_PART=f32, OPEN_PART=i32, Q=x, K=x, V=x, O=x, LSE=f32, ROW_OPEN=i8,
+                           **q_strides, **kv_strides, **dict(zip(("sob", "soh", "soq", "sod"), qs)), H=h, NQ=nq,
+                           L=seq, N_SPLITS=splits, scale_log2e=1.0, BLOCK_L=mt._FALLBACK_BLOCK_L, **common)
+            out.append(Variant("masked_combine", case, mt._masked_combine_kernel, combine, [_FixedConfig(4)]))
+        bwd = dict(Q=x, K=x, V=x, ME=x, MF=x, BITS=i32 if from_bits else x, O=x, DO=x, LSE=f32, ROW_OPEN=i8,
+                   DQ_PART=f32, DK=x, DV=x, **q_strides, **kv_strides, **mask_strides, **bits_strides,
+                   **dict(zip(("sob", "soh", "soq", "sod"), qs)), **dict(zip(("sdob", "sdoh", "sdoq", "sdod"), qs)),
+                   **dict(zip(("sdkb", "sdkh", "sdkl", "sdkd"), ks)), **dict(zip(("sdvb", "sdvh", "sdvl", "sdvd"), ks)),
+                   H=h, NQ=nq, L=seq, keys_per_split=keys, scale=1.0, scale_log2e=1.0, FROM_BITS=from_bits,
+                   **common, **mask)
+        out.append(Variant("masked_bwd", label, mt._masked_bwd_kernel.fn, bwd, mt._masked_bwd_kernel.configs))
     part = dict(PART=f32, OUT=x, ROWS=splits, COLS=b * h * nq * d, BLOCK=1024)
     out.append(Variant("sum_partials", case + " dq", u._sum_partials_kernel, part, [_FixedConfig(4)]))
     return out

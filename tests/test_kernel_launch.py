@@ -31,11 +31,12 @@ def _run_script(*argv: str) -> dict:
 
 def test_direct_launches_equal_tritons_dispatch_for_every_kernel():
     result = _run_script()
-    assert result["compared"] == sorted(result["compared"]) and len(result["compared"]) == 7
+    assert result["compared"] == sorted(result["compared"]) and len(result["compared"]) == 8
     assert result["mismatches"] == [], result["mismatches"]
     # Each kernel launched directly at least once (a scenario that never hit the cache would prove nothing).
-    assert set(result["direct"]) == {"_agent_fwd_kernel", "_agent_bwd_kernel", "_masked_fwd_kernel",
-                                     "_masked_combine_kernel", "_masked_bwd_kernel", "_sum_partials_kernel"}
+    assert set(result["direct"]) == {"_agent_fwd_kernel", "_agent_bwd_kernel", "_mask_bits_kernel",
+                                     "_masked_fwd_kernel", "_masked_combine_kernel", "_masked_bwd_kernel",
+                                     "_sum_partials_kernel"}
     assert result["hooked_launches"] == result["hook_calls"] > 0
 
 
@@ -128,6 +129,8 @@ def _main() -> None:
         "agent-bf16-wide-fwd-bwd": agent(1, 1, 70, 20, 160, torch.bfloat16, shared=True, grad=True),
         "masked-bf16-fwd": masked(1, 2, 20, 300, 32, 16, torch.bfloat16, grad=False),
         "masked-bf16-fwd-bwd": masked(2, 2, 20, 300, 32, 16, torch.bfloat16, grad=True),
+        # L = BITS_MIN_KEYS: the per-image bit mask, read by the forward and the backward
+        "masked-bf16-bits-fwd-bwd": masked(2, 2, 20, 1024, 32, 16, torch.bfloat16, grad=True),
     }
     mismatches, direct = [], set()
     for name, call in scenarios.items():

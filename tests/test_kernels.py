@@ -192,7 +192,7 @@ def test_kernels_reject_a_scale_that_is_not_positive_and_finite(scale):
         kernels.masked_attention(q, k, k, me, mf, scale=scale)
 
 
-def test_outputs_and_gradients_keep_the_models_head_layout():
+def test_outputs_and_gradients_keep_the_models_head_layout(mask_path):
     """The model's q, k, v are (B, N, H, d) tensors seen as (B, H, N, d); outputs (and dQ/dK/dV of the agent
     kernel) come back in that layout, so that their transpose back to (B, N, H·d) is a view, as after SDPA."""
     torch.manual_seed(10)
@@ -265,6 +265,16 @@ def open_one_key(me: torch.Tensor, row: int) -> None:
     me[:, row, 1] = 1.0
 
 
+@pytest.fixture(params=["factors", "bits"])
+def mask_path(request, monkeypatch) -> str:
+    """Both ways the kernels decide the mask: per key tile from its factors (short memories), and from the
+    per-image bit mask (L ≥ BITS_MIN_KEYS; the threshold is lowered here so that the small shapes take it too)."""
+    from kernels import masked_triton
+
+    monkeypatch.setattr(masked_triton, "BITS_MIN_KEYS", 0 if request.param == "bits" else 10**9)
+    return request.param
+
+
 def check_masked(q, k, v, me, mf, **kw) -> list[torch.Tensor]:
     grad_out = torch.randn(q.shape, device=q.device).to(q.dtype)
     actual = outputs_and_grads(lambda *t: kernels.masked_attention(*t, me, mf, **kw), [q, k, v], grad_out)
@@ -279,19 +289,19 @@ def check_masked(q, k, v, me, mf, **kw) -> list[torch.Tensor]:
     return actual
 
 
-def test_masked_matches_reference_with_ragged_keys_over_several_splits():
+def test_masked_matches_reference_with_ragged_keys_over_several_splits(mask_path):
     torch.manual_seed(10)
     me, mf = integer_factors(1, 100, 24, 200)
     check_masked(leaf(1, 2, 100, 32), leaf(1, 2, 200, 32), leaf(1, 2, 200, 32), me, mf)
 
 
-def test_masked_sums_mask_channels_in_chunks_for_every_image():
+def test_masked_sums_mask_channels_in_chunks_for_every_image(mask_path):
     torch.manual_seed(11)
     me, mf = integer_factors(2, 20, 80, 300)  # 80 channels: two chunks of 64; 300 keys: ragged last tile
     check_masked(leaf(2, 2, 20, 32), leaf(2, 2, 300, 32), leaf(2, 2, 300, 32), me, mf)
 
 
-def test_masked_mask_changes_the_result():
+def test_masked_mask_changes_the_result(mask_path):
     torch.manual_seed(12)
     me, mf = integer_factors(1, 30, 16, 100)
     q, k, v = leaf(1, 2, 30, 32), leaf(1, 2, 100, 32), leaf(1, 2, 100, 32)
@@ -301,7 +311,7 @@ def test_masked_mask_changes_the_result():
     assert float((masked - unmasked).abs().max()) > 0.1
 
 
-def test_masked_fully_blocked_row_attends_to_every_key():
+def test_masked_fully_blocked_row_attends_to_every_key(mask_path):
     torch.manual_seed(13)
     me, mf = integer_factors(1, 20, 16, 150)
     block_all_keys(me, 3)
@@ -311,7 +321,7 @@ def test_masked_fully_blocked_row_attends_to_every_key():
     torch.testing.assert_close(out[:, :, 3:4], plain, atol=1e-5, rtol=1e-5)
 
 
-def test_masked_row_with_a_single_open_key_returns_that_value():
+def test_masked_row_with_a_single_open_key_returns_that_value(mask_path):
     torch.manual_seed(14)
     me, mf = integer_factors(1, 20, 16, 150)
     open_one_key(me, 5)  # its only non-negative logit is exactly 0: zero counts as open
@@ -320,7 +330,7 @@ def test_masked_row_with_a_single_open_key_returns_that_value():
     torch.testing.assert_close(out[:, :, 5], v.detach()[:, :, 75])
 
 
-def test_masked_does_not_differentiate_the_mask_factors():
+def test_masked_does_not_differentiate_the_mask_factors(mask_path):
     torch.manual_seed(15)
     me, mf = integer_factors(1, 10, 8, 40)
     me.requires_grad_()
@@ -330,7 +340,7 @@ def test_masked_does_not_differentiate_the_mask_factors():
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_masked_low_precision_matches_fp32_reference_on_rounded_inputs(dtype):
+def test_masked_low_precision_matches_fp32_reference_on_rounded_inputs(dtype, mask_path):
     torch.manual_seed(16)
     me, mf = integer_factors(1, 100, 24, 200)
     block_all_keys(me, 7)
@@ -339,7 +349,7 @@ def test_masked_low_precision_matches_fp32_reference_on_rounded_inputs(dtype):
                  me.to(dtype), mf.to(dtype))
 
 
-def test_masked_forward_without_grad_equals_the_differentiable_forward():
+def test_masked_forward_without_grad_equals_the_differentiable_forward(mask_path):
     torch.manual_seed(14)
     me, mf = integer_factors(1, 20, 16, 150)
     q, k, v = leaf(1, 2, 20, 32), leaf(1, 2, 150, 32), leaf(1, 2, 150, 32)
@@ -349,10 +359,44 @@ def test_masked_forward_without_grad_equals_the_differentiable_forward():
     torch.testing.assert_close(out, kernels.masked_attention(q, k, v, me, mf).detach(), atol=0, rtol=0)
 
 
-def test_masked_applies_an_explicit_scale():
+def test_masked_applies_an_explicit_scale(mask_path):
     torch.manual_seed(17)
     me, mf = integer_factors(1, 12, 8, 64)
     check_masked(leaf(1, 2, 12, 32), leaf(1, 2, 64, 32), leaf(1, 2, 64, 32), me, mf, scale=0.3)
+
+
+def test_mask_bits_hold_every_keys_decision():
+    """Bit j of word w is key 32·w + j's decision (bit 31 included); the bits past L are 0."""
+    from kernels.masked_triton import mask_bits
+
+    torch.manual_seed(18)
+    me, mf = integer_factors(2, 20, 80, 300)  # 300 keys: a ragged last word and a ragged last program
+    block_all_keys(me, 3)
+    open_one_key(me, 5)
+    bits = mask_bits(me, mf)
+    assert bits.shape == (2, 20, 10) and bits.dtype == torch.int32
+    keys = torch.arange(320, device=me.device)
+    decided = ((bits[:, :, keys // 32] >> (keys % 32)) & 1).bool()
+    expected = torch.zeros(2, 20, 320, dtype=torch.bool, device=me.device)
+    expected[:, :, :300] = (me @ mf) >= 0
+    assert torch.equal(decided, expected)
+    assert (bits[:, :, :9] < 0).any(), "no word with bit 31 set: the test misses the sign bit"
+    assert not decided[:, 3].any() and decided[:, 5].sum() == 2
+
+
+def test_long_memories_decide_the_mask_once_per_image_for_forward_and_backward(monkeypatch):
+    """From BITS_MIN_KEYS keys on the forward makes one bit mask, and the backward reuses it (the same decisions);
+    below it neither makes one."""
+    from kernels import masked_triton
+
+    made = []
+    real = masked_triton.mask_bits
+    monkeypatch.setattr(masked_triton, "mask_bits", lambda me, mf: made.append(mf.shape[2]) or real(me, mf))
+    torch.manual_seed(19)
+    for seq in (masked_triton.BITS_MIN_KEYS - 1, masked_triton.BITS_MIN_KEYS):
+        me, mf = integer_factors(1, 6, 8, seq)
+        check_masked(leaf(1, 2, 6, 32), leaf(1, 2, seq, 32), leaf(1, 2, seq, 32), me, mf)
+    assert made == [masked_triton.BITS_MIN_KEYS]
 
 
 @pytest.mark.parametrize("bad, match", [("mask_feats", "mask_feats: expected shape"),
