@@ -189,5 +189,5 @@ def test_time_limit_skips_the_tests_that_would_end_after_it(tmp_path: Path):
     late = OutcomeCollector(time_limit=1e-9, progress=None)  # spent before the first test: every test is skipped
     assert pytest.main([str(suite), "-q", "-p", "no:cacheprovider"], plugins=[late]) == 0
     assert late.passed == 0 and len(late.not_run) == 5
-    assert late.not_run[0].reason.startswith("--time-limit 1e-09 s: 0.0 s spent")
-    assert "expected" not in late.not_run[0].reason
+    # (no test of the backend has run, so nothing is expected of it)
+    assert re.fullmatch(r"--time-limit 1e-09 s: \d+\.\d s spent", late.not_run[0].reason), late.not_run[0].reason
