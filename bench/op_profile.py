@@ -29,6 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 
 from bench.backends import BackendSpec, BenchSession, TorchBackend, select_backends, unavailable_reason
 from bench.settings import BenchSettings
@@ -37,6 +38,7 @@ from qd_core.checkpoint import atomic_write
 PROFILABLE = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-triton-fp32", "torch-triton-bf16")
 RANGE_PREFIX = "qd::"
 WRAPPER = "(wrapper)"
+UNBOOKED = "(not booked)"
 
 
 @dataclass(frozen=True)
@@ -97,18 +99,31 @@ def _enclosing_range(event: Any) -> str:
     return ""
 
 
+def _is_device_event(event: Any) -> bool:
+    """A kernel, copy or memset on the GPU's timeline; not the GPU-side span of a record_function range (a
+    "user annotation"), which would count its kernels twice."""
+    return (getattr(event, "device_type", None) == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+            and not event.name.startswith(RANGE_PREFIX))
+
+
 def summarize(events: Sequence[Any], iters: int, top: int) -> tuple[list[ModuleTime], list[KernelTime], float, float]:
-    """Module and kernel tables from the profiler's events: (modules, kernels, device ms, host ms) per forward."""
+    """Module and kernel tables from the profiler's events: (modules, kernels, device ms, host ms) per forward.
+
+    Kernels are booked to the innermost module range open when they were launched (the profiler links each
+    kernel to the CPU operation or range that launched it). The GPU total and the kernel table come from the
+    device's own events when the profile has them, so a kernel the profiler could not link to its launch (a
+    launch outside every operation) still counts, in a ``(not booked)`` row.
+    """
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     inside: dict[str, str] = {}
-    total_device = total_host = 0.0
+    booked_device = total_host = 0.0
     for e in events:
-        if not e.name.startswith(RANGE_PREFIX):
+        if not e.name.startswith(RANGE_PREFIX) or _is_device_event(e):
             continue
         count, us = _kernels_below(e)
         name = e.name.removeprefix(RANGE_PREFIX)
         if name == "forward":
-            total_device += us / 1e3
+            booked_device += us / 1e3
             total_host += e.cpu_time_total / 1e3
             sums[WRAPPER][0] += us / 1e3
             sums[WRAPPER][1] += e.cpu_time_total / 1e3
@@ -120,19 +135,30 @@ def summarize(events: Sequence[Any], iters: int, top: int) -> tuple[list[ModuleT
         if not inside[name]:  # the wrapper's own share is the forward less its top-level modules
             w = sums[WRAPPER]
             w[0], w[1], w[2] = w[0] - us / 1e3, w[1] - e.cpu_time_total / 1e3, w[2] - count
-    modules = [ModuleTime(n, s[0] / iters, s[1] / iters, s[2] / iters, inside.get(n, "")) for n, s in sums.items()]
-    modules.sort(key=lambda m: (m.name == WRAPPER, -m.device_ms, -m.host_ms))
 
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    any_kernels = any(e.kernels for e in events)
-    for e in events:
-        if any_kernels:
+    device_events = [e for e in events if _is_device_event(e)]
+    if device_events:
+        for e in device_events:
+            per_kernel[e.name][0] += (e.time_range.end - e.time_range.start) / 1e3
+            per_kernel[e.name][1] += 1
+    elif any(e.kernels for e in events):
+        for e in events:
             for k in e.kernels:
                 per_kernel[k.name][0] += k.duration / 1e3
                 per_kernel[k.name][1] += 1
-        elif not e.name.startswith(RANGE_PREFIX):  # CPU: operators by own host time
-            per_kernel[e.name][0] += e.self_cpu_time_total / 1e3
-            per_kernel[e.name][1] += 1
+    else:  # CPU: operators by own host time
+        for e in events:
+            if not e.name.startswith(RANGE_PREFIX):
+                per_kernel[e.name][0] += e.self_cpu_time_total / 1e3
+                per_kernel[e.name][1] += 1
+    total_device = sum(t for t, _ in per_kernel.values()) if device_events else booked_device
+    unbooked = total_device - booked_device
+    if device_events and unbooked > 0.005 * total_device:
+        sums[UNBOOKED] = [unbooked, 0.0, sum(c for _, c in per_kernel.values()) - sum(
+            _kernels_below(e)[0] for e in events if e.name == RANGE_PREFIX + "forward")]
+    modules = [ModuleTime(n, s[0] / iters, s[1] / iters, s[2] / iters, inside.get(n, "")) for n, s in sums.items()]
+    modules.sort(key=lambda m: (m.name in (WRAPPER, UNBOOKED), m.name == UNBOOKED, -m.device_ms, -m.host_ms))
     kernels = sorted((KernelTime(n, t / iters, c / iters) for n, (t, c) in per_kernel.items()),
                      key=lambda k: -k.total_ms)[:top]
     return modules, kernels, total_device / iters, total_host / iters

@@ -5,6 +5,9 @@
 #
 #   bash scripts/gpu_check.sh [STEP ...]     # from anywhere; results in ${OUT:-./gpu_results}
 #
+# In one 10-minute call (carry data/bench-synthetic-2): kernel timings, host and GPU profiles, end-to-end report:
+#   GPU_CHECK_SECONDS=560 bash scripts/gpu_check.sh env bench host_profile op_profile bench_e2e
+#
 # STEPs, run in this order: env gpu_tests bench host_profile op_profile bench_e2e bench_flex kernel_tests. The
 # default is the kernel check (all but bench_e2e, ~7 minutes on an H100); bench_e2e, the end-to-end benchmark of
 # the ViT-L student, takes up to 7 minutes more and is run by naming it. host_profile (~20 s)

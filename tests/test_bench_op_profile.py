@@ -6,7 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.op_profile import WRAPPER, main, summarize
+from torch.autograd import DeviceType
+
+from bench.op_profile import UNBOOKED, WRAPPER, main, summarize
 
 
 def _event(name: str, kernels_us: tuple[float, ...] = (), children: tuple = (), cpu_us: float = 0.0):
@@ -47,6 +49,28 @@ def test_gpu_time_is_booked_to_modules_and_the_wrapper_keeps_the_rest():
     assert [m.name for m in modules] == ["backbone", "decoder", "reins", WRAPPER]
     assert [(k.name, k.total_ms, k.calls) for k in kernels[:2]] == [("k_aten::mm", pytest.approx(0.6), 3),
                                                                      ("k_aten::bmm", pytest.approx(0.3), 1)]
+
+
+def _device_event(name: str, us: float) -> SimpleNamespace:
+    return SimpleNamespace(name=name, device_type=DeviceType.CUDA,
+                           time_range=SimpleNamespace(start=10.0, end=10.0 + us), kernels=[], cpu_children=[],
+                           cpu_parent=None, cpu_time_total=0.0, self_cpu_time_total=0.0)
+
+
+def test_kernels_the_profiler_could_not_link_are_totalled_as_not_booked():
+    """With the device's own events (a real GPU profile), the total and the kernel table come from them: a kernel
+    linked to no launch (150 µs here) is counted in a "(not booked)" row instead of being lost."""
+    events = _forward()
+    linked = [k for e in events for k in e.kernels]
+    events += [_device_event(k.name, k.duration) for k in linked] + [_device_event("triton_unlinked", 150.0)]
+    events.append(_device_event("qd::forward", 1150.0))  # the range's GPU-side span: not a kernel
+    modules, kernels, device_ms, _ = summarize(events, iters=1, top=10)
+    assert device_ms == pytest.approx(1.15)
+    by_name = {m.name: m for m in modules}
+    assert by_name[UNBOOKED].device_ms == pytest.approx(0.15) and by_name[UNBOOKED].kernels == 1
+    assert by_name["backbone"].device_ms == pytest.approx(0.6)
+    assert modules[-1].name == UNBOOKED and modules[-2].name == WRAPPER
+    assert ("triton_unlinked", pytest.approx(0.15), 1) in [(k.name, k.total_ms, k.calls) for k in kernels]
 
 
 def test_cli_profiles_the_tiny_student_on_cpu(tmp_path: Path, capsys):
