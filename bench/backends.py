@@ -111,9 +111,9 @@ def with_lowp_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     Autocast casts exactly these to ``dtype`` on every call (to the same values), so the outputs under autocast are
     the same; what goes is the casting: without autocast's cast cache, which CUDA graphs need off and which lasts
     one call anyway, each forward of the ViT-L student re-reads 1.4 GB of fp32 weights (274 layers, 346 M
-    parameters) and writes their 0.7 GB low-precision copies, in some 500 cast kernels. Only these modules: their parameters feed nothing but their own
-    linear/conv op, which autocast runs in ``dtype``; other parameters (norms, embeddings, queries) may enter fp32
-    arithmetic and keep their precision.
+    parameters) and writes their 0.7 GB low-precision copies, in some 500 cast kernels. Only these modules: their
+    parameters feed nothing but their own linear/conv op, which autocast runs in ``dtype``; other parameters
+    (norms, embeddings, queries) may enter fp32 arithmetic and keep their precision.
     """
     lowp = copy.deepcopy(model)
     for module in lowp.modules():

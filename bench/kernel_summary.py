@@ -30,7 +30,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MASK_QUERIES, MASK_CHANNELS = 100, 256  # the decoder cases of bench/test_kernels.py
 TARGET_SPEEDUP = {"agent": 1.5, "masked": 2.0}
 TARGET_BANDWIDTH = {"agent": 0.60}
-_ID = re.compile(r"test_(agent|masked)_attention\[(.+)-(triton|reference|sdpa|flex|xformers)-(fwd\+bwd|fwd)\]")
+_ID = re.compile(r"test_(agent|masked)_attention\[(.+)-(triton|triton-bits|triton-factors|reference|sdpa|flex|xformers)"
+                 r"-(fwd\+bwd|fwd)\]")
+MASK_PATHS = ("triton-bits", "triton-factors")  # the masked kernel forced to its other way of deciding the mask
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,31 @@ def render(rows: Sequence[Row], peak_tbs: float, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_mask_paths(rows: Sequence[Row]) -> str:
+    """Markdown table of the masked kernel's two mask paths, where the JSON times both: its default at that L
+    (``triton``) against the other one, in wall-clock and GPU-only time; '' when it times only one."""
+    lines = []
+    for r in rows:
+        other = next((p for p in MASK_PATHS if p in r.median), None)
+        if r.kind != "masked" or other is None:
+            continue
+        default = "factors" if other == "triton-bits" else "bit mask"
+        wall = f"{1e3 * r.median['triton']:.3f} / {1e3 * r.median[other]:.3f}"
+        if "triton" in r.device_ms and other in r.device_ms:
+            gpu = (f"{r.device_ms['triton']:.3f} / {r.device_ms[other]:.3f} "
+                   f"({r.device_ms[other] / r.device_ms['triton']:.2f}×)")
+        else:
+            gpu = "n/a"
+        lines.append(f"| {r.case} | {r.mode} | {default} | {wall} | {gpu} |")
+    if not lines:
+        return ""
+    return "\n".join(["The masked kernel's mask paths: the default at each L (from the factors per key tile below "
+                      "BITS_MIN_KEYS keys, from the per-image bit mask from there on) against the other. Above 1× "
+                      "the default is faster.", "",
+                      "| case | mode | default path | wall ms default / other | GPU-only ms default / other (ratio) |",
+                      "|---|---|---|---|---|", *lines]) + "\n"
+
+
 def _device(r: Row) -> str:
     """GPU-only times (CUDA graph replay), where the JSON has them."""
     if not r.device_ms:
@@ -186,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"{args.json}: no Triton kernel benchmark with a PyTorch counterpart in it")
     device = next((b["extra_info"].get("device") for b in data["benchmarks"] if "extra_info" in b), "unknown")
     text = render(rows, args.bandwidth_tbs, f"Kernel microbenchmarks on {device}")
+    paths = render_mask_paths(rows)
+    text += ("\n" + paths) if paths else ""
     if args.out is not None:
         from qd_core.checkpoint import atomic_write  # torch comes with it; only needed here
 

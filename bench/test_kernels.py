@@ -26,6 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels import masked_triton  # noqa: E402
+from kernels.masked_triton import BITS_MIN_KEYS  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -76,8 +78,11 @@ else:
     FLEX_CASES = set()
 
 
-def _impls(case_name: str, wide_head: bool) -> list[str]:
+def _impls(case_name: str, wide_head: bool, masked_seq: int | None = None) -> list[str]:
     impls = ["triton", "reference", "sdpa"]
+    if masked_seq is not None:
+        # The masked kernel's other way of deciding the mask at this L (bench.kernel_summary compares the two).
+        impls.insert(1, "triton-factors" if masked_seq >= BITS_MIN_KEYS else "triton-bits")
     if HAS_FLEX and case_name in FLEX_CASES:
         impls.append("flex")
     if HAS_XFORMERS and not wide_head:  # xformers' kernels stop short of a 1024-wide head
@@ -88,7 +93,7 @@ def _impls(case_name: str, wide_head: bool) -> list[str]:
 AGENT_PARAMS = [pytest.param(case, impl, mode, id=f"{case.name}-{impl}-{mode}")
                 for case in AGENT_CASES for impl in _impls(case.name, case.d > 256) for mode in MODES]
 MASKED_PARAMS = [pytest.param(case, impl, mode, id=f"{case.name}-{impl}-{mode}")
-                 for case in MASKED_CASES for impl in _impls(case.name, False) for mode in MODES]
+                 for case in MASKED_CASES for impl in _impls(case.name, False, case.seq) for mode in MODES]
 
 
 # ------------------------------------------------------------------------------------------ implementations
@@ -148,11 +153,28 @@ def agent_fn(impl: str, scale: float) -> Callable[[Tensor, Tensor, Tensor], Tens
     return lambda q, k, v: _xformers(q, *expanded(q, k, v), scale, None)
 
 
+def _with_mask_path(bits: bool, fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor],
+                                                                                            Tensor]:
+    """``fn`` with the masked kernel deciding its mask from the bit mask (``bits``) or from the factors at any L;
+    the backward follows the forward's choice."""
+    def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        saved = masked_triton.BITS_MIN_KEYS
+        masked_triton.BITS_MIN_KEYS = 0 if bits else 1 << 62
+        try:
+            return fn(q, k, v)
+        finally:
+            masked_triton.BITS_MIN_KEYS = saved
+    return call
+
+
 def masked_fn(impl: str, scale: float, me: Tensor, mf: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """q (B, H, Q, d), k/v (B, H, L, d) → (B, H, Q, d); the other implementations build the (B, Q, L) mask in the
     timed call, as the model would, since the Triton kernel builds it in-kernel from the same factors."""
     if impl == "triton":
         return lambda q, k, v: kernels.masked_attention(q, k, v, me, mf, scale=scale)
+    if impl in ("triton-bits", "triton-factors"):
+        return _with_mask_path(impl == "triton-bits", lambda q, k, v: kernels.masked_attention(q, k, v, me, mf,
+                                                                                              scale=scale))
     if impl == "reference":
         return lambda q, k, v: kernels.masked_attention_reference(q, k, v, me, mf, scale=scale)
 
@@ -288,5 +310,5 @@ def test_masked_attention(benchmark, case: MaskedCase, impl: str, mode: str):
     out = _run(benchmark, masked_fn(impl, scale, me, mf), [q, k, v], mode, f"masked {case.name} {mode}", flops)
     with torch.no_grad():
         _assert_agrees(out, kernels.masked_attention_reference(q.float(), k.float(), v.float(), me, mf, scale=scale))
-    if impl == "triton" and mode == "fwd+bwd":
+    if impl.startswith("triton") and mode == "fwd+bwd":
         _assert_grads_agree(masked_fn(impl, scale, me, mf), masked_fn("reference", scale, me, mf), [q, k, v])

@@ -61,3 +61,24 @@ def test_gpu_only_times_give_their_own_speed_up_and_bandwidth_verdicts():
     line = ks.render([row], 3.35, "t").splitlines()[-1]
     assert "0.80× (1.50×: missed)" in line and "3.00× (1.50×: met)" in line
     assert "0.100 / 0.400 / 0.300" in line
+
+
+def test_the_masked_kernels_two_mask_paths_get_their_own_table(tmp_path):
+    """A masked case timed with its default mask path and the other one: a table row with both times; the other
+    path never counts as the best PyTorch one, and a JSON with neither gives no table."""
+    def masked(impl: str, median: float, mode: str = "fwd", device_ms: float | None = None) -> dict:
+        return {"name": f"test_masked_attention[decoder-b8-L4096-{impl}-{mode}]", "stats": {"median": median},
+                "extra_info": {"shapes": [[8, 8, 100, 32], [8, 8, 4096, 32], [8, 8, 4096, 32]], "dtype": "bfloat16",
+                               "device": "GPU X", "device_ms": device_ms}}
+    data = {"benchmarks": [masked("triton", 1e-3, device_ms=0.2), masked("triton-factors", 0.5e-3, device_ms=0.3),
+                           masked("reference", 4e-3, device_ms=1.0), masked("sdpa", 2e-3, device_ms=0.4)]}
+    (row,) = ks.collect(data)
+    assert row.best_torch == ("sdpa", 2e-3) and row.device_speedup == pytest.approx(2.0)
+    table = ks.render_mask_paths([row])
+    assert "| decoder-b8-L4096 | fwd | bit mask | 1.000 / 0.500 | 0.200 / 0.300 (1.50×) |" in table
+    path, out = tmp_path / "k.json", tmp_path / "k.md"
+    path.write_text(json.dumps(data))
+    assert ks.main([str(path), "--out", str(out)]) == 0
+    assert "mask paths" in out.read_text()
+    data["benchmarks"] = [b for b in data["benchmarks"] if "factors" not in b["name"]]
+    assert ks.render_mask_paths(ks.collect(data)) == ""
