@@ -62,6 +62,18 @@ class MaskedCase:
     c: int
 
 
+@dataclass(frozen=True)
+class MsdaCase:
+    """Deformable attention: every pixel of the levels queries P points per head and level."""
+
+    name: str
+    b: int
+    levels: tuple[tuple[int, int], ...]
+    h: int
+    d: int
+    points: int
+
+
 if CUDA:
     # Refinement: pixel tokens of the four pyramid levels of a 512² crop (128² + 64² + 32² + 16²) over 100 agent
     # queries, 8 heads × 32. Rein: 32² patch tokens over the 100 layer tokens shared by the batch, one 1024 head.
@@ -72,10 +84,13 @@ if CUDA:
                     for seq in (256, 1024, 4096)]
     # torch.compile builds FlexAttention for each shape (tens of seconds each): batch 1 only.
     FLEX_CASES = {"refine-b1", "decoder-b1-L256", "decoder-b1-L1024", "decoder-b1-L4096"}
+    # The pixel decoder's encoder layers at 512²: levels of stride 8, 16, 32, 8 heads × 32, 4 points.
+    MSDA_CASES = [MsdaCase(f"pixel-decoder-b{b}", b, ((64, 64), (32, 32), (16, 16)), 8, 32, 4) for b in (1, 8)]
 else:
     AGENT_CASES = [AgentCase("refine-tiny", 2, 2, 150, 20, 32, False), AgentCase("rein-tiny", 2, 1, 40, 20, 256, True)]
     MASKED_CASES = [MaskedCase("decoder-tiny", 1, 2, 20, 100, 32, 16)]
     FLEX_CASES = set()
+    MSDA_CASES = [MsdaCase("msda-tiny", 1, ((6, 6), (3, 3)), 2, 8, 2)]
 
 
 def _impls(case_name: str, wide_head: bool, masked_seq: int | None = None) -> list[str]:
@@ -192,9 +207,11 @@ def masked_fn(impl: str, scale: float, me: Tensor, mf: Tensor) -> Callable[[Tens
 
 
 def _run(benchmark, fn: Callable[[Tensor, Tensor, Tensor], Tensor], inputs: list[Tensor], mode: str,
-         group: str, flops: int) -> Tensor:
-    """Benchmark ``fn`` on ``inputs`` in ``mode`` and return its output (detached)."""
-    grad_out = torch.randn(inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device)
+         group: str, flops: int, out_like: Tensor | None = None) -> Tensor:
+    """Benchmark ``fn`` on ``inputs`` in ``mode`` and return its output (detached). The output gradient takes the
+    shape and dtype of ``out_like``, by default of the first input (the attention kernels' q)."""
+    like = out_like if out_like is not None else inputs[0]
+    grad_out = torch.randn(like.shape, dtype=like.dtype, device=like.device)
 
     def launch() -> Tensor:
         if mode == "fwd":
@@ -312,3 +329,50 @@ def test_masked_attention(benchmark, case: MaskedCase, impl: str, mode: str):
         _assert_agrees(out, kernels.masked_attention_reference(q.float(), k.float(), v.float(), me, mf, scale=scale))
     if impl.startswith("triton") and mode == "fwd+bwd":
         _assert_grads_agree(masked_fn(impl, scale, me, mf), masked_fn("reference", scale, me, mf), [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------ deformable attention
+
+MSDA_PARAMS = [pytest.param(case, impl, mode, id=f"{case.name}-{impl}-{mode}")
+               for case in MSDA_CASES for impl in ("triton", "grid_sample", "gather") for mode in MODES]
+
+
+@pytest.mark.parametrize("case, impl, mode", MSDA_PARAMS)
+def test_msda(benchmark, case: MsdaCase, impl: str, mode: str):
+    """The sampling core of one deformable-attention layer: the Triton kernel (value read in its own dtype) against
+    the model's two PyTorch paths (value cast to fp32 first, as ``MSDeformAttn`` does for them)."""
+    from qd_core.head.msda import ms_deform_attn_core
+
+    torch.manual_seed(0)
+    seq = sum(h * w for h, w in case.levels)
+    starts = [sum(h * w for h, w in case.levels[:i]) for i in range(len(case.levels))]
+    value = torch.randn(case.b, seq, case.h, case.d, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    # Points around every query's own pixel, some off the map: what trained offsets look like.
+    locations = (torch.rand(case.b, seq, case.h, len(case.levels), case.points, 2, device=DEVICE) * 1.2 - 0.1)
+    weights = torch.rand(case.b, seq, case.h, len(case.levels), case.points, device=DEVICE).softmax(-1)
+    locations.requires_grad_()
+    weights.requires_grad_()
+
+    def fn(v: Tensor, loc: Tensor, w: Tensor) -> Tensor:
+        return ms_deform_attn_core(v if impl == "triton" else v.float(), case.levels, starts, loc, w,
+                                   sampling=impl)
+
+    inputs = [value, locations, weights]
+    flops = 2 * case.b * seq * case.h * len(case.levels) * case.points * 4 * case.d
+    out = _run(benchmark, fn, inputs, mode, f"msda {case.name} {mode}", flops,
+               out_like=torch.empty(case.b, seq, case.h * case.d, device=DEVICE))
+    expected = ms_deform_attn_core(value.detach().float(), case.levels, starts, locations.detach(),
+                                   weights.detach(), sampling="gather")
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    if impl == "triton" and mode == "fwd+bwd":
+        ref_in = [value.detach().float().requires_grad_(), locations.detach().requires_grad_(),
+                  weights.detach().requires_grad_()]
+        ref = ms_deform_attn_core(ref_in[0], case.levels, starts, ref_in[1], ref_in[2], sampling="gather")
+        upstream = torch.randn(ref.shape, device=DEVICE)
+        ours = torch.autograd.grad(fn(*inputs), inputs, upstream)
+        theirs = torch.autograd.grad(ref, ref_in, upstream)
+        for name, a, e in zip(("value", "locations", "weights"), ours, theirs):
+            # dValue is rounded to the value's dtype once; the rest are fp32 sums in another order.
+            eps = torch.finfo(a.dtype).eps if a.dtype != torch.float32 else 1e-5
+            err = float((a.float() - e).abs().max())
+            assert err <= 4 * eps * float(e.abs().max()) + 1e-6, f"{name}: max error {err:.3e}"

@@ -1,5 +1,8 @@
 """Attention kernels: Triton implementations and their PyTorch references. Imports nothing of this project.
 
+(The deformable attention's sampling core, ``ms_deform_attn``, has its PyTorch references in
+``qd_core.head.msda``, where the model's two other implementations of it live.)
+
 The Triton modules are imported on first call, not here: ``qd_core`` imports this package for the references on
 machines without Triton or a GPU, and Triton fixes at import (decoration) time whether a kernel is compiled or run
 by its interpreter. On a machine without CUDA the first call with CPU tensors therefore sets
@@ -17,14 +20,14 @@ from torch import Tensor
 
 from kernels.reference import agent_attention_reference, blocked_keys, masked_attention_reference
 
-__all__ = ["agent_attention", "masked_attention", "agent_attention_reference", "masked_attention_reference",
-           "blocked_keys"]
+__all__ = ["agent_attention", "masked_attention", "ms_deform_attn", "agent_attention_reference",
+           "masked_attention_reference", "blocked_keys"]
 
 
-def _triton_module(name: str, t: Tensor) -> ModuleType:
-    """Import ``kernels.<name>`` so that it can run on ``t``'s device (see the module docstring)."""
+def _triton_module(name: str, t: Tensor, arg: str = "q") -> ModuleType:
+    """Import ``kernels.<name>`` so that it can run on ``t`` (argument ``arg``)'s device (see the module docstring)."""
     if not isinstance(t, Tensor):
-        raise ValueError(f"q: expected a torch.Tensor, got {type(t).__name__}")
+        raise ValueError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
     if t.is_cuda:  # the common case, checked first: it is paid on every call
         module = sys.modules.get(f"kernels.{name}")
         if module is not None:
@@ -82,3 +85,22 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
         (B, H, Q, d) in q's dtype, differentiable in q, k and v. Same result as ``masked_attention_reference``.
     """
     return _triton_module("masked_triton", q).masked_attention(q, k, v, mask_embed, mask_feats, scale=scale)
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor) -> Tensor:
+    """Triton sampling core of multi-scale deformable attention (Deformable DETR), forward and backward.
+
+    Args:
+        value: (B, S, H, dh) per-head values of all levels (row-major per level, concatenated), any float dtype,
+            read as fp32; dh ≤ 256.
+        spatial_shapes: (L, 2) integer (h, w) per level; level_start_index: (L,) integer offsets in S; both on
+            value's device.
+        sampling_locations: (B, Nq, H, L, P, 2) fp32 normalised (x, y); points outside [0, 1] read zeros.
+        attention_weights: (B, Nq, H, L, P) fp32.
+    Returns:
+        (B, Nq, H·dh) fp32, differentiable in value, sampling_locations and attention_weights. Same result as
+        ``qd_core.head.msda.ms_deform_attn_core`` (bilinear, zero padding, ``align_corners=False``).
+    """
+    return _triton_module("msda_triton", value, "value").ms_deform_attn(value, spatial_shapes, level_start_index,
+                                                               sampling_locations, attention_weights)

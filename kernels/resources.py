@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-KERNELS = ("agent_fwd", "agent_bwd", "masked_bits", "masked_fwd", "masked_combine", "masked_bwd", "sum_partials")
+KERNELS = ("agent_fwd", "agent_bwd", "masked_bits", "masked_fwd", "masked_combine", "masked_bwd", "sum_partials",
+           "msda_fwd", "msda_bwd")
 # Per-SM limits of sm_90 (H100/H200): registers, resident warps, shared memory, resident programs.
 SM_REGISTERS, SM_WARPS, SM_SHARED, SM_PROGRAMS = 65536, 64, 228 * 1024, 32
 SMS = 132  # H100 SXM multiprocessors, for the split counts the wrappers would choose
@@ -36,7 +37,7 @@ SMS = 132  # H100 SXM multiprocessors, for the split counts the wrappers would c
 
 @dataclass(frozen=True)
 class Ptr:
-    """A tensor argument: its element type in Triton's spelling (bf16, fp32, i32, i8)."""
+    """A tensor argument: its element type in Triton's spelling (bf16, fp32, i64, i32, i8)."""
 
     dtype: str
 
@@ -168,6 +169,19 @@ def variants(dtype: str) -> list[Variant]:
         out.append(Variant("masked_bwd", label, mt._masked_bwd_kernel.fn, bwd, mt._masked_bwd_kernel.configs))
     part = dict(PART=f32, OUT=x, ROWS=splits, COLS=b * h * nq * d, BLOCK=1024)
     out.append(Variant("sum_partials", case + " dq", u._sum_partials_kernel, part, [_FixedConfig(4)]))
+
+    # The pixel decoder's deformable attention at 512² (levels of stride 8, 16, 32), batch 8.
+    from kernels import msda_triton as dt
+
+    b, h, d, levels, points = 8, 8, 32, 3, 4
+    seq = 64 * 64 + 32 * 32 + 16 * 16
+    i64 = Ptr("i64")
+    common = dict(V=x, SHAPES=i64, STARTS=i64, LOC=f32, W=f32, S=seq, NQ=seq, H=h, NUM_LEVELS=levels,
+                  NUM_POINTS=points, HEAD_DIM=d, BLOCK_Q=dt._BLOCK_Q, BLOCK_D=d)
+    case = f"pixel-decoder-b{b}"
+    out.append(Variant("msda_fwd", case, dt._msda_fwd_kernel, dict(common, OUT=f32), [_FixedConfig(4)]))
+    out.append(Variant("msda_bwd", case, dt._msda_bwd_kernel, dict(common, DOUT=f32, DV=f32, DLOC=f32, DW=f32),
+                       [_FixedConfig(4)]))
     return out
 
 

@@ -8,7 +8,8 @@ Three kinds of attention run in the student:
 Backend choice (``QD_ATTENTION`` overrides it): ``triton`` for CUDA tensors, ``torch`` elsewhere. ``sdpa`` uses
 ``F.scaled_dot_product_attention`` (with a materialised mask for the masked kind); ``xformers`` and ``flex`` are
 GPU-only options. While tracing for export (torch.jit / torch.onnx / torch.export) the ``torch`` path is always
-taken, so exported graphs never contain a Triton call.
+taken, so exported graphs never contain a Triton call. The pixel decoder's deformable attention
+(``qd_core.head.msda``) follows the same choice: its Triton sampling core wherever ``backend_for`` says ``triton``.
 """
 from __future__ import annotations
 

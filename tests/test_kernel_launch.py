@@ -31,12 +31,12 @@ def _run_script(*argv: str) -> dict:
 
 def test_direct_launches_equal_tritons_dispatch_for_every_kernel():
     result = _run_script()
-    assert result["compared"] == sorted(result["compared"]) and len(result["compared"]) == 8
+    assert result["compared"] == sorted(result["compared"]) and len(result["compared"]) == 9
     assert result["mismatches"] == [], result["mismatches"]
     # Each kernel launched directly at least once (a scenario that never hit the cache would prove nothing).
     assert set(result["direct"]) == {"_agent_fwd_kernel", "_agent_bwd_kernel", "_mask_bits_kernel",
                                      "_masked_fwd_kernel", "_masked_combine_kernel", "_masked_bwd_kernel",
-                                     "_sum_partials_kernel"}
+                                     "_sum_partials_kernel", "_msda_fwd_kernel", "_msda_bwd_kernel"}
     assert result["hooked_launches"] == result["hook_calls"] > 0
 
 
@@ -46,16 +46,18 @@ def test_the_student_reaches_every_compiled_kernel_under_bf16_autocast():
     # refinement (agent), the masked attention of each decoder layer; each forward with its backward.
     launched = result["launched"]
     assert set(launched) == {"_agent_fwd_kernel", "_agent_bwd_kernel", "_masked_fwd_kernel",
-                             "_masked_combine_kernel", "_masked_bwd_kernel", "_sum_partials_kernel"}, launched
+                             "_masked_combine_kernel", "_masked_bwd_kernel", "_sum_partials_kernel",
+                             "_msda_fwd_kernel", "_msda_bwd_kernel"}, launched
     assert launched["_agent_fwd_kernel"] == result["blocks"] + 1
     assert launched["_masked_fwd_kernel"] == launched["_masked_combine_kernel"] == result["decoder_layers"]
+    assert launched["_msda_fwd_kernel"] == launched["_msda_bwd_kernel"] == result["msda_layers"] > 0
     assert launched["_agent_bwd_kernel"] == launched["_agent_fwd_kernel"]
     assert launched["_masked_bwd_kernel"] == launched["_masked_fwd_kernel"]
-    assert result["dtypes"] == ["torch.bfloat16"]
+    assert result["dtypes"] == ["torch.bfloat16"]  # the first argument of every forward (the MSDA value map too)
     # An inference forward (eval, inference_mode): the same forward launches, no backward ones, no log-sum-exp.
     inference = result["inference"]
     assert inference == {name: launched[name] for name in ("_agent_fwd_kernel", "_masked_fwd_kernel",
-                                                          "_masked_combine_kernel")}, inference
+                                                          "_masked_combine_kernel", "_msda_fwd_kernel")}, inference
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,6 +123,20 @@ def _main() -> None:
                 out.backward(torch.zeros_like(out))
         return call
 
+    def msda(b: int, nq: int, h: int, d: int, shapes: list, points: int, grad: bool):
+        s = sum(hh * ww for hh, ww in shapes)
+        value = torch.zeros((b, s, h, d), dtype=torch.bfloat16, requires_grad=grad)
+        locations = torch.zeros((b, nq, h, len(shapes), points, 2), requires_grad=grad)
+        weights = torch.zeros((b, nq, h, len(shapes), points), requires_grad=grad)
+        level_shapes = torch.tensor(shapes)
+        starts = torch.tensor([sum(hh * ww for hh, ww in shapes[:i]) for i in range(len(shapes))])
+
+        def call() -> None:
+            out = kernels.ms_deform_attn(value, level_shapes, starts, locations, weights)
+            if grad:
+                out.backward(torch.zeros_like(out))
+        return call
+
     scenarios = {
         "agent-bf16-fwd": agent(2, 2, 150, 20, 32, torch.bfloat16, shared=False, grad=False),
         "agent-bf16-fwd-other-n": agent(2, 2, 333, 20, 32, torch.bfloat16, shared=False, grad=False),
@@ -131,6 +147,7 @@ def _main() -> None:
         "masked-bf16-fwd-bwd": masked(2, 2, 20, 300, 32, 16, torch.bfloat16, grad=True),
         # L = BITS_MIN_KEYS: the per-image bit mask, read by the forward and the backward
         "masked-bf16-bits-fwd-bwd": masked(2, 2, 20, 1024, 32, 16, torch.bfloat16, grad=True),
+        "msda-bf16-fwd-bwd": msda(2, 100, 2, 32, [(8, 8), (4, 4), (2, 2)], 4, grad=True),
     }
     mismatches, direct = [], set()
     for name, call in scenarios.items():
@@ -189,8 +206,12 @@ def _student() -> None:
     inference: dict[str, int] = {}
     for launch in launches[start:]:
         inference[launch.kernel] = inference.get(launch.kernel, 0) + 1
+    from qd_core.head.msda import MSDeformAttn
+
+    msda_layers = sum(isinstance(m, MSDeformAttn) for m in student.modules())
     print(json.dumps({"launched": counts, "dtypes": sorted(dtypes), "blocks": cfg.model.backbone.depth,
-                      "decoder_layers": cfg.model.head.decoder_layers, "inference": inference}))
+                      "decoder_layers": cfg.model.head.decoder_layers, "msda_layers": msda_layers,
+                      "inference": inference}))
 
 
 if __name__ == "__main__":

@@ -411,6 +411,75 @@ def test_masked_rejects_factors_that_do_not_fit(bad, match):
         kernels.masked_attention(q, k, k, me, mf)
 
 
+# ------------------------------------------------------------------------------------- deformable attention
+
+
+def msda_inputs(b: int, nq: int, h: int, d: int, shapes: list[tuple[int, int]], points: int, *, seed: int,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """value (B, S, H, d), level shapes and starts, locations (20 % of the points outside [0, 1]), weights."""
+    g = torch.Generator().manual_seed(seed)
+    s = sum(hh * ww for hh, ww in shapes)
+    starts = [sum(hh * ww for hh, ww in shapes[:i]) for i in range(len(shapes))]
+    value = torch.randn(b, s, h, d, generator=g).to(dtype).to(DEVICE)
+    locations = (torch.rand(b, nq, h, len(shapes), points, 2, generator=g) * 1.4 - 0.2).to(DEVICE)
+    weights = torch.rand(b, nq, h, len(shapes), points, generator=g).to(DEVICE)
+    return (value, torch.tensor(shapes, device=DEVICE), torch.tensor(starts, device=DEVICE), locations, weights)
+
+
+def test_msda_kernel_matches_the_gather_reference_over_several_query_blocks():
+    """150 queries: three blocks, the last ragged; 32-wide heads over three levels as in the pixel decoder."""
+    from qd_core.head.msda import ms_deform_attn_core
+
+    value, shapes, starts, locations, weights = msda_inputs(2, 150, 2, 32, [(8, 8), (4, 4), (2, 2)], 4, seed=30)
+    leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    out = kernels.ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
+    ref_leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    ref = ms_deform_attn_core(ref_leaves[0], shapes, starts, ref_leaves[1], ref_leaves[2], sampling="gather")
+    assert out.shape == (2, 150, 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn(out.shape, device=DEVICE)
+    for name, a, e in zip(("value", "locations", "weights"), torch.autograd.grad(out, leaves, upstream),
+                          torch.autograd.grad(ref, ref_leaves, upstream)):
+        assert e.abs().sum() > 0, name
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    with torch.no_grad():  # no autograd Function without a backward to follow: the same numbers
+        torch.testing.assert_close(kernels.ms_deform_attn(value, shapes, starts, locations, weights), out.detach(),
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_msda_kernel_reads_low_precision_values_as_fp32(dtype):
+    """A bf16/fp16 value map is read exactly (converted to fp32), so the output equals the fp32 reference on the
+    same rounded values, and dValue comes back in the value's dtype."""
+    from qd_core.head.msda import ms_deform_attn_core
+
+    value, shapes, starts, locations, weights = msda_inputs(1, 40, 2, 32, [(6, 5), (3, 3)], 2, seed=31, dtype=dtype)
+    leaf_value = value.clone().requires_grad_()
+    out = kernels.ms_deform_attn(leaf_value, shapes, starts, locations, weights)
+    ref = ms_deform_attn_core(value.float(), shapes, starts, locations, weights, sampling="gather")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), [leaf_value])
+    assert grad.dtype == dtype
+
+
+@pytest.mark.parametrize("bad, match", [("shapes", "spatial_shapes / level_start_index: expected"),
+                                        ("weights", "attention_weights: expected shape"),
+                                        ("float_shapes", "spatial_shapes: expected an integer tensor"),
+                                        ("fp16_locations", "sampling_locations: expected float32")])
+def test_msda_kernel_rejects_inputs_that_do_not_fit(bad, match):
+    value, shapes, starts, locations, weights = msda_inputs(1, 5, 2, 8, [(3, 3), (2, 2)], 2, seed=32)
+    if bad == "shapes":
+        shapes = shapes[:1]
+    elif bad == "weights":
+        weights = weights[..., :1]
+    elif bad == "float_shapes":
+        shapes = shapes.float()
+    else:
+        locations = locations.half()
+    with pytest.raises(ValueError, match=match):
+        kernels.ms_deform_attn(value, shapes, starts, locations, weights)
+
+
 # ---------------------------------------------------------------------------------------------- the model path
 
 
@@ -420,25 +489,19 @@ def test_tiny_student_semantic_logits_equal_with_triton_and_torch_attention(monk
     torch.manual_seed(20)
     student = build_student(load_config("tiny")).eval().to(DEVICE)
     images = torch.randn(1, 3, 128, 128, device=DEVICE)
-    calls = {"agent": 0, "masked": 0}
-    agent, masked = kernels.agent_attention, kernels.masked_attention
-
-    def counting_agent(*args, **kw):
-        calls["agent"] += 1
-        return agent(*args, **kw)
-
-    def counting_masked(*args, **kw):
-        calls["masked"] += 1
-        return masked(*args, **kw)
-
-    monkeypatch.setattr(kernels, "agent_attention", counting_agent)
-    monkeypatch.setattr(kernels, "masked_attention", counting_masked)
+    calls = {"agent_attention": 0, "masked_attention": 0, "ms_deform_attn": 0}
+    for name in calls:
+        def counting(*args, name=name, real=getattr(kernels, name), **kw):
+            calls[name] += 1
+            return real(*args, **kw)
+        monkeypatch.setattr(kernels, name, counting)
     with torch.no_grad():
         monkeypatch.setenv("QD_ATTENTION", "torch")
         reference = student.semantic_logits(images)
+        assert sum(calls.values()) == 0
         monkeypatch.setenv("QD_ATTENTION", "triton")
         triton_logits = student.semantic_logits(images)
-    assert calls["agent"] > 0 and calls["masked"] > 0
+    assert all(n > 0 for n in calls.values()), calls
     torch.testing.assert_close(triton_logits, reference, atol=1e-4, rtol=1e-4)
 
 

@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention: both sampling cores against a loop-by-loop bilinear reference."""
+"""Multi-scale deformable attention: the three sampling cores against a loop-by-loop bilinear reference (the Triton
+one under its interpreter on CPU)."""
 from __future__ import annotations
 
 import math
@@ -70,7 +71,7 @@ def test_inputs_include_points_outside_the_maps() -> None:
     assert 0 < outside.float().mean() < 1
 
 
-@pytest.mark.parametrize("sampling", ["grid_sample", "gather"])
+@pytest.mark.parametrize("sampling", ["grid_sample", "gather", "triton"])
 def test_values_match_naive_loops(sampling: str) -> None:
     value, locations, weights = random_inputs()
     shapes, starts = level_index()
@@ -80,7 +81,7 @@ def test_values_match_naive_loops(sampling: str) -> None:
     torch.testing.assert_close(ours.double(), ref, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("sampling", ["grid_sample", "gather"])
+@pytest.mark.parametrize("sampling", ["grid_sample", "gather", "triton"])
 def test_gradients_match_naive_loops(sampling: str) -> None:
     value, locations, weights = random_inputs(seed=1)
     shapes, starts = level_index()
@@ -107,7 +108,7 @@ def test_gather_equals_grid_sample_with_list_shapes() -> None:
     torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("sampling", ["grid_sample", "gather"])
+@pytest.mark.parametrize("sampling", ["grid_sample", "gather", "triton"])
 def test_pixel_centre_reads_that_pixel_and_far_points_read_zero(sampling: str) -> None:
     value = torch.arange(2 * 12 * 1 * 1, dtype=torch.float32).view(2, 12, 1, 1)  # one 3×4 level
     # Column 2, row 1 of a 4-wide, 3-high map, then a point far outside.
@@ -151,7 +152,7 @@ def test_module_init_is_uniform_weights_and_head_directions() -> None:
     assert attn.attention_weights.weight.abs().sum() == 0 and attn.attention_weights.bias.abs().sum() == 0
 
 
-@pytest.mark.parametrize("sampling", ["grid_sample", "gather"])
+@pytest.mark.parametrize("sampling", ["grid_sample", "gather", "triton"])
 def test_module_offsets_are_pixels_of_each_level(sampling: str) -> None:
     torch.manual_seed(4)
     attn = MSDeformAttn(dim=6, num_heads=HEADS, num_levels=2, num_points=POINTS)
@@ -198,7 +199,7 @@ def test_gather_core_exports_with_dynamic_batch() -> None:
         torch.testing.assert_close(program.module()(*x), Wrapper()(*x), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("sampling", ["grid_sample", "gather"])
+@pytest.mark.parametrize("sampling", ["grid_sample", "gather", "triton"])
 def test_bfloat16_module_samples_at_fp32_locations(sampling: str) -> None:
     torch.manual_seed(5)
     shapes = [(1, 128), (2, 64)]  # wide levels: a bf16 location would be off by up to half a pixel

@@ -4,9 +4,13 @@ Each query looks at a few points per head and per level around its reference poi
 the value maps by bilinear interpolation with zero padding outside the map (``grid_sample`` with
 ``align_corners=False``) and summed with softmax weights.
 
-Two interchangeable implementations of the sampling core:
+Three interchangeable implementations of the sampling core:
 
-* ``"grid_sample"``: one ``F.grid_sample`` per level, Mask2Former's pure-PyTorch reference.
+* ``"grid_sample"``: one ``F.grid_sample`` per level, Mask2Former's pure-PyTorch reference. The module's default;
+  where ``qd_core.attention`` picks the Triton kernels (CUDA tensors, ``QD_ATTENTION`` unset or ``triton``) the
+  module runs ``"triton"`` instead.
+* ``"triton"``: ``kernels.ms_deform_attn``, one Triton kernel forward and one backward, the samples summed in
+  registers instead of being materialised.
 * ``"gather"``: the same bilinear interpolation written with floor, explicit corner weights and one
   ``torch.gather`` over the flattened values of all levels. It has no Python-side data-dependent control flow,
   so it traces with a dynamic batch into plain ONNX ops (GatherElements, Floor, Where …); export uses it
@@ -21,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qd_core.attention import backend_for
 from qd_core.constants import device_constant
 
-SAMPLING_MODES = ("grid_sample", "gather")
+SAMPLING_MODES = ("grid_sample", "gather", "triton")
 
 # Level shapes: a (L, 2) long tensor of (h, w) rows, or a Python sequence of (h, w) int pairs.
 SpatialShapes = Tensor | Sequence[Sequence[int]]
@@ -151,11 +156,21 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: SpatialShapes, level_star
         sampling_locations: (B, Nq, H, L, P, 2) normalised (x, y); (0, 0) is the top-left corner and (1, 1)
             the bottom-right corner of the level. Points outside [0, 1] read zeros.
         attention_weights: (B, Nq, H, L, P), usually softmax-normalised over (L, P).
-        sampling: ``"grid_sample"`` or ``"gather"``; they agree to float rounding.
+        sampling: ``"grid_sample"``, ``"gather"`` or ``"triton"``; they agree to float rounding. ``"triton"``
+            reads value in its own dtype (as fp32), the others take it as given.
     Returns:
         (B, Nq, H·dh), heads concatenated along channels.
     """
     _check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights, sampling)
+    if sampling == "triton":
+        import kernels
+
+        if isinstance(level_start_index, Tensor):
+            starts = level_start_index.to(device=value.device, dtype=torch.long)
+        else:
+            starts = device_constant(tuple(int(i) for i in level_start_index), torch.long, value.device)
+        return kernels.ms_deform_attn(value, _shapes_as_tensor(spatial_shapes, value.device), starts,
+                                      sampling_locations, attention_weights)
     if sampling == "gather":
         return _core_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _core_grid_sample(value, spatial_shapes, sampling_locations, attention_weights)
@@ -164,7 +179,8 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: SpatialShapes, level_star
 class MSDeformAttn(nn.Module):
     """Deformable-DETR multi-scale deformable attention (parameter names as in Deformable DETR / Mask2Former).
 
-    Set ``self.sampling`` to ``"gather"`` (export) or ``"grid_sample"`` (default) to pick the sampling core.
+    Set ``self.sampling`` to ``"gather"`` (export), ``"triton"`` or ``"grid_sample"`` (default) to pick the
+    sampling core; the default becomes ``"triton"`` wherever ``qd_core.attention`` picks the Triton kernels.
     The sampling locations, the attention softmax and the sampling itself run in fp32 for any module dtype; the
     result is cast back to the value dtype before ``output_proj``.
     """
@@ -236,6 +252,10 @@ class MSDeformAttn(nn.Module):
         normalizer = shapes.flip(-1).float()  # (L, 2) as (w, h)
         locations = (reference_points.float()[:, :, None, :, None, :]
                      + offsets / normalizer[None, None, None, :, None, :])
-        out = ms_deform_attn_core(value.float(), spatial_shapes, level_start_index, locations, weights,
-                                  sampling=self.sampling)
+        sampling = self.sampling
+        if sampling == "grid_sample" and backend_for(value) == "triton":
+            sampling = "triton"
+        # The kernel reads value in its own dtype (bf16 under autocast: half the gathered bytes), as fp32.
+        out = ms_deform_attn_core(value if sampling == "triton" else value.float(), spatial_shapes,
+                                  level_start_index, locations, weights, sampling=sampling)
         return self.output_proj(out.to(value.dtype))
