@@ -5,8 +5,9 @@
 #
 #   bash scripts/gpu_check.sh [STEP ...]     # from anywhere; results in ${OUT:-./gpu_results}
 #
-# In one 10-minute call (carry data/bench-synthetic-2): kernel timings, host and GPU profiles, end-to-end report:
-#   GPU_CHECK_SECONDS=560 bash scripts/gpu_check.sh env bench host_profile op_profile bench_e2e
+# A 15-minute GPU slot, as two calls on one warm machine (carry data/bench-synthetic-2 in both):
+#   GPU_CHECK_SECONDS=360 bash scripts/gpu_check.sh env bench host_profile op_profile   # kernels, profiles
+#   GPU_CHECK_SECONDS=400 bash scripts/gpu_check.sh bench_e2e                           # end-to-end report
 #
 # STEPs, run in this order: env gpu_tests bench host_profile op_profile bench_e2e bench_flex kernel_tests. The
 # default is the kernel check (all but bench_e2e, ~7 minutes on an H100); bench_e2e, the end-to-end benchmark of
@@ -75,7 +76,7 @@ torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())
 # Correctness runs use one fixed config per kernel (QD_TRITON_AUTOTUNE=0): compiling every autotune config for each
 # dtype and shape took minutes. The bench step autotunes, and checks the chosen configs' outputs and gradients.
 run gpu_tests 180 env QD_TRITON_AUTOTUNE=0 python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider
-run bench 180 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-json="$RESULTS/bench_kernels.json" \
+run bench 240 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-json="$RESULTS/bench_kernels.json" \
     "${BENCH_OPTS[@]}"
 # Host cost does not depend on the tile config: one fixed config each, no autotuning to wait for.
 run host_profile 60 env QD_TRITON_AUTOTUNE=0 python3 -m bench.host_profile --calls 200 --out "$RESULTS/host_profile.md"
