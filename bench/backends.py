@@ -295,6 +295,7 @@ class BenchSession:
         self.device_name = device_name(settings.device)
         self._segmenters: dict[str, Segmenter] = {}
         self._reference: Tensor | None = None
+        self._reference_logits: Tensor | None = None
         self._flops: float | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -379,6 +380,28 @@ class BenchSession:
         if self._reference is None:
             self._reference = self.predict_all(REFERENCE)
         return self._reference
+
+    def logits_all(self, spec: BackendSpec) -> Tensor | None:
+        """Semantic logits (N, K, H/4, W/4) float32 on the CPU for every evaluation image, batched as
+        ``predict_all``; None for a backend that returns labels only (qd-infer writes label PNGs)."""
+        seg = self.segmenter(spec)
+        if not hasattr(seg, "logits"):
+            return None
+        images, batch = self.eval_set.images, self.settings.batch
+        out = []
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            n = chunk.shape[0]
+            if n < batch:
+                chunk = torch.cat([chunk, chunk[:1].expand(batch - n, -1, -1, -1)])
+            out.append(as_tensor(seg.logits(chunk.to(self.settings.device)))[:n].to("cpu", torch.float32))
+        return torch.cat(out)
+
+    def reference_logits(self) -> Tensor:
+        """``logits_all`` of the reference backend, computed once."""
+        if self._reference_logits is None:
+            self._reference_logits = self.logits_all(REFERENCE)
+        return self._reference_logits
 
 
 def as_tensor(x: Any) -> Tensor:

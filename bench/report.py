@@ -46,6 +46,7 @@ class AccuracyRow:
     agreement: float
     passed: bool
     images: int
+    logit_rel_error: float | None = None  # ‖L − L_ref‖ / ‖L_ref‖ of the semantic logits; None where not available
 
 
 @dataclass
@@ -117,7 +118,9 @@ def _accuracy_row(entry: dict[str, Any]) -> AccuracyRow:
     return AccuracyRow(backend=str(info["backend"]), precision=str(info["precision"]), miou=float(info["miou"]),
                        reference_miou=float(info["reference_miou"]), delta_points=float(info["delta_points"]),
                        tolerance_points=float(info["tolerance_points"]), agreement=float(info["agreement"]),
-                       passed=bool(info["passed"]), images=int(info["images"]))
+                       passed=bool(info["passed"]), images=int(info["images"]),
+                       logit_rel_error=(None if info.get("logit_rel_error") is None
+                                        else float(info["logit_rel_error"])))
 
 
 def _kernel_row(entry: dict[str, Any]) -> KernelRow:
@@ -223,10 +226,11 @@ def render_markdown(report: Report) -> str:
     if report.accuracy:
         ref = report.accuracy[0]
         lines += ["", f"## Accuracy parity against {REFERENCE_BACKEND} ({ref.images} images)", ""]
-        lines += _table(["backend", "precision", "mIoU", "Δ points", "tolerance", "argmax agreement", "result"],
+        lines += _table(["backend", "precision", "mIoU", "Δ points", "tolerance", "argmax agreement",
+                         "logit rel. error", "result"],
                         [[r.backend, r.precision, f"{100 * r.miou:.2f}", f"{r.delta_points:+.3f}",
-                          f"±{r.tolerance_points}", f"{100 * r.agreement:.3f}%", "pass" if r.passed else "FAIL"]
-                         for r in report.accuracy])
+                          f"±{r.tolerance_points}", f"{100 * r.agreement:.3f}%", _num(r.logit_rel_error, ".2e"),
+                          "pass" if r.passed else "FAIL"] for r in report.accuracy])
     if report.kernels:
         lines += ["", "## Kernel microbenchmarks", ""]
         lines += _table(["group", "name", "p50 ms", "p90 ms", "mean ms", "rounds"],

@@ -30,12 +30,13 @@ def latency_entry(backend: str, precision: str, batch: int, data_s: list[float],
             "stats": stats}
 
 
-def accuracy_entry(backend: str, precision: str, miou: float, reference: float, passed: bool) -> dict:
+def accuracy_entry(backend: str, precision: str, miou: float, reference: float, passed: bool,
+                   logit_rel_error: float | None = None) -> dict:
     return {"group": "accuracy", "name": f"test_accuracy[{backend}]",
             "extra_info": {"kind": "accuracy", "backend": backend, "precision": precision, "miou": miou,
                            "reference_miou": reference, "delta_points": 100 * (miou - reference),
                            "tolerance_points": 0.1 if precision == "fp32" else 0.5, "agreement": 0.99,
-                           "passed": passed, "images": 7},
+                           "logit_rel_error": logit_rel_error, "passed": passed, "images": 7},
             "stats": {"mean": 1.0, "median": 1.0, "rounds": 1, "data": [1.0]}}
 
 
@@ -55,8 +56,8 @@ def bench_json() -> dict:
         latency_entry("torch-fp32", "fp32", 1, [t / 1e3 for t in REFERENCE_MS]),
         latency_entry("ort-fp32", "fp32", 1, [0.025] * 10),
         latency_entry("torch-fp32", "fp32", 4, [0.2] * 5),
-        accuracy_entry("torch-fp32", "fp32", 0.5, 0.5, True),
-        accuracy_entry("ort-fp16", "fp16", 0.49, 0.5, False),
+        accuracy_entry("torch-fp32", "fp32", 0.5, 0.5, True, logit_rel_error=0.0),
+        accuracy_entry("ort-fp16", "fp16", 0.49, 0.5, False, logit_rel_error=3.25e-3),
         kernel_entry(),
     ]}
 
@@ -123,8 +124,8 @@ def test_markdown_lists_every_row_and_marks_the_failing_backend(bench_json):
     text = render_markdown(build_report(bench_json, meta={"date": "2025-01-01"}))
     assert "| ort-fp32 | fp32 | 1 | 25.00 | 25.00 | 25.00 | 40.0 | 2.02 | 12 | n/a |" in text
     assert "| torch-fp32 | fp32 | 1 | 50.50 | 90.10 | 99.01 | 19.8 | 1.00 | 12 | n/a |" in text
-    assert "| ort-fp16 | fp16 | 49.00 | -1.000 | ±0.5 | 99.000% | FAIL |" in text
-    assert "| torch-fp32 | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | pass |" in text
+    assert "| ort-fp16 | fp16 | 49.00 | -1.000 | ±0.5 | 99.000% | 3.25e-03 | FAIL |" in text
+    assert "| torch-fp32 | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | 0.00e+00 | pass |" in text
     assert "random-init" in text and "mIoU is not" in text
     assert "## Kernel microbenchmarks" in text
 
@@ -159,3 +160,10 @@ def test_an_externally_timed_backend_is_read_from_its_own_samples(bench_json):
     bench_json["benchmarks"].append(entry)
     row = next(r for r in build_report(bench_json).latency if r.backend == "qd-infer")
     assert row.p50_ms == pytest.approx(25.0) and row.rounds == 4 and row.mean_ms == pytest.approx(25.0)
+
+
+def test_a_backend_without_logits_reads_n_a_in_the_accuracy_table(bench_json):
+    """qd-infer returns labels only: its logit error is reported as n/a, not as 0."""
+    bench_json["benchmarks"].append(accuracy_entry("qd-infer", "fp32", 0.5, 0.5, True))
+    text = render_markdown(build_report(bench_json, meta={"date": "2025-01-01"}))
+    assert "| qd-infer | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | n/a | pass |" in text
