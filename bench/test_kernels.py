@@ -168,8 +168,10 @@ def agent_fn(impl: str, scale: float) -> Callable[[Tensor, Tensor, Tensor], Tens
     return lambda q, k, v: _xformers(q, *expanded(q, k, v), scale, None)
 
 
-def _with_mask_path(bits: bool, fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor],
-                                                                                            Tensor]:
+Attention = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, k, v) → output
+
+
+def _with_mask_path(bits: bool, fn: Attention) -> Attention:
     """``fn`` with the masked kernel deciding its mask from the bit mask (``bits``) or from the factors at any L;
     the backward follows the forward's choice."""
     def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
