@@ -357,13 +357,13 @@ class BenchSession:
 
         return exported.build(name, m, self.size, self.settings.batch, self.settings.device, self.work)
 
-    def predict_all(self, spec: BackendSpec) -> Tensor:
-        """Labels (N, H, W) int64 on the CPU for every evaluation image, run in batches of the larger timed batch.
+    def _over_eval_set(self, run: Callable[[Tensor], Any], dtype: torch.dtype) -> Tensor:
+        """``run`` over every evaluation image in batches of the larger timed batch, outputs concatenated on the
+        CPU in ``dtype``.
 
-        The last batch is filled up with repeated images (their labels dropped) so every call has a timed shape:
+        The last batch is filled up with repeated images (their outputs dropped) so every call has a timed shape:
         compiled graphs and engine profiles are built for exactly those.
         """
-        seg = self.segmenter(spec)
         images, batch = self.eval_set.images, self.settings.batch
         out = []
         for start in range(0, len(images), batch):
@@ -371,9 +371,12 @@ class BenchSession:
             n = chunk.shape[0]
             if n < batch:
                 chunk = torch.cat([chunk, chunk[:1].expand(batch - n, -1, -1, -1)])
-            labels = as_tensor(seg.predict(chunk.to(self.settings.device)))
-            out.append(labels[:n].to("cpu", torch.int64))
+            out.append(as_tensor(run(chunk.to(self.settings.device)))[:n].to("cpu", dtype))
         return torch.cat(out)
+
+    def predict_all(self, spec: BackendSpec) -> Tensor:
+        """Labels (N, H, W) int64 on the CPU for every evaluation image (see ``_over_eval_set``)."""
+        return self._over_eval_set(self.segmenter(spec).predict, torch.int64)
 
     def reference_predictions(self) -> Tensor:
         """``predict_all`` of the reference backend, computed once."""
@@ -387,15 +390,7 @@ class BenchSession:
         seg = self.segmenter(spec)
         if not hasattr(seg, "logits"):
             return None
-        images, batch = self.eval_set.images, self.settings.batch
-        out = []
-        for start in range(0, len(images), batch):
-            chunk = images[start:start + batch]
-            n = chunk.shape[0]
-            if n < batch:
-                chunk = torch.cat([chunk, chunk[:1].expand(batch - n, -1, -1, -1)])
-            out.append(as_tensor(seg.logits(chunk.to(self.settings.device)))[:n].to("cpu", torch.float32))
-        return torch.cat(out)
+        return self._over_eval_set(seg.logits, torch.float32)
 
     def reference_logits(self) -> Tensor:
         """``logits_all`` of the reference backend, computed once."""

@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def resolve_device(requested: str | None) -> str:
+    """``--device``'s value, else cuda when torch sees a GPU, else cpu; ValueError (one line) when cuda is asked
+    for on a machine without one."""
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device on this machine")
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_slug(device: str) -> str:
     """'cpu', or 'cuda-<gpu name>' in lower-case dashes (e.g. cuda-nvidia-h100-80gb-hbm3)."""
     if device == "cpu":
@@ -198,11 +208,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: torch sees no CUDA device on this machine", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     images, batch, min_rounds, max_time, warmup = PRESETS[(device, args.quick)]
     images = args.images if args.images is not None else images

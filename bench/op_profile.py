@@ -32,6 +32,7 @@ from torch import nn
 from torch.autograd import DeviceType
 
 from bench.backends import BackendSpec, BenchSession, TorchBackend, select_backends, unavailable_reason
+from bench.cli import resolve_device
 from bench.settings import BenchSettings
 from qd_core.checkpoint import atomic_write
 
@@ -221,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: torch sees no CUDA device on this machine", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     for flag, value in (("--batch", min(args.batch)), ("--iters", args.iters), ("--top", args.top)):
         if value < 1:

@@ -41,6 +41,18 @@ def _corner(b, h, S, H, start, xi, yi, wl, hl, q_ok, offs_d, d_ok, HEAD_DIM: tl.
 
 
 @triton.jit
+def _sample(LOC, W, sample, wl, hl, q_ok):
+    """One sampling point per query: (weight, fractional x and y, integer top-left corner x and y), pixel centres at
+    integers (x = loc_x · w − 0.5)."""
+    x = tl.load(LOC + 2 * sample, mask=q_ok, other=0.0) * wl.to(tl.float32) - 0.5
+    y = tl.load(LOC + 2 * sample + 1, mask=q_ok, other=0.0) * hl.to(tl.float32) - 0.5
+    a = tl.load(W + sample, mask=q_ok, other=0.0)
+    x0 = tl.floor(x)
+    y0 = tl.floor(y)
+    return a, x - x0, y - y0, x0.to(tl.int32), y0.to(tl.int32)
+
+
+@triton.jit
 def _msda_fwd_kernel(V, SHAPES, STARTS, LOC, W, OUT, S, NQ, H, NUM_LEVELS, NUM_POINTS,
                      HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_q = tl.program_id(0)
@@ -59,15 +71,7 @@ def _msda_fwd_kernel(V, SHAPES, STARTS, LOC, W, OUT, S, NQ, H, NUM_LEVELS, NUM_P
         start = tl.load(STARTS + lvl)
         for p in range(NUM_POINTS):
             sample = (row * NUM_LEVELS + lvl) * NUM_POINTS + p
-            x = tl.load(LOC + 2 * sample, mask=q_ok, other=0.0) * wl.to(tl.float32) - 0.5
-            y = tl.load(LOC + 2 * sample + 1, mask=q_ok, other=0.0) * hl.to(tl.float32) - 0.5
-            a = tl.load(W + sample, mask=q_ok, other=0.0)
-            x0 = tl.floor(x)
-            y0 = tl.floor(y)
-            fx = x - x0
-            fy = y - y0
-            xi = x0.to(tl.int32)
-            yi = y0.to(tl.int32)
+            a, fx, fy, xi, yi = _sample(LOC, W, sample, wl, hl, q_ok)
             for dy in tl.static_range(2):
                 wy = fy if dy else 1.0 - fy
                 for dx in tl.static_range(2):
@@ -99,15 +103,7 @@ def _msda_bwd_kernel(V, SHAPES, STARTS, LOC, W, DOUT, DV, DLOC, DW, S, NQ, H, NU
         start = tl.load(STARTS + lvl)
         for p in range(NUM_POINTS):
             sample = (row * NUM_LEVELS + lvl) * NUM_POINTS + p
-            x = tl.load(LOC + 2 * sample, mask=q_ok, other=0.0) * wl.to(tl.float32) - 0.5
-            y = tl.load(LOC + 2 * sample + 1, mask=q_ok, other=0.0) * hl.to(tl.float32) - 0.5
-            a = tl.load(W + sample, mask=q_ok, other=0.0)
-            x0 = tl.floor(x)
-            y0 = tl.floor(y)
-            fx = x - x0
-            fy = y - y0
-            xi = x0.to(tl.int32)
-            yi = y0.to(tl.int32)
+            a, fx, fy, xi, yi = _sample(LOC, W, sample, wl, hl, q_ok)
             d_a = tl.zeros((BLOCK_Q,), dtype=tl.float32)
             d_fx = tl.zeros((BLOCK_Q,), dtype=tl.float32)
             d_fy = tl.zeros((BLOCK_Q,), dtype=tl.float32)

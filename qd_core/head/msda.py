@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
 from qd_core.attention import backend_for
 from qd_core.constants import device_constant
 
@@ -45,6 +46,12 @@ def _shapes_as_tensor(spatial_shapes: SpatialShapes, device: torch.device) -> Te
     if isinstance(spatial_shapes, Tensor):
         return spatial_shapes.to(device=device, dtype=torch.long)
     return device_constant(tuple((int(h), int(w)) for h, w in spatial_shapes), torch.long, device)
+
+
+def _starts_as_tensor(level_start_index: Tensor | Sequence[int], device: torch.device) -> Tensor:
+    if isinstance(level_start_index, Tensor):
+        return level_start_index.to(device=device, dtype=torch.long)
+    return device_constant(tuple(int(i) for i in level_start_index), torch.long, device)
 
 
 def _check_core_inputs(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor,
@@ -100,11 +107,7 @@ def _core_gather(value: Tensor, spatial_shapes: SpatialShapes, level_start_index
     _, num_keys, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     shapes = _shapes_as_tensor(spatial_shapes, value.device)
-    if isinstance(level_start_index, Tensor):
-        starts = level_start_index.to(device=value.device, dtype=torch.long)
-    else:
-        starts = device_constant(tuple(int(i) for i in level_start_index), torch.long, value.device)
-    starts = starts.view(num_levels, 1)
+    starts = _starts_as_tensor(level_start_index, value.device).view(num_levels, 1)
     # (L, 1) so they broadcast against the trailing (L, P) dims of the locations.
     heights, widths = shapes[:, 0:1], shapes[:, 1:2]
     h_f, w_f = heights.to(sampling_locations.dtype), widths.to(sampling_locations.dtype)
@@ -163,14 +166,9 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: SpatialShapes, level_star
     """
     _check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights, sampling)
     if sampling == "triton":
-        import kernels
-
-        if isinstance(level_start_index, Tensor):
-            starts = level_start_index.to(device=value.device, dtype=torch.long)
-        else:
-            starts = device_constant(tuple(int(i) for i in level_start_index), torch.long, value.device)
-        return kernels.ms_deform_attn(value, _shapes_as_tensor(spatial_shapes, value.device), starts,
-                                      sampling_locations, attention_weights)
+        return kernels.ms_deform_attn(value, _shapes_as_tensor(spatial_shapes, value.device),
+                                      _starts_as_tensor(level_start_index, value.device), sampling_locations,
+                                      attention_weights)
     if sampling == "gather":
         return _core_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _core_grid_sample(value, spatial_shapes, sampling_locations, attention_weights)
