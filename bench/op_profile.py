@@ -11,6 +11,8 @@ runs ``--iters`` forwards of each batch size under ``torch.profiler`` after two 
   around it (normalisation, semantic logits, full-size labels) as ``(wrapper)``: the GPU time of the kernels it
   launched, their count, and its host time. GPU time below host time means the module is launch-bound: the GPU
   waits for the host, which CUDA graphs or compilation remove; the GPU column is what would be left.
+  On a GPU in ``bench.roofline``'s table (H100, H200, A100), each module's ideal time on it too, and how
+  many times over it the GPU time is: the modules far over it are the ones with slow kernels.
 - the kernels with the largest total GPU time (on CPU: the operators with the largest own host time).
 
 Only eager backends can be profiled this way (module hooks do not fire inside a replayed graph or a compiled
@@ -33,8 +35,10 @@ from torch.autograd import DeviceType
 
 from bench.backends import BackendSpec, BenchSession, TorchBackend, select_backends, unavailable_reason
 from bench.cli import resolve_device
+from bench.roofline import DTYPES, Roofline, gpu_spec_for, roofline
 from bench.settings import BenchSettings
 from qd_core.checkpoint import atomic_write
+from qd_core.summary import build_meta_student
 
 PROFILABLE = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-triton-fp32", "torch-triton-bf16")
 RANGE_PREFIX = "qd::"
@@ -166,17 +170,30 @@ def summarize(events: Sequence[Any], iters: int, top: int) -> tuple[list[ModuleT
 
 
 def render(modules: Sequence[ModuleTime], kernels: Sequence[KernelTime], device_ms: float, host_ms: float, *,
-           title: str, gpu: bool) -> str:
+           title: str, gpu: bool, ideal: Roofline | None = None) -> str:
+    """Markdown tables; with ``ideal`` (``bench.roofline`` of the same forward on this GPU) each module's GPU time
+    is also set against its ideal time, which points at the modules whose kernels are slow."""
     lines = [f"# {title}", ""]
     if gpu:
         lines += [f"One forward: {device_ms:.2f} ms of GPU kernels, {host_ms:.2f} ms on the host "
-                  f"({'launch-bound: the GPU waits for the host' if host_ms > device_ms else 'GPU-bound'}).", "",
-                  "| module | GPU ms | % of GPU | kernels | host ms |", "|---|---|---|---|---|"]
+                  f"({'launch-bound: the GPU waits for the host' if host_ms > device_ms else 'GPU-bound'}).", ""]
+        if ideal is not None:
+            ideal_ms = ideal.total["seconds"] * 1e3
+            lines += [f"Ideal (`python -m bench.roofline`, {ideal.dtype}, {ideal.gpu} datasheet peaks): "
+                      f"{ideal_ms:.3f} ms; the GPU time is {device_ms / ideal_ms:.1f}× that.", ""]
+        extra = " ideal ms | × ideal |" if ideal is not None else ""
+        lines += ["| module | GPU ms | % of GPU | kernels | host ms |" + extra,
+                  "|---|---|---|---|---|" + ("---|---|" if ideal is not None else "")]
         for m in modules:
             share = 100 * m.device_ms / device_ms if device_ms else 0.0
             where = f" (inside {m.inside})" if m.inside else ""
+            cells = ""
+            if ideal is not None:
+                row = ideal.modules.get(m.name)
+                cells = (f" {row['seconds'] * 1e3:.3f} | {m.device_ms / (row['seconds'] * 1e3):.1f}× |"
+                         if row and row["seconds"] > 0 else " | |")
             lines.append(f"| {m.name}{where} | {m.device_ms:.3f} | {share:.1f} % | {m.kernels:.0f} | "
-                         f"{m.host_ms:.3f} |")
+                         f"{m.host_ms:.3f} |" + cells)
         lines += ["", f"Top {len(kernels)} kernels by GPU time per forward:", "",
                   "| kernel | GPU ms | % of GPU | calls |", "|---|---|---|---|"]
         for k in kernels:
@@ -270,7 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         h, w = session.size
         title = (f"Where one forward goes: {session.cfg.name}, {args.backend}, batch {batch} at {h}×{w}, "
                  f"{session.device_name}, torch {torch.__version__}, mean of {args.iters}")
-        texts.append(render(modules, kernels, device_ms, host_ms, title=title, gpu=gpu))
+        ideal = None
+        if gpu and (gpu_spec := gpu_spec_for(session.device_name)) is not None:
+            ideal = roofline(build_meta_student(session.cfg), gpu_spec, batch=batch, size=session.size,
+                             dtype=DTYPES[spec.precision], config=session.cfg.name)
+        texts.append(render(modules, kernels, device_ms, host_ms, title=title, gpu=gpu, ideal=ideal))
         print(texts[-1], flush=True)
         if args.trace is not None:
             trace = args.trace if len(args.batch) == 1 else args.trace.with_name(

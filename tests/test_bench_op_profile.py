@@ -8,7 +8,8 @@ import pytest
 
 from torch.autograd import DeviceType
 
-from bench.op_profile import UNBOOKED, WRAPPER, main, summarize
+from bench.op_profile import UNBOOKED, WRAPPER, main, render, summarize
+from bench.roofline import Roofline
 
 
 def _event(name: str, kernels_us: tuple[float, ...] = (), children: tuple = (), cpu_us: float = 0.0):
@@ -71,6 +72,23 @@ def test_kernels_the_profiler_could_not_link_are_totalled_as_not_booked():
     assert by_name["backbone"].device_ms == pytest.approx(0.6)
     assert modules[-1].name == UNBOOKED and modules[-2].name == WRAPPER
     assert ("triton_unlinked", pytest.approx(0.15), 1) in [(k.name, k.total_ms, k.calls) for k in kernels]
+
+
+def test_gpu_tables_set_each_module_against_its_ideal_time():
+    modules, kernels, device_ms, host_ms = summarize(_forward(), iters=1, top=10)
+    row = {"flops": 0.0, "bytes": 0.0, "kernels": 1}
+    ideal = Roofline(config="c", gpu="G", dtype="bfloat16", input=[1, 3, 64, 64],
+                     modules={"backbone": {**row, "seconds": 0.2e-3}, "decoder": {**row, "seconds": 0.3e-3},
+                              WRAPPER: {**row, "seconds": 0.0}},
+                     inside={"backbone": "", "decoder": "", WRAPPER: ""}, ops={},
+                     total={**row, "seconds": 0.5e-3})
+    text = render(modules, kernels, device_ms, host_ms, title="t", gpu=True, ideal=ideal)
+    assert ("Ideal (`python -m bench.roofline`, bfloat16, G datasheet peaks): 0.500 ms; the GPU time is 2.0× that."
+            in text)
+    assert "| backbone | 0.600 | 60.0 % | 3 | 0.400 | 0.200 | 3.0× |" in text
+    assert "| decoder | 0.300 | 30.0 % | 1 | 0.300 | 0.300 | 1.0× |" in text
+    assert "| reins (inside backbone) | 0.100 | 10.0 % | 1 | 0.050 | | |" in text  # not in the ideal table
+    assert "× ideal" not in render(modules, kernels, device_ms, host_ms, title="t", gpu=True)
 
 
 def test_cli_profiles_the_tiny_student_on_cpu(tmp_path: Path, capsys):

@@ -1,0 +1,109 @@
+"""bench.roofline: the ideal time of one predict, counted on the meta device."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.backends import attention_backend
+from bench.roofline import GPUS, WRAPPER, GpuSpec, _Counter, _FusedAttention, gpu_spec_for, main, roofline
+from export.wrapper import ExportWrapper
+from qd_core.config import load_config
+from qd_core.summary import build_meta_student
+
+# 1 TFLOP/s and 1 TB/s: a second is 1e12 FLOPs or 1e12 bytes, so the expected times are easy to write down.
+UNIT = GpuSpec("unit", tensor_tflops=2.0, fp32_tflops=1.0, bandwidth_tbs=1.0)
+
+
+def _tiny():
+    cfg = load_config("tiny")
+    return cfg, build_meta_student(cfg)
+
+
+def test_a_matrix_product_is_bound_by_the_slower_of_its_flops_and_its_bytes():
+    owners = [WRAPPER, "m"]
+    x = torch.zeros(64, 32, device="meta")
+    lin = nn.Linear(32, 16, device="meta")
+    for dtype, size, peak in ((torch.bfloat16, 2, 2e12), (torch.float32, 4, 1e12)):
+        counter = _Counter(UNIT, dtype, owners)
+        with counter, torch.no_grad():
+            lin(x)
+        (cost,) = counter.by_owner.values()
+        flops = 2 * 64 * 32 * 16
+        nbytes = size * (64 * 32 + 32 * 16 + 16 + 64 * 16)  # input, weight, bias, output
+        assert (cost.flops, cost.bytes, cost.kernels) == (flops, nbytes, 1)
+        assert cost.seconds == pytest.approx(max(flops / peak, nbytes / 1e12))
+
+
+def test_views_move_nothing_and_elementwise_work_is_memory_bound():
+    counter = _Counter(UNIT, torch.float32, [WRAPPER])
+    x = torch.zeros(8, 8, device="meta")
+    with counter:
+        y = x.view(64).reshape(8, 8).transpose(0, 1)
+        (y + 1).relu()
+    assert {op: c.kernels for op, c in counter.by_op.items()} == {"aten.add": 1, "aten.relu": 1}
+    assert counter.by_op["aten.relu"].bytes == 2 * 64 * 4 and counter.by_op["aten.relu"].flops == 0
+    assert counter.by_owner[WRAPPER].seconds == pytest.approx(4 * 64 * 4 / 1e12)
+
+
+def test_attention_counts_as_one_fused_kernel():
+    counter = _Counter(UNIT, torch.bfloat16, [WRAPPER])
+    q = torch.zeros(2, 4, 100, 8, device="meta")
+    kv = torch.zeros(1, 4, 30, 8, device="meta")  # shared over the batch, as the agent keys
+    mask = torch.ones(2, 1, 100, 30, dtype=torch.bool, device="meta")
+    with counter, _FusedAttention(counter):
+        F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask)
+    assert list(counter.by_op) == ["attention (fused)"]  # nothing of its decomposition leaks out
+    cost = counter.by_op["attention (fused)"]
+    assert cost.kernels == 1 and cost.flops == 4 * 2 * 4 * 100 * 30 * 8
+    assert cost.bytes == 2 * (6400 + 2 * 960) + 6000 + 2 * 6400  # q, k, v, bool mask, output
+
+
+def test_the_student_forward_is_booked_like_the_profiler_ranges_and_keeps_every_flop():
+    cfg, model = _tiny()
+    size = tuple(cfg.inference.window)
+    r = roofline(model, GPUS["h100-sxm"], batch=2, size=size, dtype=torch.bfloat16, config=cfg.name)
+    names = [n for n, _ in model.named_children()]
+    assert set(r.modules) <= set(names) | {WRAPPER} and {"backbone", "decoder", WRAPPER} <= set(r.modules)
+    assert r.inside["reins"] == "backbone" and r.inside["backbone"] == ""
+    assert r.modules["backbone"]["flops"] > r.modules["reins"]["flops"] > 0  # inclusive, as op_profile's
+    top = [m for n, m in r.modules.items() if not r.inside[n]]
+    for key in ("flops", "bytes", "kernels", "seconds"):
+        assert sum(m[key] for m in top) == pytest.approx(r.total[key])
+    assert sum(o["kernels"] for o in r.ops.values()) == r.total["kernels"]
+    # Fusing attention and the deformable sampling drops their inner operations but not their FLOPs.
+    with FlopCounterMode(display=False) as fc, attention_backend("sdpa"), torch.no_grad():
+        ExportWrapper(build_meta_student(cfg).requires_grad_(False))(torch.zeros(2, 3, *size, device="meta"))
+    assert r.total["flops"] == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    assert "attention (fused)" in r.ops and "ms_deform_attn (fused)" in r.ops
+    # fp32: the same FLOPs, twice the floating-point bytes (index tensors keep their size), a slower peak.
+    r32 = roofline(build_meta_student(cfg), GPUS["h100-sxm"], batch=2, size=size, dtype=torch.float32)
+    assert r32.total["flops"] == r.total["flops"]
+    assert 1.9 < r32.total["bytes"] / r.total["bytes"] <= 2.0
+    assert r32.total["seconds"] > r.total["seconds"]
+    # Twice the images: about twice the ideal time (weights are read once per forward either way).
+    r4 = roofline(build_meta_student(cfg), GPUS["h100-sxm"], batch=4, size=size, dtype=torch.bfloat16)
+    assert 1.5 < r4.total["seconds"] / r.total["seconds"] <= 2.0
+
+
+@pytest.mark.parametrize("name, key", [("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-pcie"),
+                                       ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-40GB", "a100-sxm"),
+                                       ("NVIDIA GeForce RTX 4090", None)])
+def test_device_names_map_to_datasheets(name, key):
+    assert gpu_spec_for(name) == (GPUS[key] if key else None)
+
+
+def test_cli_prints_the_table_and_rejects_bad_values_in_one_line(capsys):
+    assert main(["--config", "tiny", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Ideal time of one predict: tiny" in out and "| backbone |" in out and "| reins (inside backbone) |" in out
+    assert main(["--config", "tiny", "--gpu", "h200", "--bandwidth-tbs", "1", "--json"]) == 0
+    assert "overridden" in capsys.readouterr().out
+    for argv, needle in ((["--batch", "0"], "--batch 0"), (["--size", "100", "96"], "--size 100 96"),
+                         (["--config", "no-such-config"], "no-such-config"),
+                         (["--peak-tflops", "-1"], "--peak-tflops -1")):
+        assert main(["--config", "tiny", *argv] if argv[0] != "--config" else argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
