@@ -2,8 +2,8 @@
 
 Every backend is used through the ``Segmenter`` protocol of ``export.runtime``: ``predict(images) -> (B, H, W)``
 labels and ``logits(images) -> (B, K, H/4, W/4)``, images float RGB in [0, 255] (B, 3, H, W). The PyTorch
-variants run ``export.wrapper.ExportWrapper`` (the very graph that is exported) and differ only in autocast,
-attention implementation and compilation; the exported ones are built by ``export`` from the same model in
+variants run ``export.wrapper.ExportWrapper`` (the very graph that is exported) and differ only in precision
+(autocast, or the whole model in bf16), attention implementation and compilation; the exported ones are built by ``export`` from the same model in
 ``bench.exported`` (imported only when one of them runs, with ONNX / TensorRT imported inside).
 
 The reference is ``torch-fp32`` with the plain PyTorch attention (``QD_ATTENTION=torch``): on CUDA the model
@@ -45,14 +45,16 @@ BACKENDS = (
     BackendSpec("torch-fp32", "fp32", "PyTorch eager, fp32, PyTorch attention (the reference)"),
     BackendSpec("torch-bf16", "bf16", "PyTorch eager, bf16 autocast"),
     BackendSpec("torch-fp16", "fp16", "PyTorch eager, fp16 autocast", cuda_only=True),
+    BackendSpec("torch-bf16-pure", "bf16", "PyTorch eager, the whole model in bf16 (weights and activations, no "
+                "autocast)"),
     BackendSpec("torch-triton-fp32", "fp32", "PyTorch eager + Triton attention kernels, fp32", cuda_only=True),
     BackendSpec("torch-triton-bf16", "bf16", "PyTorch eager + Triton attention kernels, bf16 autocast",
                 cuda_only=True),
-    BackendSpec("torch-triton-bf16-graphs", "bf16", "PyTorch + Triton attention kernels, bf16 autocast with bf16 "
-                "linear/conv weights, replayed as one CUDA graph per batch size", cuda_only=True),
+    BackendSpec("torch-triton-bf16-graphs", "bf16", "PyTorch + Triton attention kernels, the whole model in bf16, "
+                "replayed as one CUDA graph per batch size", cuda_only=True),
     BackendSpec("torch-compile", "fp32", "torch.compile (Inductor), fp32"),
-    BackendSpec("torch-compile-bf16", "bf16", "torch.compile (Inductor) + CUDA graphs, bf16 autocast with bf16 "
-                "linear/conv weights", cuda_only=True),
+    BackendSpec("torch-compile-bf16", "bf16", "torch.compile (Inductor) + CUDA graphs, the whole model in bf16",
+                cuda_only=True),
     BackendSpec("ort-fp32", "fp32", "ONNX Runtime, fp32 graph"),
     BackendSpec("ort-fp16", "fp16", "ONNX Runtime, strongly typed fp16 graph"),
     BackendSpec("aoti", "fp32", "torch.export + AOTInductor .pt2, fp32"),
@@ -102,25 +104,34 @@ def attention_backend(name: str) -> Iterator[None]:
             os.environ["QD_ATTENTION"] = old
 
 
-_MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with every floating parameter and buffer in ``dtype``: the whole forward then runs in it.
 
-
-def with_lowp_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of ``model`` whose linear and convolution weights and biases are stored in ``dtype``.
-
-    Autocast casts exactly these to ``dtype`` on every call (to the same values), so the outputs under autocast are
-    the same; what goes is the casting: without autocast's cast cache, which CUDA graphs need off and which lasts
-    one call anyway, each forward of the ViT-L student re-reads 1.4 GB of fp32 weights (274 layers, 346 M
-    parameters) and writes their 0.7 GB low-precision copies, in some 500 cast kernels. Only these modules: their
-    parameters feed nothing but their own linear/conv op, which autocast runs in ``dtype``; other parameters
-    (norms, embeddings, queries) may enter fp32 arithmetic and keep their precision.
+    Against autocast this drops a cast kernel in front of every matrix product whose input is fp32 (autocast keeps
+    LayerNorm outputs and the residual stream in fp32, and without its cast cache, which CUDA graphs need off, it
+    also re-casts every weight on every call) and halves the bytes of the memory-bound operations: on the ViT-L
+    student at 512×512, batch 1, ~150 fewer kernels and ~2.2 of ~11.4 GB moved (counted with CPU autocast). What
+    precision needs stays fp32 inside the kernels: PyTorch's norm and softmax kernels accumulate low-precision
+    inputs in fp32, and the deformable attention computes its sampling locations in fp32 whatever its dtype.
     """
-    lowp = copy.deepcopy(model)
-    for module in lowp.modules():
-        if isinstance(module, _MATMUL_MODULES):
-            for name, param in module.named_parameters(recurse=False):
-                param.data = param.data.to(dtype)
-    return lowp
+    return copy.deepcopy(model).to(dtype)
+
+
+def torch_recipe(spec: BackendSpec) -> dict[str, Any] | None:
+    """``TorchBackend``'s keyword arguments for a PyTorch backend; None for an exported one."""
+    lowp = torch.float16 if spec.precision == "fp16" else torch.bfloat16
+    recipes: dict[str, dict[str, Any]] = {
+        "torch-fp32": {"attention": "torch"},
+        "torch-bf16": {"autocast": lowp, "attention": "torch"},
+        "torch-fp16": {"autocast": lowp, "attention": "torch"},
+        "torch-bf16-pure": {"dtype": lowp, "attention": "torch"},
+        "torch-triton-fp32": {"attention": "triton"},
+        "torch-triton-bf16": {"autocast": lowp, "attention": "triton"},
+        "torch-triton-bf16-graphs": {"dtype": lowp, "attention": "triton", "cuda_graphs": True},
+        "torch-compile": {"attention": "torch", "compile": True},
+        "torch-compile-bf16": {"dtype": lowp, "attention": "torch", "compile": True, "cuda_graphs": True},
+    }
+    return recipes.get(spec.name)
 
 
 class GraphedForward:
@@ -159,17 +170,19 @@ class GraphedForward:
 
 class TorchBackend:
     """``export.wrapper.ExportWrapper`` (the deployed graph: normalisation, student, logits and full-size labels)
-    run in PyTorch, with an optional autocast dtype, an attention implementation, optional torch.compile and
-    optional CUDA graphs (Inductor's with compile, else ``GraphedForward``), and optionally its linear and
-    convolution weights stored in the autocast dtype (``with_lowp_weights``)."""
+    run in PyTorch, with an optional autocast dtype or an optional dtype for the whole model (``in_dtype``), an
+    attention implementation, optional torch.compile and optional CUDA graphs (Inductor's with compile, else
+    ``GraphedForward``)."""
 
     def __init__(self, model: nn.Module, *, name: str, autocast: torch.dtype | None = None,
-                 attention: str = "torch", compile: bool = False, cuda_graphs: bool = False,
-                 lowp_weights: bool = False) -> None:
+                 dtype: torch.dtype | None = None, attention: str = "torch", compile: bool = False,
+                 cuda_graphs: bool = False) -> None:
+        if autocast is not None and dtype is not None:
+            raise ValueError(f"{name}: autocast={autocast} and dtype={dtype}: pick one (dtype converts the model)")
         self.name = name
         self.input_size: tuple[int, int] | None = None
-        if lowp_weights and autocast is not None:
-            model = with_lowp_weights(model, autocast)
+        if dtype is not None:
+            model = in_dtype(model, dtype)
         self.wrapper = ExportWrapper(model.eval()).eval()
         self.autocast = autocast
         self.attention = attention
@@ -336,26 +349,12 @@ class BenchSession:
         return self._segmenters[spec.name]
 
     def _build(self, spec: BackendSpec) -> Segmenter:
-        m, name = self.model, spec.name
-        lowp = torch.bfloat16 if spec.precision == "bf16" else torch.float16
-        if name == "torch-fp32":
-            return TorchBackend(m, name=name, attention="torch")
-        if name in ("torch-bf16", "torch-fp16"):
-            return TorchBackend(m, name=name, autocast=lowp, attention="torch")
-        if name == "torch-triton-fp32":
-            return TorchBackend(m, name=name, attention="triton")
-        if name == "torch-triton-bf16":
-            return TorchBackend(m, name=name, autocast=lowp, attention="triton")
-        if name == "torch-triton-bf16-graphs":
-            return TorchBackend(m, name=name, autocast=lowp, attention="triton", cuda_graphs=True, lowp_weights=True)
-        if name == "torch-compile":
-            return TorchBackend(m, name=name, attention="torch", compile=True)
-        if name == "torch-compile-bf16":
-            return TorchBackend(m, name=name, autocast=lowp, attention="torch", compile=True, cuda_graphs=True,
-                                lowp_weights=True)
+        recipe = torch_recipe(spec)
+        if recipe is not None:
+            return TorchBackend(self.model, name=spec.name, **recipe)
         from bench import exported
 
-        return exported.build(name, m, self.size, self.settings.batch, self.settings.device, self.work)
+        return exported.build(spec.name, self.model, self.size, self.settings.batch, self.settings.device, self.work)
 
     def _over_eval_set(self, run: Callable[[Tensor], Any], dtype: torch.dtype) -> Tensor:
         """``run`` over every evaluation image in batches of the larger timed batch, outputs concatenated on the

@@ -1,6 +1,6 @@
 """Where one forward of the student spends its time, per top-level module and per GPU kernel.
 
-    python -m bench.op_profile [--device cpu|cuda] [--config F] [--checkpoint C] [--backend B] [--batch N ...]
+    python -m bench.op_profile [--device cpu|cuda] [--config F] [--checkpoint C] [--backend B ...] [--batch N ...]
                                [--iters N] [--top K] [--out FILE.md] [--trace FILE.json]
 
 The end-to-end benchmark says how long ``predict`` takes; this says where that time goes. It builds the student as
@@ -16,7 +16,8 @@ runs ``--iters`` forwards of each batch size under ``torch.profiler`` after two 
 - the kernels with the largest total GPU time (on CPU: the operators with the largest own host time).
 
 Only eager backends can be profiled this way (module hooks do not fire inside a replayed graph or a compiled
-one); their kernels are those a CUDA graph of the same backend replays. ``--trace`` also writes the Chrome trace
+one); their kernels are those a CUDA graph of the same backend replays, and ``torch-triton-bf16-graphs`` is
+profiled as exactly that: its model, precision and attention, run eagerly. ``--trace`` also writes the Chrome trace
 (chrome://tracing, Perfetto).
 """
 from __future__ import annotations
@@ -33,14 +34,16 @@ import torch
 from torch import nn
 from torch.autograd import DeviceType
 
-from bench.backends import BackendSpec, BenchSession, TorchBackend, select_backends, unavailable_reason
+from bench.backends import (BackendSpec, BenchSession, TorchBackend, select_backends, torch_recipe,
+                            unavailable_reason)
 from bench.cli import resolve_device
 from bench.roofline import DTYPES, Roofline, gpu_spec_for, roofline
 from bench.settings import BenchSettings
 from qd_core.checkpoint import atomic_write
 from qd_core.summary import build_meta_student
 
-PROFILABLE = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-triton-fp32", "torch-triton-bf16")
+PROFILABLE = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-bf16-pure", "torch-triton-fp32", "torch-triton-bf16",
+              "torch-triton-bf16-graphs")
 RANGE_PREFIX = "qd::"
 WRAPPER = "(wrapper)"
 UNBOOKED = "(not booked)"
@@ -224,17 +227,53 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default="vitl16_512", help="config name or YAML (default vitl16_512)")
     ap.add_argument("--checkpoint", default=None, help="student .safetensors (default: random weights)")
     ap.add_argument("--data", type=Path, default=None, help="evaluation data, as for python -m bench")
-    ap.add_argument("--backend", default="torch-triton-bf16", choices=PROFILABLE,
-                    help="eager backend to profile (default torch-triton-bf16)")
+    ap.add_argument("--backend", nargs="+", default=["torch-triton-bf16"], choices=PROFILABLE, metavar="B",
+                    help="backends to profile, one after another on the same model and images: "
+                         f"{', '.join(PROFILABLE)} (default torch-triton-bf16; torch-triton-bf16-graphs is "
+                         "profiled as its eager twin)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1],
                     help="images per forward; several sizes are profiled one after another (default 1)")
     ap.add_argument("--iters", type=int, default=3, help="profiled forwards, after two untimed ones (default 3)")
     ap.add_argument("--top", type=int, default=25, help="kernels listed (default 25)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables to this Markdown file")
     ap.add_argument("--trace", type=Path, default=None,
-                    help="also write the Chrome trace to this JSON file (one per batch size, named -b<N>, when "
-                         "several are given)")
+                    help="also write the Chrome trace to this JSON file (one per backend and batch size, named "
+                         "-<backend>-b<N>, when several are given)")
     return ap
+
+
+def _profile(backend: TorchBackend, session: BenchSession, spec: BackendSpec, batch: int, args: argparse.Namespace,
+             gpu: bool) -> str:
+    """Profile ``args.iters`` forwards of ``backend`` at ``batch``; print and return the tables."""
+    images = session.inputs(batch)
+
+    def forward() -> None:
+        with torch.profiler.record_function(RANGE_PREFIX + "forward"):
+            backend.predict(images)
+        if gpu:
+            torch.cuda.synchronize()
+
+    with module_ranges(backend.wrapper.model):
+        for _ in range(2):  # autotuning, allocator growth and lazy initialisation stay out of the profile
+            forward()
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.iters):
+                forward()
+    modules, kernels, device_ms, host_ms = summarize(prof.events(), args.iters, args.top)
+    h, w = session.size
+    title = (f"Where one forward goes: {session.cfg.name}, {spec.name}, batch {batch} at {h}×{w}, "
+             f"{session.device_name}, torch {torch.__version__}, mean of {args.iters}")
+    ideal = None
+    if gpu and (gpu_spec := gpu_spec_for(session.device_name)) is not None:
+        ideal = roofline(build_meta_student(session.cfg), gpu_spec, batch=batch, size=session.size,
+                         dtype=DTYPES[spec.precision], config=session.cfg.name)
+    text = render(modules, kernels, device_ms, host_ms, title=title, gpu=gpu, ideal=ideal)
+    print(text, flush=True)
+    if args.trace is not None:
+        tag = (f"-{spec.name}" if len(args.backend) > 1 else "") + (f"-b{batch}" if len(args.batch) > 1 else "")
+        prof.export_chrome_trace(str(args.trace.with_name(f"{args.trace.stem}{tag}{args.trace.suffix}")))
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,50 +292,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = BenchSettings(device=device, config=args.config,
                              checkpoint=Path(args.checkpoint) if args.checkpoint else None, data=args.data,
-                             images=max(args.batch), batch=max(args.batch), backends=(args.backend,),
+                             images=max(args.batch), batch=max(args.batch), backends=tuple(args.backend),
                              cpu_compile=False,
                              work=None)
-    spec: BackendSpec = select_backends((args.backend,))[0]
-    reason = unavailable_reason(spec, settings)
-    if reason is not None:
-        print(f"error: --backend {args.backend}: {reason}", file=sys.stderr)
-        return 2
+    specs: list[BackendSpec] = select_backends(tuple(args.backend))
+    for spec in specs:
+        reason = unavailable_reason(spec, settings)
+        if reason is not None:
+            print(f"error: --backend {spec.name}: {reason}", file=sys.stderr)
+            return 2
     session = BenchSession(settings)
-    backend = session.segmenter(spec)
-    assert isinstance(backend, TorchBackend)
     gpu = device == "cuda"
     texts = []
-    for batch in args.batch:
-        images = session.inputs(batch)
-
-        def forward() -> None:
-            with torch.profiler.record_function(RANGE_PREFIX + "forward"):
-                backend.predict(images)
-            if gpu:
-                torch.cuda.synchronize()
-
-        with module_ranges(backend.wrapper.model):
-            for _ in range(2):  # autotuning, allocator growth and lazy initialisation stay out of the profile
-                forward()
-            activities = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if gpu else [])
-            with torch.profiler.profile(activities=activities) as prof:
-                for _ in range(args.iters):
-                    forward()
-        modules, kernels, device_ms, host_ms = summarize(prof.events(), args.iters, args.top)
-        h, w = session.size
-        title = (f"Where one forward goes: {session.cfg.name}, {args.backend}, batch {batch} at {h}×{w}, "
-                 f"{session.device_name}, torch {torch.__version__}, mean of {args.iters}")
-        ideal = None
-        if gpu and (gpu_spec := gpu_spec_for(session.device_name)) is not None:
-            ideal = roofline(build_meta_student(session.cfg), gpu_spec, batch=batch, size=session.size,
-                             dtype=DTYPES[spec.precision], config=session.cfg.name)
-        texts.append(render(modules, kernels, device_ms, host_ms, title=title, gpu=gpu, ideal=ideal))
-        print(texts[-1], flush=True)
-        if args.trace is not None:
-            trace = args.trace if len(args.batch) == 1 else args.trace.with_name(
-                f"{args.trace.stem}-b{batch}{args.trace.suffix}")
-            prof.export_chrome_trace(str(trace))
+    for spec in specs:
+        # The eager twin of a CUDA-graph backend: module hooks do not fire inside a replayed graph.
+        backend = TorchBackend(session.model, name=spec.name, **{**torch_recipe(spec), "cuda_graphs": False})
+        for batch in args.batch:
+            texts.append(_profile(backend, session, spec, batch, args, gpu))
     if args.out is not None:
         text = "\n".join(texts)
         atomic_write(args.out, lambda p: p.write_text(text))

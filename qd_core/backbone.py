@@ -200,7 +200,9 @@ class DinoVisionTransformer(nn.Module):
         Returns tokens (B, 1 + h*w, D), CLS first, patches in row-major (h, w) order.
         """
         h, w = self._check_images(images)
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        # A model converted to bf16/fp16 as a whole takes fp32 images too (a no-op for an fp32 model, and the cast
+        # autocast would make anyway when only the weights are in low precision).
+        x = self.patch_embed(images.to(self.patch_embed.proj.weight.dtype)).flatten(2).transpose(1, 2)  # (B, h*w, D)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         return x + self.interpolate_pos_embed(h, w).to(x.dtype)

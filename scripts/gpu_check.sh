@@ -6,15 +6,16 @@
 #   bash scripts/gpu_check.sh [STEP ...]     # from anywhere; results in ${OUT:-./gpu_results}
 #
 # A 15-minute GPU slot, as two calls on one warm machine (carry data/bench-synthetic-2 in both):
-#   GPU_CHECK_SECONDS=360 bash scripts/gpu_check.sh env bench host_profile op_profile   # kernels, profiles
+#   GPU_CHECK_SECONDS=400 bash scripts/gpu_check.sh env bench host_profile op_profile   # kernels, profiles
 #   GPU_CHECK_SECONDS=400 bash scripts/gpu_check.sh bench_e2e                           # end-to-end report
 #
 # STEPs, run in this order: env gpu_tests bench host_profile op_profile bench_e2e bench_flex kernel_tests. The
 # default is the kernel check (all but bench_e2e, ~7 minutes on an H100); bench_e2e, the end-to-end benchmark of
 # the ViT-L student, takes up to 7 minutes more and is run by naming it. host_profile (~20 s)
 # splits the host time of one kernel call (issue rate, synchronised rate, cProfile; direct launches beside Triton's
-# own dispatch and SDPA) into host_profile.md. op_profile (~1 minute) books the GPU time of one ViT-L student
-# forward (bf16, Triton attention, batch 1 and 8) to its modules and kernels, into op_profile.md.
+# own dispatch and SDPA) into host_profile.md. op_profile (~2 minutes) books the GPU time of one ViT-L student
+# forward (Triton attention, bf16 autocast and the whole model in bf16, batch 1 and 8) to its modules and kernels,
+# beside each module's ideal time, into op_profile.md.
 # All output goes to one log, gpu_check.log, beside the benchmark JSON files and the `python -m bench` report (few
 # files, so that a results folder fetched from a remote machine stays small).
 # Uses `python3` from PATH (the GPU machine has no venv; the package need not be installed). Every step has a time
@@ -81,8 +82,10 @@ run bench 240 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-
 # Host cost does not depend on the tile config: one fixed config each, no autotuning to wait for.
 run host_profile 60 env QD_TRITON_AUTOTUNE=0 python3 -m bench.host_profile --calls 200 --out "$RESULTS/host_profile.md"
 # Where the student's forward spends its GPU time (random weights; carry data/bench-synthetic-2 or it is drawn).
-run op_profile 120 python3 -m bench.op_profile --device cuda --config vitl16_512 --backend torch-triton-bf16 \
-    --batch 1 8 --out "$RESULTS/op_profile.md"
+# Autocast (torch-triton-bf16) against the whole model in bf16 (the graphs backend's eager twin), each module beside
+# its ideal time on the GPU (bench.roofline).
+run op_profile 150 python3 -m bench.op_profile --device cuda --config vitl16_512 \
+    --backend torch-triton-bf16 torch-triton-bf16-graphs --batch 1 8 --out "$RESULTS/op_profile.md"
 # End-to-end latency of every backend on the paper's student (random weights: latency only, the report says so).
 # Includes the kernel JSON of the bench step when there is one; carry data/bench-synthetic-2 to the GPU machine.
 # (KERNELS_JSON names one from an earlier run instead.) On an H100 the eager and CUDA-graph backends take ~90 s
@@ -95,7 +98,7 @@ KJ="${KERNELS_JSON:-$RESULTS/bench_kernels.json}"
 [[ -f "$KJ" ]] && KERNEL_JSON=(--kernels-json "$KJ")
 run bench_e2e 420 bash -c 'python3 -m bench --time-limit $((STEP_SECONDS > 120 ? STEP_SECONDS - 60 : 60)) "$@"' e2e \
     --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
-    --images 8 --batch 8 --backends "${E2E_BACKENDS:-torch-fp32,torch-bf16,torch-fp16,torch-triton-fp32,\
+    --images 8 --batch 8 --backends "${E2E_BACKENDS:-torch-fp32,torch-bf16,torch-fp16,torch-bf16-pure,torch-triton-fp32,\
 torch-triton-bf16,torch-triton-bf16-graphs,torch-compile-bf16,ort-fp32,ort-fp16,trt-fp16}" "${KERNEL_JSON[@]}" \
     --out "$RESULTS" --overwrite
 run bench_flex 150 python3 -m pytest bench/test_kernels.py -k flex --benchmark-json="$RESULTS/bench_kernels_flex.json" \

@@ -91,6 +91,16 @@ def test_gpu_tables_set_each_module_against_its_ideal_time():
     assert "× ideal" not in render(modules, kernels, device_ms, host_ms, title="t", gpu=True)
 
 
+def test_cli_profiles_several_backends_on_the_same_model(tmp_path: Path, capsys):
+    out, trace = tmp_path / "profile.md", tmp_path / "trace.json"
+    assert main(["--device", "cpu", "--config", "tiny", "--backend", "torch-bf16-pure", "torch-fp32",
+                 "--iters", "1", "--top", "3", "--out", str(out), "--trace", str(trace)]) == 0
+    text = out.read_text()
+    # Canonical backend order, whatever the command line's.
+    assert text.index("tiny, torch-fp32, batch 1") < text.index("tiny, torch-bf16-pure, batch 1")
+    assert (tmp_path / "trace-torch-fp32.json").is_file() and (tmp_path / "trace-torch-bf16-pure.json").is_file()
+
+
 def test_cli_profiles_the_tiny_student_on_cpu(tmp_path: Path, capsys):
     out, trace = tmp_path / "profile.md", tmp_path / "trace.json"
     assert main(["--device", "cpu", "--config", "tiny", "--backend", "torch-fp32", "--batch", "1", "2",

@@ -537,8 +537,8 @@ def test_tiny_student_with_the_kernels_replays_from_a_cuda_graph_as_it_runs_eage
 
     torch.manual_seed(22)
     student = build_student(load_config("tiny")).eval().to("cuda").requires_grad_(False)
-    eager = TorchBackend(student, name="eager", autocast=torch.bfloat16, attention="triton")
-    graphed = TorchBackend(student, name="graphs", autocast=torch.bfloat16, attention="triton", cuda_graphs=True)
+    eager = TorchBackend(student, name="eager", dtype=torch.bfloat16, attention="triton")
+    graphed = TorchBackend(student, name="graphs", dtype=torch.bfloat16, attention="triton", cuda_graphs=True)
     first, second = (torch.rand(2, 3, 128, 128, device="cuda") * 255 for _ in range(2))
     graphed.run(first)  # captures
     for images in (second, first):
