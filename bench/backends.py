@@ -3,8 +3,9 @@
 Every backend is used through the ``Segmenter`` protocol of ``export.runtime``: ``predict(images) -> (B, H, W)``
 labels and ``logits(images) -> (B, K, H/4, W/4)``, images float RGB in [0, 255] (B, 3, H, W). The PyTorch
 variants run ``export.wrapper.ExportWrapper`` (the very graph that is exported) and differ only in precision
-(autocast, or the whole model in bf16), attention implementation and compilation; the exported ones are built by ``export`` from the same model in
-``bench.exported`` (imported only when one of them runs, with ONNX / TensorRT imported inside).
+(autocast, or the whole model in bf16), attention implementation and compilation; the exported ones are built
+by ``export`` from the same model in ``bench.exported`` (imported only when one of them runs, with ONNX / TensorRT
+imported inside).
 
 The reference is ``torch-fp32`` with the plain PyTorch attention (``QD_ATTENTION=torch``): on CUDA the model
 would otherwise pick the Triton kernels by itself, and the reference must not depend on the code under test.
