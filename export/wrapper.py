@@ -27,8 +27,9 @@ class ExportWrapper(nn.Module):
     """A QueryDiff student as one image-in, (logits, labels)-out module.
 
     Args:
-        model: a ``qd_core.model.QueryDiffStudent`` (or any module with ``normalize``, ``combine`` and a forward
-            returning ``class_logits`` / ``mask_logits`` lists).
+        model: a ``qd_core.model.QueryDiffStudent`` (or any module with ``normalize``, ``combine`` and a
+            ``forward(images, all_layers=False)`` returning ``class_logits`` / ``mask_logits`` lists, the last entry
+            being the prediction).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -53,7 +54,7 @@ class ExportWrapper(nn.Module):
         """images: (B, 3, H, W) float RGB in [0, 255] → logits (B, K, H/4, W/4) float32, labels (B, H, W) int32."""
         if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             self.check_images(images)
-        out = self.model(self.model.normalize(images))
+        out = self.model(self.model.normalize(images), all_layers=False)  # the last decoder output only
         class_logits, mask_logits = out.class_logits[-1], out.mask_logits[-1]
         logits = self.model.combine(class_logits, mask_logits)
         # Upsampling the mask logits before the sigmoid is what the reference head does at test time; it

@@ -79,8 +79,9 @@ class QueryDiffStudent(nn.Module):
         """RGB in [0, 255] (B, 3, H, W) → ImageNet-normalised, the input every other method expects."""
         return (images.float() - self.pixel_mean) / self.pixel_std
 
-    def forward(self, images: Tensor) -> StudentOutput:
-        """images: (B, 3, H, W) normalised, H and W multiples of 32 → all decoder outputs."""
+    def forward(self, images: Tensor, *, all_layers: bool = True) -> StudentOutput:
+        """images: (B, 3, H, W) normalised, H and W multiples of 32 → all decoder outputs (training's deep
+        supervision), or with ``all_layers=False`` the last one only (inference: the others are not computed)."""
         self.check_images(images)
         tokens = self.reins.all_tokens() if self.reins is not None else None  # (L, m, D), shared with the queries
         feats = self.backbone(images, adapter=self.reins.bind(tokens) if self.reins is not None else None)
@@ -90,7 +91,7 @@ class QueryDiffStudent(nn.Module):
         mask_features, memories = self.pixel_decoder(pyramid)
         if self.refine is not None:
             mask_features, memories = self.refine(mask_features, memories, head_queries)
-        class_logits, mask_logits = self.decoder(mask_features, memories, head_queries)
+        class_logits, mask_logits = self.decoder(mask_features, memories, head_queries, all_layers=all_layers)
         return StudentOutput(class_logits, mask_logits, queries)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -101,13 +102,13 @@ class QueryDiffStudent(nn.Module):
 
     def semantic_logits(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W) normalised → semantic logits (B, K, H/4, W/4) from the last decoder output."""
-        out = self(images)
+        out = self(images, all_layers=False)
         return self.combine(out.class_logits[-1], out.mask_logits[-1])
 
     def window_logits(self, images: Tensor) -> Tensor:
         """images: (B, 3, h, w) normalised → (B, K, h, w); mask logits are upsampled before the sigmoid, as the
         reference head does at test time."""
-        out = self(images)
+        out = self(images, all_layers=False)
         masks = F.interpolate(out.mask_logits[-1], size=images.shape[-2:], mode="bilinear", align_corners=False)
         return self.combine(out.class_logits[-1], masks)
 

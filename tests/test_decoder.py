@@ -182,6 +182,26 @@ def test_output_lists_have_one_prediction_before_and_after_each_layer() -> None:
     assert all(m.shape == (2, cfg.num_queries, *MASK_SIZE) for m in mask_logits)
 
 
+def test_inference_computes_the_last_prediction_only_and_the_same_one() -> None:
+    """all_layers=False (what inference asks for) returns the last prediction, equal to the last of all of them,
+    without the intermediate full-size mask products (one einsum per prediction instead of one per layer + 1)."""
+    cfg = head_cfg(decoder_layers=4)
+    decoder = MaskedAttentionDecoder(cfg).eval()
+    x = inputs(cfg)
+    with torch.no_grad():
+        all_cls, all_masks = decoder(*x)
+        einsums = []
+        real_einsum = torch.einsum
+        try:
+            torch.einsum = lambda *a, **k: einsums.append(a[0]) or real_einsum(*a, **k)
+            last_cls, last_masks = decoder(*x, all_layers=False)
+        finally:
+            torch.einsum = real_einsum
+    assert len(last_cls) == len(last_masks) == 1 and einsums == ["bqc,bchw->bqhw"]
+    torch.testing.assert_close(last_cls[0], all_cls[-1], atol=0, rtol=0)
+    torch.testing.assert_close(last_masks[0], all_masks[-1], atol=0, rtol=0)
+
+
 def test_layers_cycle_through_the_memory_levels_from_coarse_to_fine() -> None:
     cfg = head_cfg(decoder_layers=4)
     decoder = MaskedAttentionDecoder(cfg)

@@ -119,16 +119,20 @@ class MaskedAttentionDecoder(nn.Module):
         if query_pos.dim() != 3 or query_pos.shape[0] != b or query_pos.shape[2] != self.dim:
             raise ValueError(f"query_pos: expected ({b}, Nq, {self.dim}), got {tuple(query_pos.shape)}")
 
-    def forward(self, mask_features: Tensor, memories: Sequence[Tensor], query_pos: Tensor
-                ) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, mask_features: Tensor, memories: Sequence[Tensor], query_pos: Tensor, *,
+                all_layers: bool = True) -> tuple[list[Tensor], list[Tensor]]:
         """Decode the queries into class and mask predictions.
 
         Args:
             mask_features: (B, d, H/4, W/4) refined mask features.
             memories: [(B, d, H/32, W/32), (B, d, H/16, W/16), (B, d, H/8, W/8)] refined memories.
             query_pos: (B, Nq, d) projected agent queries Q_h (the queries' positional embedding).
+            all_layers: False for inference, which reads the last prediction only: the others' class logits and
+                full-size mask products (B, Nq, H/4, W/4 each, the layer's largest output) are skipped; each
+                layer still makes the mask embeddings the next one's attention mask comes from.
         Returns:
-            class_logits: ``decoder_layers + 1`` tensors (B, Nq, num_classes + 1), the first before layer 0;
+            class_logits: ``decoder_layers + 1`` tensors (B, Nq, num_classes + 1), the first before layer 0
+                (only the last one without ``all_layers``);
             mask_logits: ``decoder_layers + 1`` tensors (B, Nq, H/4, W/4), likewise.
         """
         self._check(mask_features, memories, query_pos)
@@ -144,13 +148,18 @@ class MaskedAttentionDecoder(nn.Module):
         mask_factors = resized_mask_features(mask_features, [m.shape[-2:] for m in memories])
 
         query = self.querys2feat(query_pos)
-        cls, masks, embed = self.predict(query, mask_features)
-        class_logits, mask_logits = [cls], [masks]
-        for i, layer in enumerate(self.layers):
-            level = i % NUM_LEVELS
-            memory, pos, key = levels[level]
-            query = layer(query, query_pos, memory, pos, embed.detach(), mask_factors[level], memory_key=key)
-            cls, masks, embed = self.predict(query, mask_features)
-            class_logits.append(cls)
-            mask_logits.append(masks)
+        class_logits: list[Tensor] = []
+        mask_logits: list[Tensor] = []
+        for i in range(len(self.layers) + 1):
+            if i > 0:
+                level = (i - 1) % NUM_LEVELS
+                memory, pos, key = levels[level]
+                query = self.layers[i - 1](query, query_pos, memory, pos, embed.detach(), mask_factors[level],
+                                           memory_key=key)
+            if all_layers or i == len(self.layers):
+                cls, masks, embed = self.predict(query, mask_features)
+                class_logits.append(cls)
+                mask_logits.append(masks)
+            else:
+                embed = self.mask_embed(self.decoder_norm(query))
         return class_logits, mask_logits
