@@ -150,16 +150,22 @@ class MaskedAttentionDecoder(nn.Module):
         query = self.querys2feat(query_pos)
         class_logits: list[Tensor] = []
         mask_logits: list[Tensor] = []
-        for i in range(len(self.layers) + 1):
-            if i > 0:
-                level = (i - 1) % NUM_LEVELS
-                memory, pos, key = levels[level]
-                query = self.layers[i - 1](query, query_pos, memory, pos, embed.detach(), mask_factors[level],
-                                           memory_key=key)
-            if all_layers or i == len(self.layers):
-                cls, masks, embed = self.predict(query, mask_features)
-                class_logits.append(cls)
-                mask_logits.append(masks)
-            else:
-                embed = self.mask_embed(self.decoder_norm(query))
+        embed = self._outputs(query, mask_features, all_layers or not self.layers, class_logits, mask_logits)
+        for i, layer in enumerate(self.layers):
+            level = i % NUM_LEVELS
+            memory, pos, key = levels[level]
+            query = layer(query, query_pos, memory, pos, embed.detach(), mask_factors[level], memory_key=key)
+            embed = self._outputs(query, mask_features, all_layers or i == len(self.layers) - 1, class_logits,
+                                  mask_logits)
         return class_logits, mask_logits
+
+    def _outputs(self, query: Tensor, mask_features: Tensor, predict: bool, class_logits: list[Tensor],
+                 mask_logits: list[Tensor]) -> Tensor:
+        """The mask embeddings (B, Nq, d) of ``query``; with ``predict`` also its class and mask logits, appended to
+        the lists."""
+        if not predict:
+            return self.mask_embed(self.decoder_norm(query))
+        cls, masks, embed = self.predict(query, mask_features)
+        class_logits.append(cls)
+        mask_logits.append(masks)
+        return embed
