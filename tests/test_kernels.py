@@ -523,6 +523,31 @@ def test_tiny_student_under_bf16_autocast_gives_the_kernels_one_dtype(monkeypatc
     assert err <= 8 * torch.finfo(torch.bfloat16).eps * reference.abs().max(), f"max error {err:.3e}"
 
 
+def test_tiny_student_in_bf16_runs_every_kernel_in_bf16(monkeypatch):
+    """The CUDA-graph backend's model: the whole student converted to bf16 (no autocast), so every kernel gets bf16
+    q, k, v, mask factors and value maps (and fp32 sampling locations). Same tolerance as under autocast."""
+    from bench.backends import in_dtype
+    from qd_core import build_student, load_config
+
+    torch.manual_seed(23)
+    student = in_dtype(build_student(load_config("tiny")).eval().to(DEVICE), torch.bfloat16)
+    images = torch.randn(1, 3, 128, 128, device=DEVICE)
+    dtypes = set()
+    for name in ("agent_attention", "masked_attention", "ms_deform_attn"):
+        def recording(*args, real=getattr(kernels, name), **kw):
+            dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+            return real(*args, **kw)
+        monkeypatch.setattr(kernels, name, recording)
+    with torch.no_grad():
+        monkeypatch.setenv("QD_ATTENTION", "torch")
+        reference = student.semantic_logits(images).float()
+        monkeypatch.setenv("QD_ATTENTION", "triton")
+        triton_logits = student.semantic_logits(images).float()
+    assert dtypes == {torch.bfloat16, torch.float32}  # fp32: the deformable sampling's locations and weights
+    err = (triton_logits - reference).abs().max()
+    assert err <= 8 * torch.finfo(torch.bfloat16).eps * reference.abs().max(), f"max error {err:.3e}"
+
+
 # ------------------------------------------------------------------------------------ paper shapes, GPU only
 
 
