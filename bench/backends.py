@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.evalset import EvalSet, load_eval_set
+from bench.metrics import gpu_spec_for
 from bench.settings import BenchSettings
 from export.runtime import Segmenter
 from export.wrapper import ExportWrapper
@@ -311,6 +312,7 @@ class BenchSession:
         self._reference: Tensor | None = None
         self._reference_logits: Tensor | None = None
         self._flops: float | None = None
+        self._ideal_ms: dict[tuple[int, str], float] = {}
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -331,6 +333,21 @@ class BenchSession:
 
             self._flops = float(summarize(self.cfg, *self.size)["gflops"]) * 1e9
         return self._flops
+
+    def ideal_ms(self, batch: int, precision: str) -> float | None:
+        """``bench.roofline``'s ideal time of one predict at ``batch`` and ``precision`` on this GPU's datasheet
+        peaks; None on a CPU or a GPU not in ``bench.metrics.GPUS``."""
+        spec = gpu_spec_for(self.device_name) if self.settings.device == "cuda" else None
+        if spec is None:
+            return None
+        if (batch, precision) not in self._ideal_ms:
+            from bench.roofline import DTYPES, roofline
+            from qd_core.summary import build_meta_student
+
+            r = roofline(build_meta_student(self.cfg), spec, batch=batch, size=self.size, dtype=DTYPES[precision],
+                         config=self.cfg.name)
+            self._ideal_ms[(batch, precision)] = r.total["seconds"] * 1e3
+        return self._ideal_ms[(batch, precision)]
 
     def info(self) -> dict[str, Any]:
         """What every benchmark entry records about the session."""

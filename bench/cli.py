@@ -275,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory_note": ("memory one predict call adds at its peak; " + "; ".join(methods)) if methods else None,
         "mfu_note": (f"against {args.peak_tflops} TFLOP/s given by --peak-tflops" if args.peak_tflops else
                      "n/a on CPU (no peak FLOP/s table for CPUs; --peak-tflops sets one)" if device == "cpu" else
-                     "dense peak of the GPU at the backend's precision: H100/H200 bf16/fp16 989, fp32 67 TFLOP/s"),
+                     "datasheet dense peak of the GPU at the backend's precision (bench.metrics.GPUS; H100 SXM and "
+                     "H200: bf16/fp16 989, fp32 67 TFLOP/s)"),
         "quick": args.quick,
         # Other processes on the machine inflate and scatter the timings; the load says how much to trust them.
         "load_note": f"1-minute load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end, on "

@@ -13,12 +13,42 @@ from typing import Sequence
 
 TOLERANCE_POINTS = {"fp32": 0.1, "bf16": 0.5, "fp16": 0.5}
 
-# Dense peak FLOP/s per GPU and precision. H200 has the H100 SXM's compute (only its memory differs). fp32 is the
-# plain fp32 rate: the suites keep TF32 off, as torch does by default for matrix products.
-PEAK_FLOPS = {
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Datasheet peaks (dense, no sparsity) of one GPU. fp32 is the plain fp32 rate: the suites keep TF32 off, as
+    torch does by default for matrix products."""
+
+    name: str
+    tensor_tflops: float  # bf16 / fp16 tensor cores
+    fp32_tflops: float  # fp32 without tensor cores
+    bandwidth_tbs: float  # HBM, TB/s (10^12 bytes)
+
+    def peak(self, precision: str) -> float:
+        """FLOP/s at ``precision`` (fp32, bf16 or fp16)."""
+        return 1e12 * (self.fp32_tflops if precision == "fp32" else self.tensor_tflops)
+
+
+# The H200 has the H100 SXM's compute; only its memory differs.
+GPUS = {
+    "h100-sxm": GpuSpec("NVIDIA H100 SXM (80GB HBM3)", 989.4, 66.9, 3.35),
+    "h100-pcie": GpuSpec("NVIDIA H100 PCIe", 756.5, 51.2, 2.0),
+    "h200": GpuSpec("NVIDIA H200", 989.4, 66.9, 4.8),
+    "a100-sxm": GpuSpec("NVIDIA A100 SXM", 312.0, 19.5, 2.039),
 }
+
+
+def gpu_spec_for(device_name: str) -> GpuSpec | None:
+    """The datasheet entry for a ``torch.cuda.get_device_name()`` string, or None when it is not one of GPUS."""
+    name = device_name.upper()
+    if "H200" in name:
+        return GPUS["h200"]
+    if "H100" in name:
+        return GPUS["h100-pcie" if "PCIE" in name else "h100-sxm"]
+    if "A100" in name and "PCIE" not in name:
+        return GPUS["a100-sxm"]
+    return None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -40,10 +70,8 @@ def peak_flops(device_name: str, precision: str, override: float | None = None) 
         if override <= 0:
             raise ValueError(f"override: expected a positive peak FLOP/s, got {override}")
         return override
-    for gpu, table in PEAK_FLOPS.items():
-        if gpu in device_name.upper():
-            return table.get(precision)
-    return None
+    spec = gpu_spec_for(device_name)
+    return spec.peak(precision) if spec is not None else None
 
 
 def mfu(flops_per_image: float, batch: int, seconds: float, peak: float | None) -> float | None:

@@ -3,7 +3,7 @@
 Latency percentiles come from each benchmark's raw timings (``stats.data``, one value per round: round time /
 iterations), which ``--benchmark-json`` always includes; an entry without them (a JSON saved without data) falls
 back to the median for p50 and leaves p90/p99 empty. Images per second = batch / p50. MFU = FLOPs per image ×
-batch / p50 / peak FLOP/s of the device at the backend's precision (``bench.metrics.PEAK_FLOPS``; n/a on CPUs
+batch / p50 / peak FLOP/s of the device at the backend's precision (``bench.metrics.GPUS``; n/a on CPUs
 unless a peak is given). The speed ratio of a backend is the reference's p50 over its own at the same batch
 (> 1 = faster than PyTorch fp32 eager).
 """
@@ -33,6 +33,7 @@ class LatencyRow:
     peak_mem_mib: float | None
     mfu: float | None
     speedup: float | None = None  # reference p50 / this p50 at the same batch
+    ideal_ms: float | None = None  # bench.roofline's ideal time of the call on this GPU; None elsewhere
 
 
 @dataclass
@@ -110,7 +111,8 @@ def _latency_row(entry: dict[str, Any], peak_override: float | None) -> LatencyR
         backend=str(info["backend"]), precision=str(info["precision"]), batch=batch, p50_ms=p50 * ms,
         p90_ms=None if p90 is None else p90 * ms, p99_ms=None if p99 is None else p99 * ms,
         mean_ms=float(stats["mean"]) * ms, rounds=int(stats["rounds"]), images_per_s=batch / p50,
-        peak_mem_mib=info.get("peak_mem_mib"), mfu=mfu(float(flops), batch, p50, peak) if flops else None)
+        peak_mem_mib=info.get("peak_mem_mib"), mfu=mfu(float(flops), batch, p50, peak) if flops else None,
+        ideal_ms=None if info.get("ideal_ms") is None else float(info["ideal_ms"]))
 
 
 def _accuracy_row(entry: dict[str, Any]) -> AccuracyRow:
@@ -217,11 +219,16 @@ def render_markdown(report: Report) -> str:
                       "with the reference on the same images)."]
 
     lines += ["", "## Latency (predict: RGB in, full-size labels out)", ""]
+    ideal = any(r.ideal_ms for r in report.latency)
+    if ideal:
+        lines += ["Ideal: the call's time if each of its kernels ran at the GPU's datasheet peak FLOP/s or "
+                  "bandwidth, whichever binds (`python -m bench.roofline`); × ideal = p50 / ideal.", ""]
     lines += _table(["backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
-                     f"× {REFERENCE_BACKEND}", "peak MiB", "MFU"],
+                     f"× {REFERENCE_BACKEND}", "peak MiB", "MFU"] + (["ideal ms", "× ideal"] if ideal else []),
                     [[r.backend, r.precision, str(r.batch), _num(r.p50_ms, ".2f"), _num(r.p90_ms, ".2f"),
                       _num(r.p99_ms, ".2f"), _num(r.images_per_s, ".1f"), _num(r.speedup, ".2f"),
                       _num(r.peak_mem_mib, ".0f"), "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%"]
+                     + ([_num(r.ideal_ms, ".2f"), _num(r.ideal_ms and r.p50_ms / r.ideal_ms, ".1f")] if ideal else [])
                      for r in report.latency])
     if report.accuracy:
         ref = report.accuracy[0]

@@ -37,47 +37,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from bench.backends import attention_backend
+from bench.metrics import GPUS, GpuSpec, gpu_spec_for
 from qd_core.config import ConfigError, load_config
 
 WRAPPER = "(wrapper)"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
 # Operations that return a tensor sharing its input's storage without being marked as views, or that only
 # record metadata: no kernel, no bytes.
 _NO_DATA = {"aten._unsafe_view", "aten.detach", "aten.alias", "aten.lift_fresh", "aten._reshape_alias",
             "aten.set_", "aten.resize_", "aten.empty", "aten.empty_like", "aten.empty_strided"}
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    """Datasheet peaks (dense, no sparsity) of one GPU."""
-
-    name: str
-    tensor_tflops: float  # bf16 / fp16 tensor cores
-    fp32_tflops: float  # fp32 without tensor cores
-    bandwidth_tbs: float  # HBM, TB/s (10^12 bytes)
-
-    def peak_flops(self, dtype: torch.dtype) -> float:
-        return 1e12 * (self.fp32_tflops if dtype == torch.float32 else self.tensor_tflops)
-
-
-GPUS = {
-    "h100-sxm": GpuSpec("NVIDIA H100 SXM (80GB HBM3)", 989.4, 66.9, 3.35),
-    "h100-pcie": GpuSpec("NVIDIA H100 PCIe", 756.5, 51.2, 2.0),
-    "h200": GpuSpec("NVIDIA H200", 989.4, 66.9, 4.8),
-    "a100-sxm": GpuSpec("NVIDIA A100 SXM", 312.0, 19.5, 2.039),
-}
-
-
-def gpu_spec_for(device_name: str) -> GpuSpec | None:
-    """The datasheet entry for a ``torch.cuda.get_device_name()`` string, or None when it is not one of GPUS."""
-    name = device_name.upper()
-    if "H200" in name:
-        return GPUS["h200"]
-    if "H100" in name:
-        return GPUS["h100-pcie" if "PCIE" in name else "h100-sxm"]
-    if "A100" in name and "PCIE" not in name:
-        return GPUS["a100-sxm"]
-    return None
 
 
 @dataclass
@@ -120,7 +89,7 @@ class _Counter(TorchDispatchMode):
         self.silent = 0
 
     def book(self, op: str, flops: float, nbytes: float, matmul: bool) -> None:
-        peak = self.spec.peak_flops(self.dtype) if matmul else float("inf")
+        peak = self.spec.peak(PRECISIONS[self.dtype]) if matmul else float("inf")
         seconds = max(flops / peak, nbytes / (1e12 * self.spec.bandwidth_tbs))
         # Inclusive, as the profiler's ranges: a module running inside another counts in both.
         for owner in set(self.owners[1:]) or (WRAPPER,):

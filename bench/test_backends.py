@@ -2,8 +2,9 @@
 
 ``test_latency[<backend>-b<batch>]`` times ``predict`` (RGB images in, full-size labels out, normalisation and the
 argmax included) on real evaluation images at the config's crop size; on CUDA the timed call ends in
-``torch.cuda.synchronize()``. Its ``extra_info`` holds the peak memory one call adds (``bench.memory``) and the
-FLOPs of one image, from which the report derives MFU.
+``torch.cuda.synchronize()``. Its ``extra_info`` holds the peak memory one call adds (``bench.memory``), the
+FLOPs of one image, from which the report derives MFU, and on a GPU of ``bench.metrics.GPUS`` the ideal time of
+the call (``bench.roofline``), which the report sets the latency against.
 
 ``test_accuracy[<backend>]`` runs the backend over the whole evaluation set and fails when its mIoU differs from
 the reference's by more than its precision's tolerance (``bench.metrics.TOLERANCE_POINTS``); ``extra_info`` holds
@@ -61,7 +62,8 @@ def test_latency(benchmark, session: BenchSession, spec: BackendSpec, batch: int
 
     benchmark.group = f"latency b{batch}"
     benchmark.extra_info.update(session.info(), kind="latency", backend=spec.name, precision=spec.precision,
-                                description=spec.description, batch=batch)
+                                description=spec.description, batch=batch,
+                                ideal_ms=session.ideal_ms(batch, spec.precision))
     if spec.name in EXTERNALLY_TIMED:
         # Another process: its own clock times each pass (bench.native); the report reads these samples.
         if not benchmark.disabled:

@@ -102,9 +102,21 @@ def test_report_has_one_latency_row_per_entry_with_derived_columns(bench_json):
 def test_mfu_uses_the_gpu_peak_at_the_backend_precision():
     entry = latency_entry("torch-bf16", "bf16", 8, [0.5] * 3, device_name="NVIDIA H100 80GB HBM3", flops=1e12)
     row = build_report({"benchmarks": [entry]}).latency[0]
-    assert row.mfu == pytest.approx(8 * 1e12 / 0.5 / 989e12)
+    assert row.mfu == pytest.approx(8 * 1e12 / 0.5 / 989.4e12)  # the H100 SXM datasheet's dense bf16 rate
     fp32 = latency_entry("torch-fp32", "fp32", 8, [0.5] * 3, device_name="NVIDIA H200", flops=1e12)
-    assert build_report({"benchmarks": [fp32]}).latency[0].mfu == pytest.approx(8 * 1e12 / 0.5 / 67e12)
+    assert build_report({"benchmarks": [fp32]}).latency[0].mfu == pytest.approx(8 * 1e12 / 0.5 / 66.9e12)
+    pcie = latency_entry("torch-bf16", "bf16", 8, [0.5] * 3, device_name="NVIDIA H100 PCIe", flops=1e12)
+    assert build_report({"benchmarks": [pcie]}).latency[0].mfu == pytest.approx(8 * 1e12 / 0.5 / 756.5e12)
+
+
+def test_latency_is_set_against_the_ideal_time_where_the_entries_have_one(bench_json):
+    assert "× ideal" not in render_markdown(build_report(bench_json))  # CPU: no ideal, no column
+    entry = latency_entry("torch-bf16-pure", "bf16", 8, [0.020] * 3, device_name="NVIDIA H100 80GB HBM3")
+    entry["extra_info"]["ideal_ms"] = 5.0
+    report = build_report({"benchmarks": [entry]})
+    assert report.latency[0].ideal_ms == 5.0 and report.to_json()["latency"][0]["ideal_ms"] == 5.0
+    text = render_markdown(report)
+    assert "| ideal ms | × ideal |" in text and "| 5.00 | 4.0 |" in text
 
 
 def test_peak_override_gives_a_cpu_mfu(bench_json):
