@@ -37,7 +37,8 @@ from torch.autograd import DeviceType
 from bench.backends import (BackendSpec, BenchSession, TorchBackend, select_backends, torch_recipe,
                             unavailable_reason)
 from bench.cli import resolve_device
-from bench.roofline import DTYPES, Roofline, gpu_spec_for, roofline
+from bench.metrics import gpu_spec_for
+from bench.roofline import DTYPES, Roofline, roofline
 from bench.settings import BenchSettings
 from qd_core.checkpoint import atomic_write
 from qd_core.summary import build_meta_student

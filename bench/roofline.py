@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from bench.backends import attention_backend
-from bench.metrics import GPUS, GpuSpec, gpu_spec_for
+from bench.metrics import GPUS, GpuSpec
 from qd_core.config import ConfigError, load_config
 
 WRAPPER = "(wrapper)"

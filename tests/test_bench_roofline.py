@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.backends import attention_backend
-from bench.roofline import GPUS, WRAPPER, GpuSpec, _Counter, _FusedAttention, gpu_spec_for, main, roofline
+from bench.metrics import GPUS, GpuSpec, gpu_spec_for
+from bench.roofline import WRAPPER, _Counter, _FusedAttention, main, roofline
 from export.wrapper import ExportWrapper
 from qd_core.config import load_config
 from qd_core.summary import build_meta_student
