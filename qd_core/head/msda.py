@@ -48,6 +48,14 @@ def _shapes_as_tensor(spatial_shapes: SpatialShapes, device: torch.device) -> Te
     return device_constant(tuple((int(h), int(w)) for h, w in spatial_shapes), torch.long, device)
 
 
+def _inverse_sizes_xy(spatial_shapes: SpatialShapes, device: torch.device) -> Tensor:
+    """(L, 2) float32 (1/w, 1/h) of each level: what pixel offsets are multiplied by to become normalised (x, y).
+    The level sizes are powers of two at the usual input sizes, where this equals dividing exactly."""
+    if isinstance(spatial_shapes, Tensor):
+        return spatial_shapes.to(device).flip(-1).float().reciprocal()
+    return device_constant(tuple((1.0 / w, 1.0 / h) for h, w in spatial_shapes), torch.float32, device)
+
+
 def _starts_as_tensor(level_start_index: Tensor | Sequence[int], device: torch.device) -> Tensor:
     if isinstance(level_start_index, Tensor):
         return level_start_index.to(device=device, dtype=torch.long)
@@ -245,11 +253,11 @@ class MSDeformAttn(nn.Module):
         # location in bf16/fp16 is off by up to ~1/256 of the map, i.e. pixels on a 128-wide level.
         offsets = self.sampling_offsets(query).view(b, nq, h, l, p, 2).float()
         weights = self.attention_weights(query).view(b, nq, h, l * p).float().softmax(-1).view(b, nq, h, l, p)
-        # Offsets are in pixels of each level: divide by that level's (w, h) to get normalised (x, y).
-        shapes = _shapes_as_tensor(spatial_shapes, query.device)
-        normalizer = shapes.flip(-1).float()  # (L, 2) as (w, h)
-        locations = (reference_points.float()[:, :, None, :, None, :]
-                     + offsets / normalizer[None, None, None, :, None, :])
+        # Offsets are in pixels of each level: scale by that level's (1/w, 1/h) to get normalised (x, y), in one
+        # kernel (addcmul; ONNX has no addcdiv) with the factors made once per input size.
+        inverse = _inverse_sizes_xy(spatial_shapes, query.device)  # (L, 2) as (1/w, 1/h)
+        locations = torch.addcmul(reference_points.float()[:, :, None, :, None, :], offsets,
+                                  inverse[None, None, None, :, None, :])
         sampling = self.sampling
         if sampling == "grid_sample" and backend_for(value) == "triton":
             sampling = "triton"
