@@ -139,7 +139,9 @@ class MaskedAttentionDecoder(nn.Module):
         levels = []
         for i, m in enumerate(memories):
             _, c, h, w = m.shape
-            memory = m.flatten(2).transpose(1, 2) + self.level_embed.weight[i]
+            # Contiguous tokens: a Linear on the transposed view would run as bmm + a separate bias add, in the
+            # k and v projections of every third layer; one copy per level saves two kernels per layer.
+            memory = m.flatten(2).transpose(1, 2).contiguous() + self.level_embed.weight[i]
             # Batch 1, broadcast in the sum: the encoding does not depend on the image.
             pos = sine_position_encoding(1, h, w, c // 2, device=m.device, dtype=m.dtype)
             pos = pos.flatten(2).transpose(1, 2)
