@@ -35,7 +35,10 @@ Backward. dS = P ∘ (dP − δ), δ = rowsum(dO ∘ O) computed in-kernel; P is
 log-sum-exp with the mask (the forward's bit mask, or recomputed from its factors) and the saved per-row "has
 open keys" flag. Keys are split across programs as in the forward: each key tile's dK and dV are complete after
 one sweep over the (single) query tile and are written directly; dQ sums over all keys, so each program keeps it
-in registers across its split and writes one fp32 partial per split, summed (and cast) by one more launch.
+in registers across its split and adds it into one fp32 (B, H, Q, d) buffer with atomic adds (a plain store when
+there is one split), cast to q's dtype by one more launch. Per-split partials would cost splits × that buffer (up to
+32× at batch 1 and 4096 keys), more than the materialised mask SDPA needs; the price is an fp32 summation order
+that varies between runs (dQ agrees to rounding, not bit for bit).
 """
 from __future__ import annotations
 
@@ -46,8 +49,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
-                                   checked_once, dot_precision, Launcher, mm, needs_upcast, split_extent, sum_partials,
-                                   tile)
+                                   checked_once, dot_precision, Launcher, mm, needs_upcast, split_extent, tile)
 
 MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
@@ -308,7 +310,7 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, Q, K, V, O, LSE, ROW_OPE
 @triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM", "FROM_BITS"],
                  do_bench=autotune_bench)
 @triton.jit
-def _masked_bwd_kernel(Q, K, V, ME, MF, BITS, O, DO, LSE, ROW_OPEN, DQ_PART, DK, DV,
+def _masked_bwd_kernel(Q, K, V, ME, MF, BITS, O, DO, LSE, ROW_OPEN, DQ, DK, DV,
                        sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                        smeb, smeq, smec, smfb, smfc, smfl, sbb, sbq, sob, soh, soq, sod, sdob, sdoh, sdoq, sdod,
                        sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
@@ -319,7 +321,6 @@ def _masked_bwd_kernel(Q, K, V, ME, MF, BITS, O, DO, LSE, ROW_OPEN, DQ_PART, DK,
                        BLOCK_L: tl.constexpr):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n_bh = tl.num_programs(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_q = tl.arange(0, BLOCK_Q)
@@ -362,9 +363,12 @@ def _masked_bwd_kernel(Q, K, V, ME, MF, BITS, O, DO, LSE, ROW_OPEN, DQ_PART, DK,
         tl.store(DK + b * sdkb + h * sdkh + offs_l[:, None] * sdkl + offs_d[None, :] * sdkd,
                  dk.to(DK.dtype.element_ty), mask=ld_mask)
         dq += mm(ds, k, PRECISION, UPCAST)
-    # dQ partials: (splits, B·H, NQ, HEAD_DIM) fp32
-    row = (split * n_bh + pid_bh) * NQ + offs_q
-    tl.store(DQ_PART + row[:, None] * HEAD_DIM + offs_d[None, :], dq * scale, mask=qd_mask)
+    # dQ: (B·H, NQ, HEAD_DIM) fp32, zeroed by the host when several splits add into it
+    dq_ptrs = DQ + (pid_bh * NQ + offs_q)[:, None] * HEAD_DIM + offs_d[None, :]
+    if tl.num_programs(0) == 1:
+        tl.store(dq_ptrs, dq * scale, mask=qd_mask)
+    else:
+        tl.atomic_add(dq_ptrs, dq * scale, mask=qd_mask)
 
 
 @checked_once
@@ -469,16 +473,16 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor, bits: Ten
     seq = k.shape[2]
     bits_t, bits_strides, from_bits = _bits_args(bits, me)
     splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
-    dq_part = torch.empty((splits, b, h, nq, d), dtype=torch.float32, device=q.device)
+    dq = (torch.zeros if splits > 1 else torch.empty)((b, h, nq, d), dtype=torch.float32, device=q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _bwd_launch(
-        (splits, b * h), (q, k, v, me, mf, bits_t, o, do, lse, row_open, dq_part, dk, dv),
+        (splits, b * h), (q, k, v, me, mf, bits_t, o, do, lse, row_open, dq, dk, dv),
         (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *bits_strides, *o.stride(),
          *do.stride(), *dk.stride(), *dv.stride(), h, nq, seq, keys_per_split, scale, scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=tile(nq), BLOCK_D=tile(d), PRECISION=dot_precision(q.dtype),
         UPCAST=needs_upcast(q.dtype), **_mask_args(me), FROM_BITS=from_bits)
-    return sum_partials(dq_part.view(1, splits, b * h * nq * d), q.dtype).view(q.shape), dk, dv
+    return dq.to(q.dtype), dk, dv
 
 
 _bits_launch = Launcher(_mask_bits_kernel)

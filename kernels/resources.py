@@ -161,7 +161,7 @@ def variants(dtype: str) -> list[Variant]:
                            L=seq, N_SPLITS=splits, scale_log2e=1.0, BLOCK_L=mt._FALLBACK_BLOCK_L, **common)
             out.append(Variant("masked_combine", case, mt._masked_combine_kernel, combine, [_FixedConfig(4)]))
         bwd = dict(Q=x, K=x, V=x, ME=x, MF=x, BITS=i32 if from_bits else x, O=x, DO=x, LSE=f32, ROW_OPEN=i8,
-                   DQ_PART=f32, DK=x, DV=x, **q_strides, **kv_strides, **mask_strides, **bits_strides,
+                   DQ=f32, DK=x, DV=x, **q_strides, **kv_strides, **mask_strides, **bits_strides,
                    **dict(zip(("sob", "soh", "soq", "sod"), qs)), **dict(zip(("sdob", "sdoh", "sdoq", "sdod"), qs)),
                    **dict(zip(("sdkb", "sdkh", "sdkl", "sdkd"), ks)), **dict(zip(("sdvb", "sdvh", "sdvl", "sdvd"), ks)),
                    H=h, NQ=nq, L=seq, keys_per_split=keys, scale=1.0, scale_log2e=1.0, FROM_BITS=from_bits,
