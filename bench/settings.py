@@ -50,8 +50,14 @@ class BenchSettings:
 
     @property
     def model_label(self) -> str:
-        """How the report names the weights; random weights are called out because their mIoU means nothing."""
-        return str(self.checkpoint) if self.checkpoint is not None else "random-init (mIoU not meaningful)"
+        """How the report names the weights (relative to the working folder when inside it, so that a committed
+        report names no machine's paths); random weights are called out because their mIoU means nothing."""
+        if self.checkpoint is None:
+            return "random-init (mIoU not meaningful)"
+        try:
+            return str(self.checkpoint.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(self.checkpoint)
 
 
 def checkpoint_config_name(path: Path) -> str:

@@ -26,6 +26,18 @@ def test_defaults_on_cpu_are_small_random_weight_runs():
     assert s.model_label.startswith("random-init")
 
 
+def test_the_weights_are_named_relative_to_the_working_folder(tmp_path, monkeypatch):
+    inside = tmp_path / "runs" / "best.safetensors"
+    inside.parent.mkdir()
+    inside.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    s = settings_from_env(env(CHECKPOINT=str(inside)), cuda_available=False)
+    assert s.model_label == str(Path("runs") / "best.safetensors")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert s.model_label == str(inside)  # outside the working folder: the path as given
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("DEVICE", "gpu", "'cpu' or 'cuda'"),
     ("DEVICE", "cuda", "no CUDA"),
