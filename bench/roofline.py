@@ -12,7 +12,8 @@ near it can only get faster by moving fewer bytes (fusion) or doing less work.
 
 The graph counted is the one the Triton backends run: attention (the ViT's, the agent and the masked
 cross-attention) as one fused kernel that reads q, k, v (and the mask) and writes its output, the deformable
-attention's sampling as one kernel that reads the value maps, locations and weights and writes its output. Every
+attention's sampling as one kernel that reads the value maps, locations and weights and writes its output, and the
+full-size labels as one kernel that reads the last prediction and writes the labels. Every
 floating tensor is counted at ``--dtype`` (the ideal: under autocast some stay fp32, e.g. LayerNorm outputs), index
 and mask tensors at their own size; views move nothing. Matrix products run at the tensor-core peak in bf16/fp16
 and at the fp32 peak (no TF32, as the fp32 reference) in fp32; other operations are counted as memory-bound. Kernels
@@ -140,13 +141,14 @@ class _FusedAttention(TorchFunctionMode):
         return out
 
 
-def _fused_msda(counter: _Counter, core: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The deformable attention's sampling core as one kernel (as ``kernels.ms_deform_attn`` runs it)."""
+def _fused(counter: _Counter, op: str, fn: Callable[..., Any], reads: Callable[..., list[Tensor]],
+           flops: Callable[..., float] = lambda *args, **kwargs: 0.0) -> Callable[..., Any]:
+    """``fn`` counted as one kernel that reads ``reads(*args)`` and writes its result (as the Triton backends run
+    it), with ``flops(*args)`` of matrix-product work."""
 
-    def run(value: Tensor, spatial_shapes: Any, level_start_index: Any, sampling_locations: Tensor,
-            attention_weights: Tensor, **kwargs: Any) -> Tensor:
-        with counter.fused("ms_deform_attn (fused)", 0, [value, sampling_locations, attention_weights]) as outs:
-            out = core(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **kwargs)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with counter.fused(op, flops(*args, **kwargs), reads(*args, **kwargs)) as outs:
+            out = fn(*args, **kwargs)
             outs.append(out)
         return out
     return run
@@ -198,10 +200,17 @@ def roofline(model: nn.Module, spec: GpuSpec, *, batch: int, size: tuple[int, in
     with contextlib.ExitStack() as stack:
         stack.enter_context(_owners(model, owners, inside))
         stack.enter_context(attention_backend("sdpa"))
-        stack.enter_context(mock.patch.object(msda, "ms_deform_attn_core", _fused_msda(counter,
-                                                                                       msda.ms_deform_attn_core)))
         stack.enter_context(torch.no_grad())
         wrapper(images)  # steady state: the size-only constants (qd_core.constants) are made here, not counted
+        # The deformable sampling (kernels.ms_deform_attn) and the full-size labels (kernels.semantic_labels).
+        stack.enter_context(mock.patch.object(msda, "ms_deform_attn_core", _fused(
+            counter, "ms_deform_attn (fused)", msda.ms_deform_attn_core,
+            reads=lambda value, _shapes, _starts, locations, weights, **_: [value, locations, weights])))
+        stack.enter_context(mock.patch.object(model, "full_size_labels", _fused(
+            counter, "semantic_labels (fused)", model.full_size_labels,
+            reads=lambda class_logits, mask_logits, _size: [class_logits, mask_logits],
+            flops=lambda class_logits, mask_logits, size: (2 * mask_logits.shape[:2].numel() * size[0] * size[1]
+                                                           * (class_logits.shape[-1] - 1)))))
         stack.enter_context(_FusedAttention(counter))
         stack.enter_context(counter)
         wrapper(images)

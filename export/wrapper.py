@@ -7,7 +7,7 @@ The wrapper folds pre- and post-processing into the graph so a deployment needs 
       → student forward, last decoder output                     (class (B, Nq, K+1), masks (B, Nq, H/4, W/4))
       → logits (B, K, H/4, W/4) float32: Σ_q softmax(cls)[:K] · sigmoid(mask)      (model.semantic_logits)
       → labels (B, H, W) int32: argmax over K of the same sum with the mask logits upsampled to H×W before the
-        sigmoid                                                   (model.predict(mode="whole"))
+        sigmoid                                                   (model.full_size_labels)
 
 ``labels`` is int32 rather than ArgMax's native int64: TensorRT computes ArgMax as TopK, whose indices are int32,
 and 19 classes fit any integer type. The batch axis is dynamic; H and W are fixed at export time.
@@ -15,7 +15,6 @@ and 19 classes fit any integer type. The batch axis is dynamic; H and W are fixe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 INPUT_NAME = "images"
@@ -27,9 +26,9 @@ class ExportWrapper(nn.Module):
     """A QueryDiff student as one image-in, (logits, labels)-out module.
 
     Args:
-        model: a ``qd_core.model.QueryDiffStudent`` (or any module with ``normalize``, ``combine`` and a
-            ``forward(images, all_layers=False)`` returning ``class_logits`` / ``mask_logits`` lists, the last entry
-            being the prediction).
+        model: a ``qd_core.model.QueryDiffStudent`` (or any module with ``normalize``, ``combine``,
+            ``full_size_labels`` and a ``forward(images, all_layers=False)`` returning ``class_logits`` /
+            ``mask_logits`` lists, the last entry being the prediction).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -57,8 +56,5 @@ class ExportWrapper(nn.Module):
         out = self.model(self.model.normalize(images), all_layers=False)  # the last decoder output only
         class_logits, mask_logits = out.class_logits[-1], out.mask_logits[-1]
         logits = self.model.combine(class_logits, mask_logits)
-        # Upsampling the mask logits before the sigmoid is what the reference head does at test time; it
-        # sharpens boundaries compared with upsampling the stride-4 semantic logits.
-        full = F.interpolate(mask_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        labels = self.model.combine(class_logits, full).argmax(dim=1).to(LABEL_DTYPE)
+        labels = self.model.full_size_labels(class_logits, mask_logits, images.shape[-2:]).to(LABEL_DTYPE)
         return logits.float(), labels

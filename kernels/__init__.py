@@ -1,4 +1,5 @@
-"""Attention kernels: Triton implementations and their PyTorch references. Imports nothing of this project.
+"""Attention kernels and the full-size label head: Triton implementations and their PyTorch references. Imports
+nothing of this project.
 
 (The deformable attention's sampling core, ``ms_deform_attn``, has its PyTorch references in
 ``qd_core.head.msda``, where the model's two other implementations of it live.)
@@ -18,10 +19,11 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kernels.reference import agent_attention_reference, blocked_keys, masked_attention_reference
+from kernels.reference import (agent_attention_reference, blocked_keys, masked_attention_reference,
+                               semantic_labels_reference)
 
-__all__ = ["agent_attention", "masked_attention", "ms_deform_attn", "agent_attention_reference",
-           "masked_attention_reference", "blocked_keys"]
+__all__ = ["agent_attention", "masked_attention", "ms_deform_attn", "semantic_labels", "agent_attention_reference",
+           "masked_attention_reference", "semantic_labels_reference", "blocked_keys"]
 
 
 def _triton_module(name: str, t: Tensor, arg: str = "q") -> ModuleType:
@@ -104,3 +106,17 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     """
     return _triton_module("msda_triton", value, "value").ms_deform_attn(value, spatial_shapes, level_start_index,
                                                                sampling_locations, attention_weights)
+
+
+def semantic_labels(class_probs: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Triton full-size labels: resize, sigmoid, class product and argmax in one pass, only the labels written.
+
+    Args:
+        class_probs: (B, Q, K) class probabilities per query (no no-object column), any float dtype; K ≤ 256.
+        mask_logits: (B, Q, h, w) mask logits, any float dtype.
+        size: (H, W) of the labels; the mask logits are resized bilinearly (``align_corners=False``).
+    Returns:
+        (B, H, W) int32, as ``semantic_labels_reference`` (except where two classes tie to within rounding).
+    """
+    return _triton_module("labels_triton", mask_logits, "mask_logits").semantic_labels(class_probs, mask_logits,
+                                                                                        size)

@@ -1,4 +1,4 @@
-"""Plain-PyTorch ground truth of the two attention hot paths.
+"""Plain-PyTorch ground truth of the attention hot paths and of the full-size labels.
 
 These are the definitions the Triton kernels are tested against and the path the model takes on CPU and in
 export (they trace to plain MatMul/Softmax/Where ONNX nodes). Accumulation is in fp32 whatever the input dtype.
@@ -60,3 +60,10 @@ def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tens
     logits = logits.masked_fill(blocked, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def semantic_labels_reference(class_probs: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, Q, K) class probabilities, (B, Q, h, w) mask logits → labels (B, H, W) int32: argmax over k of
+    Σ_q class_probs[b, q, k] · sigmoid(bilinear resize of mask_logits to ``size``, align_corners=False)."""
+    full = torch.nn.functional.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return torch.einsum("bqk,bqhw->bkhw", class_probs.to(full.dtype), full.sigmoid()).argmax(dim=1).to(torch.int32)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 KERNELS = ("agent_fwd", "agent_bwd", "masked_bits", "masked_fwd", "masked_combine", "masked_bwd", "sum_partials",
-           "msda_fwd", "msda_bwd")
+           "msda_fwd", "msda_bwd", "labels")
 # Per-SM limits of sm_90 (H100/H200): registers, resident warps, shared memory, resident programs.
 SM_REGISTERS, SM_WARPS, SM_SHARED, SM_PROGRAMS = 65536, 64, 228 * 1024, 32
 SMS = 132  # H100 SXM multiprocessors, for the split counts the wrappers would choose
@@ -124,12 +124,15 @@ def variants(dtype: str) -> list[Variant]:
         example = {"Q": torch.empty(0, dtype=torch_dtype)}  # what the configs' pruning functions look at
         configs = at._prune_fwd_configs(at._agent_fwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=fwd_d)
         out.append(Variant("agent_fwd", case, at._agent_fwd_kernel.fn, fwd, configs))
-        _, rows = _split(n, at._ROW_QUANTUM, b * h)
+        row_splits, rows = _split(n, at._ROW_QUANTUM, b * h)
         bwd = dict(Q=x, K=x, V=x, DO=x, LSE=f32, DQ=x, PART=f32, **strides,
                    **dict(zip(("sdob", "sdoh", "sdon", "sdod"), qs)), **dict(zip(("sdqb", "sdqh", "sdqn", "sdqd"), qs)),
                    H=h, N=n, M=m, rows_per_split=rows, scale=1.0, scale_log2e=1.0, BLOCK_D=bwd_d, **common)
         configs = at._prune_bwd_configs(at._agent_bwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=bwd_d)
         out.append(Variant("agent_bwd", case, at._agent_bwd_kernel.fn, bwd, configs))
+        if not shared:  # the refinement's dK/dV: (2, splits, B·H·M·d) fp32 partials summed into k's dtype
+            part = dict(PART=f32, OUT=x, ROWS=row_splits, COLS=b * h * m * d, BLOCK=1024)
+            out.append(Variant("sum_partials", case + " dk/dv", u._sum_partials_kernel, part, [_FixedConfig(4)]))
 
     b, h, nq, seq, d, c = 8, 8, 100, 4096, 32, 256
     qs, ks = _contiguous((b, h, nq, d)), _contiguous((b, h, seq, d))
@@ -167,8 +170,6 @@ def variants(dtype: str) -> list[Variant]:
                    H=h, NQ=nq, L=seq, keys_per_split=keys, scale=1.0, scale_log2e=1.0, FROM_BITS=from_bits,
                    **common, **mask)
         out.append(Variant("masked_bwd", label, mt._masked_bwd_kernel.fn, bwd, mt._masked_bwd_kernel.configs))
-    part = dict(PART=f32, OUT=x, ROWS=splits, COLS=b * h * nq * d, BLOCK=1024)
-    out.append(Variant("sum_partials", case + " dq", u._sum_partials_kernel, part, [_FixedConfig(4)]))
 
     # The pixel decoder's deformable attention at 512² (levels of stride 8, 16, 32), batch 8.
     from kernels import msda_triton as dt
@@ -182,6 +183,15 @@ def variants(dtype: str) -> list[Variant]:
     out.append(Variant("msda_fwd", case, dt._msda_fwd_kernel, dict(common, OUT=f32), [_FixedConfig(4)]))
     out.append(Variant("msda_bwd", case, dt._msda_bwd_kernel, dict(common, DOUT=f32, DV=f32, DLOC=f32, DW=f32),
                        [_FixedConfig(4)]))
+
+    # The full-size labels of a 512² batch of 8: 100 queries, 19 classes, stride-4 mask logits.
+    from kernels import labels_triton as lt
+
+    b, nq, k, h, w, size = 8, 100, 19, 128, 128, 512
+    labels = dict(P=x, M=x, OUT=i32, NQ=nq, K=k, h=h, w=w, H=size, W=size, scale_h=h / size, scale_w=w / size,
+                  spb=nq * k, spq=k, spk=1, smb=nq * h * w, smq=h * w, smh=w, smw=1, BLOCK_P=lt._BLOCK_P,
+                  BLOCK_Q=lt._BLOCK_Q, BLOCK_K=32, **prec)
+    out.append(Variant("labels", f"labels-b{b}-{size}", lt._labels_kernel, labels, [_FixedConfig(4, num_stages=1)]))
     return out
 
 

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
 from qd_core.agent_queries import AgentQueryEncoder
+from qd_core.attention import backend_for
 from qd_core.backbone import DinoVisionTransformer
 from qd_core.config import Config, merge_stages
 from qd_core.head.decoder import MaskedAttentionDecoder
@@ -99,6 +101,18 @@ class QueryDiffStudent(nn.Module):
         """(B, m, K+1), (B, m, h, w) → semantic logits (B, K, h, w) = Σ_q softmax(cls)[:K] · sigmoid(mask)."""
         probs = class_logits.softmax(dim=-1)[..., : self.num_classes]
         return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.sigmoid())
+
+    def full_size_labels(self, class_logits: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
+        """(B, m, K+1), (B, m, h, w) → labels (B, H, W) int32 of ``combine`` at ``size``, the mask logits resized
+        before the sigmoid (as the reference head does at test time: it sharpens boundaries compared with resizing
+        the stride-4 semantic logits). With the Triton kernels (``qd_core.attention.backend_for``) the resize,
+        sigmoid, class product and argmax run as one kernel that writes only the labels; traced, exported and on
+        CPU it is the PyTorch composition."""
+        if backend_for(mask_logits) == "triton":
+            probs = class_logits.softmax(dim=-1)[..., : self.num_classes]
+            return kernels.semantic_labels(probs, mask_logits, size)
+        full = F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return self.combine(class_logits, full).argmax(dim=1).to(torch.int32)
 
     def semantic_logits(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W) normalised → semantic logits (B, K, H/4, W/4) from the last decoder output."""

@@ -31,12 +31,13 @@ def _run_script(*argv: str) -> dict:
 
 def test_direct_launches_equal_tritons_dispatch_for_every_kernel():
     result = _run_script()
-    assert result["compared"] == sorted(result["compared"]) and len(result["compared"]) == 9
+    assert result["compared"] == sorted(result["compared"]) and len(result["compared"]) == 10
     assert result["mismatches"] == [], result["mismatches"]
     # Each kernel launched directly at least once (a scenario that never hit the cache would prove nothing).
     assert set(result["direct"]) == {"_agent_fwd_kernel", "_agent_bwd_kernel", "_mask_bits_kernel",
                                      "_masked_fwd_kernel", "_masked_combine_kernel", "_masked_bwd_kernel",
-                                     "_sum_partials_kernel", "_msda_fwd_kernel", "_msda_bwd_kernel"}
+                                     "_sum_partials_kernel", "_msda_fwd_kernel", "_msda_bwd_kernel",
+                                     "_labels_kernel"}
     assert result["hooked_launches"] == result["hook_calls"] > 0
 
 
@@ -137,6 +138,11 @@ def _main() -> None:
                 out.backward(torch.zeros_like(out))
         return call
 
+    def labels(b: int, nq: int, k: int, h: int, w: int, size: tuple, dtype: torch.dtype):
+        probs = torch.zeros((b, nq, k + 1), dtype=dtype)[..., :k]  # strided, as the model slices it
+        masks = torch.zeros((b, nq, h, w), dtype=dtype)
+        return lambda: kernels.semantic_labels(probs, masks, size)
+
     scenarios = {
         "agent-bf16-fwd": agent(2, 2, 150, 20, 32, torch.bfloat16, shared=False, grad=False),
         "agent-bf16-fwd-other-n": agent(2, 2, 333, 20, 32, torch.bfloat16, shared=False, grad=False),
@@ -148,6 +154,7 @@ def _main() -> None:
         # L = BITS_MIN_KEYS: the per-image bit mask, read by the forward and the backward
         "masked-bf16-bits-fwd-bwd": masked(2, 2, 20, 1024, 32, 16, torch.bfloat16, grad=True),
         "msda-bf16-fwd-bwd": msda(2, 100, 2, 32, [(8, 8), (4, 4), (2, 2)], 4, grad=True),
+        "labels-bf16": labels(2, 100, 19, 16, 16, (64, 64), torch.bfloat16),
     }
     mismatches, direct = [], set()
     for name, call in scenarios.items():

@@ -23,12 +23,12 @@ def test_every_kernel_compiles_for_sm90_in_bf16_and_fp32(tmp_path: Path):
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     kernels = {(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows}
     expected = {"agent_fwd", "agent_bwd", "masked_bits", "masked_fwd", "masked_combine", "masked_bwd", "sum_partials",
-                "msda_fwd", "msda_bwd"}
+                "msda_fwd", "msda_bwd", "labels"}
     assert {k for k, _, _ in kernels} == expected
-    # Per dtype: agent fwd/bwd at the refinement and Rein shapes; the bit mask, the masked forward and backward
-    # reading it and computing the mask from its factors, the combine step; the dQ partial sum; the deformable
-    # attention's forward and backward.
-    assert len(rows) == 2 * 13
+    # Per dtype: agent fwd/bwd at the refinement and Rein shapes and the refinement's dK/dV partial sum; the bit
+    # mask, the masked forward and backward reading it and computing the mask from its factors, the combine step;
+    # the deformable attention's forward and backward; the full-size labels.
+    assert len(rows) == 2 * 14
     for r in rows:
         registers, programs = int(r[4]), int(r[7])
         assert 1 <= registers <= 255 and programs >= 1, r
@@ -56,4 +56,4 @@ def test_without_autotuning_each_kernel_has_one_config_and_it_compiles_for_every
                            "fp32", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == 3 * 13 and all(int(r[7]) >= 1 for r in rows)  # every one fits an SM
+    assert len(rows) == 3 * 14 and all(int(r[7]) >= 1 for r in rows)  # every one fits an SM

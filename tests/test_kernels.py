@@ -480,6 +480,77 @@ def test_msda_kernel_rejects_inputs_that_do_not_fit(bad, match):
         kernels.ms_deform_attn(value, shapes, starts, locations, weights)
 
 
+# ------------------------------------------------------------------------------------------- full-size labels
+
+
+def labels_inputs(b: int, q: int, k: int, h: int, w: int, dtype: torch.dtype, seed: int):
+    """Class probabilities sliced off a (B, Q, K+1) softmax, as the model makes them (non-contiguous), and mask
+    logits of O(3)."""
+    g = torch.Generator().manual_seed(seed)
+    probs = (torch.randn(b, q, k + 1, generator=g) * 2).softmax(-1)[..., :k]
+    masks = torch.randn(b, q, h, w, generator=g) * 3
+    return probs.to(DEVICE, dtype), masks.to(DEVICE, dtype)
+
+
+def fp32_labels_and_margin(probs, masks, size):
+    """The fp32 composition's labels on the same (rounded) inputs, and the relative gap between its two best
+    classes at every pixel."""
+    full = torch.nn.functional.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)
+    sums = torch.einsum("bqk,bqhw->bkhw", probs.float(), full.sigmoid())
+    top2 = sums.topk(2, dim=1).values
+    return sums.argmax(dim=1).to(torch.int32), (top2[:, 0] - top2[:, 1]) / top2[:, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("h, w, size", [(24, 20, (96, 80)), (24, 20, (100, 70)), (7, 5, (13, 11))],
+                         ids=["x4", "ragged-scale", "tiny"])
+def test_labels_equal_the_fp32_composition_wherever_two_classes_do_not_tie(dtype, h, w, size):
+    """Every class sum is Σ_q p·s over positive terms; the kernel rounds s and p to ``dtype`` (relative error u
+    each) and multiplies exactly into fp32, so each sum is off by at most 2u of itself and the best two by at most
+    4u of the larger: wherever they are further apart than that (plus fp32 rounding of the resize), the label must
+    be the fp32 one. 100 queries (not a multiple of the 16-query chunk), 19 classes in a 32-wide tile, output
+    pixels not a multiple of the pixel block, exact ×4 and non-integer resize scales."""
+    probs, masks = labels_inputs(2, 100, 19, h, w, dtype, seed=40)
+    labels = kernels.semantic_labels(probs, masks, size)
+    assert labels.dtype == torch.int32 and labels.shape == (2, *size)
+    expected, margin = fp32_labels_and_margin(probs, masks, size)
+    u = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    clear = margin > 4 * u + 1e-5
+    assert clear.float().mean() > 0.8  # the test bites on most pixels
+    assert torch.equal(labels[clear], expected[clear])
+    if dtype == torch.float32:
+        assert (labels == expected).float().mean() >= 0.999
+
+
+def test_labels_of_single_query_and_single_class_inputs():
+    probs, masks = labels_inputs(1, 1, 1, 3, 4, torch.float32, seed=41)
+    assert torch.equal(kernels.semantic_labels(probs, masks, (6, 8)), torch.zeros(1, 6, 8, dtype=torch.int32,
+                                                                                  device=DEVICE))
+    probs, masks = labels_inputs(1, 3, 2, 3, 4, torch.float32, seed=42)
+    expected, _ = fp32_labels_and_margin(probs, masks, (6, 8))
+    assert torch.equal(kernels.semantic_labels(probs, masks, (6, 8)), expected)
+
+
+@pytest.mark.parametrize("bad, match", [("probs_batch", r"class_probs: expected \(2, 5, K\)"),
+                                        ("classes", "classes"), ("mask_dims", r"mask_logits: expected \(B, Q, h, w\)"),
+                                        ("int", "mask_logits: expected a float32"), ("size", "size: expected")])
+def test_labels_reject_bad_input_in_one_line(bad, match):
+    probs, masks = labels_inputs(2, 5, 3, 4, 4, torch.float32, seed=43)
+    size = (8, 8)
+    if bad == "probs_batch":
+        probs = probs[:1]
+    elif bad == "classes":
+        probs = torch.rand(2, 5, 300, device=DEVICE)
+    elif bad == "mask_dims":
+        masks = masks[0]
+    elif bad == "int":
+        masks = masks.to(torch.int32)
+    else:
+        size = (0, 8)
+    with pytest.raises(ValueError, match=match):
+        kernels.semantic_labels(probs, masks, size)
+
+
 # ---------------------------------------------------------------------------------------------- the model path
 
 
@@ -521,6 +592,29 @@ def test_tiny_student_under_bf16_autocast_gives_the_kernels_one_dtype(monkeypatc
         triton_logits = student.semantic_logits(images).float()
     err = (triton_logits - reference).abs().max()
     assert err <= 8 * torch.finfo(torch.bfloat16).eps * reference.abs().max(), f"max error {err:.3e}"
+
+
+def test_tiny_student_labels_come_from_the_kernel_with_the_triton_backend(monkeypatch):
+    """predict's full-size labels: one kernel with the Triton backend, the PyTorch composition otherwise; the same
+    labels (fp32: they differ only where two classes tie to within rounding)."""
+    from export.wrapper import ExportWrapper
+    from qd_core import build_student, load_config
+
+    torch.manual_seed(24)
+    wrapper = ExportWrapper(build_student(load_config("tiny")).eval().to(DEVICE))
+    images = torch.rand(2, 3, 128, 128, device=DEVICE) * 255
+    calls = []
+    real = kernels.semantic_labels
+    monkeypatch.setattr(kernels, "semantic_labels", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        monkeypatch.setenv("QD_ATTENTION", "torch")
+        logits, labels = wrapper(images)
+        assert not calls
+        monkeypatch.setenv("QD_ATTENTION", "triton")
+        triton_logits, triton_labels = wrapper(images)
+    assert calls == [1] and triton_labels.dtype == labels.dtype == torch.int32
+    assert (triton_labels == labels).float().mean() >= 0.999
+    torch.testing.assert_close(triton_logits, logits, atol=1e-4, rtol=1e-4)
 
 
 def test_tiny_student_in_bf16_runs_every_kernel_in_bf16(monkeypatch):
