@@ -1,5 +1,6 @@
 """Kernel microbenchmarks: the Triton agent and masked attention against their PyTorch references,
-``F.scaled_dot_product_attention``, FlexAttention and xformers (the last two on CUDA, where installed).
+``F.scaled_dot_product_attention``, FlexAttention and xformers (the last two on CUDA, where installed); the
+deformable attention's sampling core and predict's full-size labels against the model's PyTorch paths.
 
 On CUDA every case runs at the paper's shapes in bf16, forward (inference, no graph) and forward+backward; each
 timed call ends in ``torch.cuda.synchronize()`` and ``extra_info`` records the peak memory of one call
@@ -63,6 +64,18 @@ class MaskedCase:
 
 
 @dataclass(frozen=True)
+class LabelsCase:
+    """predict's full-size labels: q queries' mask logits at ``low`` resized to ``size``, k classes."""
+
+    name: str
+    b: int
+    q: int
+    k: int
+    low: tuple[int, int]
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class MsdaCase:
     """Deformable attention: every pixel of the levels queries P points per head and level."""
 
@@ -86,11 +99,13 @@ if CUDA:
     FLEX_CASES = {"refine-b1", "decoder-b1-L256", "decoder-b1-L1024", "decoder-b1-L4096"}
     # The pixel decoder's encoder layers at 512²: levels of stride 8, 16, 32, 8 heads × 32, 4 points.
     MSDA_CASES = [MsdaCase(f"pixel-decoder-b{b}", b, ((64, 64), (32, 32), (16, 16)), 8, 32, 4) for b in (1, 8)]
+    LABELS_CASES = [LabelsCase(f"predict-b{b}", b, 100, 19, (128, 128), (512, 512)) for b in (1, 8)]
 else:
     AGENT_CASES = [AgentCase("refine-tiny", 2, 2, 150, 20, 32, False), AgentCase("rein-tiny", 2, 1, 40, 20, 256, True)]
     MASKED_CASES = [MaskedCase("decoder-tiny", 1, 2, 20, 100, 32, 16)]
     FLEX_CASES = set()
     MSDA_CASES = [MsdaCase("msda-tiny", 1, ((6, 6), (3, 3)), 2, 8, 2)]
+    LABELS_CASES = [LabelsCase("labels-tiny", 2, 20, 5, (6, 5), (23, 20))]
 
 
 def _impls(case_name: str, wide_head: bool, masked_seq: int | None = None) -> list[str]:
@@ -378,3 +393,28 @@ def test_msda(benchmark, case: MsdaCase, impl: str, mode: str):
             eps = torch.finfo(a.dtype).eps if a.dtype != torch.float32 else 1e-5
             err = float((a.float() - e).abs().max())
             assert err <= 4 * eps * float(e.abs().max()) + 1e-6, f"{name}: max error {err:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------ full-size labels
+
+LABELS_PARAMS = [pytest.param(case, impl, id=f"{case.name}-{impl}") for case in LABELS_CASES
+                 for impl in ("triton", "torch")]
+
+
+@pytest.mark.parametrize("case, impl", LABELS_PARAMS)
+def test_labels(benchmark, case: LabelsCase, impl: str):
+    """predict's last step, inference only: the Triton kernel (only the labels written) against the PyTorch
+    composition (full-size resize, sigmoid, class product, argmax). Labels agree wherever the fp32 sums of the best
+    two classes are further apart than the inputs' rounding can move them (see tests/test_kernels.py)."""
+    torch.manual_seed(0)
+    probs = (torch.randn(case.b, case.q, case.k + 1, device=DEVICE) * 2).softmax(-1)[..., :case.k].to(DTYPE)
+    masks = (torch.randn(case.b, case.q, *case.low, device=DEVICE) * 3).to(DTYPE)
+    fn = kernels.semantic_labels if impl == "triton" else kernels.semantic_labels_reference
+    flops = 2 * case.b * case.q * case.k * case.size[0] * case.size[1]
+    labels = _run(benchmark, lambda p, m: fn(p, m, case.size), [probs, masks], "fwd", f"labels {case.name}", flops)
+    full = F.interpolate(masks.float(), size=case.size, mode="bilinear", align_corners=False)
+    sums = torch.einsum("bqk,bqhw->bkhw", probs.float(), full.sigmoid())
+    top2 = sums.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * torch.finfo(DTYPE).eps * top2[:, 0] + 1e-5 * top2[:, 0]
+    if impl == "triton":  # the PyTorch composition rounds every full-size intermediate to DTYPE: no such bound
+        assert torch.equal(labels[clear], sums.argmax(dim=1).to(torch.int32)[clear])
