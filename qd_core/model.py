@@ -33,7 +33,8 @@ SIZE_MULTIPLE = 32
 
 @dataclass
 class StudentOutput:
-    """All decoder outputs (prediction before layer 0 and after each layer) and the agent queries."""
+    """The decoder outputs (prediction before layer 0 and after each layer; only the last with
+    ``all_layers=False``) and the agent queries."""
 
     class_logits: list[Tensor]  # each (B, m, K+1)
     mask_logits: list[Tensor]  # each (B, m, H/4, W/4)

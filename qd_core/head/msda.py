@@ -254,7 +254,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(b, nq, h, l, p, 2).float()
         weights = self.attention_weights(query).view(b, nq, h, l * p).float().softmax(-1).view(b, nq, h, l, p)
         # Offsets are in pixels of each level: scale by that level's (1/w, 1/h) to get normalised (x, y), in one
-        # kernel (addcmul; ONNX has no addcdiv) with the factors made once per input size.
+        # kernel (addcmul: torch.onnx exports it, not addcdiv) with the factors made once per input size.
         inverse = _inverse_sizes_xy(spatial_shapes, query.device)  # (L, 2) as (1/w, 1/h)
         locations = torch.addcmul(reference_points.float()[:, :, None, :, None, :], offsets,
                                   inverse[None, None, None, :, None, :])
