@@ -20,7 +20,7 @@ import platform
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,9 @@ from bench.settings import BenchSettings
 from export.runtime import Segmenter
 from export.wrapper import ExportWrapper
 from qd_core import Config, build_student, load_config
+
+if TYPE_CHECKING:
+    from bench.roofline import Roofline
 
 
 @dataclass(frozen=True)
@@ -312,7 +315,7 @@ class BenchSession:
         self._reference: Tensor | None = None
         self._reference_logits: Tensor | None = None
         self._flops: float | None = None
-        self._ideal_ms: dict[tuple[int, str], float] = {}
+        self._rooflines: dict[tuple[int, str], Roofline] = {}
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -334,20 +337,25 @@ class BenchSession:
             self._flops = float(summarize(self.cfg, *self.size)["gflops"]) * 1e9
         return self._flops
 
-    def ideal_ms(self, batch: int, precision: str) -> float | None:
-        """``bench.roofline``'s ideal time of one predict at ``batch`` and ``precision`` on this GPU's datasheet
-        peaks; None on a CPU or a GPU not in ``bench.metrics.GPUS``."""
+    def roofline(self, batch: int, precision: str) -> Roofline | None:
+        """``bench.roofline`` of one predict at ``batch`` and ``precision`` on this GPU's datasheet peaks (made once
+        per pair); None on a CPU or a GPU not in ``bench.metrics.GPUS``."""
         spec = gpu_spec_for(self.device_name) if self.settings.device == "cuda" else None
         if spec is None:
             return None
-        if (batch, precision) not in self._ideal_ms:
+        if (batch, precision) not in self._rooflines:
             from bench.roofline import DTYPES, roofline
             from qd_core.summary import build_meta_student
 
-            r = roofline(build_meta_student(self.cfg), spec, batch=batch, size=self.size, dtype=DTYPES[precision],
-                         config=self.cfg.name)
-            self._ideal_ms[(batch, precision)] = r.total["seconds"] * 1e3
-        return self._ideal_ms[(batch, precision)]
+            self._rooflines[(batch, precision)] = roofline(build_meta_student(self.cfg), spec, batch=batch,
+                                                           size=self.size, dtype=DTYPES[precision],
+                                                           config=self.cfg.name)
+        return self._rooflines[(batch, precision)]
+
+    def ideal_ms(self, batch: int, precision: str) -> float | None:
+        """The ideal time of ``roofline(batch, precision)`` in ms, or None."""
+        r = self.roofline(batch, precision)
+        return None if r is None else r.total["seconds"] * 1e3
 
     def info(self) -> dict[str, Any]:
         """What every benchmark entry records about the session."""

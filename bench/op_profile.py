@@ -37,11 +37,9 @@ from torch.autograd import DeviceType
 from bench.backends import (BackendSpec, BenchSession, TorchBackend, select_backends, torch_recipe,
                             unavailable_reason)
 from bench.cli import resolve_device
-from bench.metrics import gpu_spec_for
-from bench.roofline import DTYPES, Roofline, roofline
+from bench.roofline import Roofline
 from bench.settings import BenchSettings
 from qd_core.checkpoint import atomic_write
-from qd_core.summary import build_meta_student
 
 PROFILABLE = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-bf16-pure", "torch-triton-fp32", "torch-triton-bf16",
               "torch-triton-bf16-graphs")
@@ -265,11 +263,8 @@ def _profile(backend: TorchBackend, session: BenchSession, spec: BackendSpec, ba
     h, w = session.size
     title = (f"Where one forward goes: {session.cfg.name}, {spec.name}, batch {batch} at {h}×{w}, "
              f"{session.device_name}, torch {torch.__version__}, mean of {args.iters}")
-    ideal = None
-    if gpu and (gpu_spec := gpu_spec_for(session.device_name)) is not None:
-        ideal = roofline(build_meta_student(session.cfg), gpu_spec, batch=batch, size=session.size,
-                         dtype=DTYPES[spec.precision], config=session.cfg.name)
-    text = render(modules, kernels, device_ms, host_ms, title=title, gpu=gpu, ideal=ideal)
+    text = render(modules, kernels, device_ms, host_ms, title=title, gpu=gpu,
+                  ideal=session.roofline(batch, spec.precision))
     print(text, flush=True)
     if args.trace is not None:
         tag = (f"-{spec.name}" if len(args.backend) > 1 else "") + (f"-b{batch}" if len(args.batch) > 1 else "")

@@ -112,3 +112,24 @@ def test_cli_prints_the_table_and_rejects_bad_values_in_one_line(capsys):
         assert main(["--config", "tiny", *argv] if argv[0] != "--config" else argv) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
+
+
+def test_the_bench_session_sets_gpu_latency_against_its_ideal_and_nothing_on_a_cpu():
+    """What the report's "ideal ms" column and op_profile's "× ideal" read: the session's roofline at the batch and
+    precision, made once per pair; None on a CPU. (A GPU session is stood in for by its device name: the count
+    itself runs on the meta device.)"""
+    import dataclasses
+
+    from bench.backends import BenchSession
+    from bench.settings import BenchSettings
+
+    settings = BenchSettings(device="cpu", config="tiny", checkpoint=None, data=None, images=2, batch=2,
+                             backends=("torch-fp32",), cpu_compile=False, work=None)
+    session = BenchSession(settings)
+    assert session.roofline(1, "bf16") is None and session.ideal_ms(1, "bf16") is None
+    session.settings = dataclasses.replace(settings, device="cuda")
+    session.device_name = "NVIDIA H100 80GB HBM3"
+    r = session.roofline(2, "bf16")
+    assert r is not None and r.gpu == GPUS["h100-sxm"].name and r.input == [2, 3, *session.size]
+    assert session.roofline(2, "bf16") is r  # made once
+    assert session.ideal_ms(2, "fp32") > session.ideal_ms(2, "bf16") == pytest.approx(r.total["seconds"] * 1e3)
