@@ -53,17 +53,20 @@ def _sample(LOC, W, sample, wl, hl, q_ok):
 
 
 @triton.jit
+def _program_rows(NQ, H, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch, head), query mask, channel offsets and mask, and the (batch, query, head) row of each
+    of its queries in the locations, weights and output (grid: query blocks × batch·heads)."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, h, offs_q < NQ, offs_d, offs_d < HEAD_DIM, (b * NQ + offs_q) * H + h
+
+
+@triton.jit
 def _msda_fwd_kernel(V, SHAPES, STARTS, LOC, W, OUT, S, NQ, H, NUM_LEVELS, NUM_POINTS,
                      HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = offs_q < NQ
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row = (b * NQ + offs_q) * H + h  # (batch, query, head) row of the locations, weights and output
+    b, h, q_ok, offs_d, d_ok, row = _program_rows(NQ, H, HEAD_DIM, BLOCK_Q, BLOCK_D)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for lvl in range(NUM_LEVELS):
         hl = tl.load(SHAPES + 2 * lvl)
@@ -86,15 +89,7 @@ def _msda_fwd_kernel(V, SHAPES, STARTS, LOC, W, OUT, S, NQ, H, NUM_LEVELS, NUM_P
 @triton.jit
 def _msda_bwd_kernel(V, SHAPES, STARTS, LOC, W, DOUT, DV, DLOC, DW, S, NQ, H, NUM_LEVELS, NUM_POINTS,
                      HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = offs_q < NQ
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row = (b * NQ + offs_q) * H + h
+    b, h, q_ok, offs_d, d_ok, row = _program_rows(NQ, H, HEAD_DIM, BLOCK_Q, BLOCK_D)
     dout = tl.load(DOUT + row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
                    mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     for lvl in range(NUM_LEVELS):
