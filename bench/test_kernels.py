@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: the Triton agent and masked attention against their PyTorch references,
 ``F.scaled_dot_product_attention``, FlexAttention and xformers (the last two on CUDA, where installed); the
-deformable attention's sampling core and predict's full-size labels against the model's PyTorch paths.
+deformable attention's sampling core and predict's full-size labels against the model's PyTorch paths; the
+student's bilinear resizes in PyTorch's own layout choice against channels-last (``qd_core.layers.resize``).
 
 On CUDA every case runs at the paper's shapes in bf16, forward (inference, no graph) and forward+backward; each
 timed call ends in ``torch.cuda.synchronize()`` and ``extra_info`` records the peak memory of one call
@@ -76,6 +77,19 @@ class LabelsCase:
 
 
 @dataclass(frozen=True)
+class ResizeCase:
+    """One of the student's bilinear resizes: (b, c, h, w) in → ``size``; ``tokens``: the input is a map view of
+    (b, 1 + h·w, c) tokens (pyramid, refinement responses), else an NCHW-contiguous tensor (convolution output)."""
+
+    name: str
+    b: int
+    c: int
+    hw: tuple[int, int]
+    size: tuple[int, int]
+    tokens: bool
+
+
+@dataclass(frozen=True)
 class MsdaCase:
     """Deformable attention: every pixel of the levels queries P points per head and level."""
 
@@ -100,12 +114,22 @@ if CUDA:
     # The pixel decoder's encoder layers at 512²: levels of stride 8, 16, 32, 8 heads × 32, 4 points.
     MSDA_CASES = [MsdaCase(f"pixel-decoder-b{b}", b, ((64, 64), (32, 32), (16, 16)), 8, 32, 4) for b in (1, 8)]
     LABELS_CASES = [LabelsCase(f"predict-b{b}", b, 100, 19, (128, 128), (512, 512)) for b in (1, 8)]
+    # ViT-L at 512²: the pyramid's stride-32 and stride-4 maps from 1024-channel tokens, the refinement's stride-32
+    # response up to stride 4, and its (and the decoder's) stride-4 maps down to the stride-32 and stride-8 memories.
+    RESIZE_CASES = [case for b in (1, 8) for case in (
+        ResizeCase(f"pyramid-to-16-b{b}", b, 1024, (32, 32), (16, 16), True),
+        ResizeCase(f"pyramid-to-128-b{b}", b, 1024, (32, 32), (128, 128), True),
+        ResizeCase(f"refine-16-to-128-b{b}", b, 256, (16, 16), (128, 128), True),
+        ResizeCase(f"refine-128-to-16-b{b}", b, 256, (128, 128), (16, 16), False),
+        ResizeCase(f"decoder-128-to-64-b{b}", b, 256, (128, 128), (64, 64), False))]
 else:
     AGENT_CASES = [AgentCase("refine-tiny", 2, 2, 150, 20, 32, False), AgentCase("rein-tiny", 2, 1, 40, 20, 256, True)]
     MASKED_CASES = [MaskedCase("decoder-tiny", 1, 2, 20, 100, 32, 16)]
     FLEX_CASES = set()
     MSDA_CASES = [MsdaCase("msda-tiny", 1, ((6, 6), (3, 3)), 2, 8, 2)]
     LABELS_CASES = [LabelsCase("labels-tiny", 2, 20, 5, (6, 5), (23, 20))]
+    RESIZE_CASES = [ResizeCase("tokens-tiny-b1", 1, 32, (8, 8), (4, 4), True),
+                    ResizeCase("nchw-tiny-b2", 2, 16, (12, 12), (5, 7), False)]
 
 
 def _impls(case_name: str, wide_head: bool, masked_seq: int | None = None) -> list[str]:
@@ -418,3 +442,38 @@ def test_labels(benchmark, case: LabelsCase, impl: str):
     clear = (top2[:, 0] - top2[:, 1]) > 4 * torch.finfo(DTYPE).eps * top2[:, 0] + 1e-5 * top2[:, 0]
     if impl == "triton":  # the PyTorch composition rounds every full-size intermediate to DTYPE: no such bound
         assert torch.equal(labels[clear], sums.argmax(dim=1).to(torch.int32)[clear])
+
+
+# ------------------------------------------------------------------------------------------------------ resize
+
+RESIZE_PARAMS = [pytest.param(case, impl, mode, id=f"{case.name}-{impl}-{mode}") for case in RESIZE_CASES
+                 for impl in ("nchw", "channels-last") for mode in MODES]
+
+
+@pytest.mark.parametrize("case, impl, mode", RESIZE_PARAMS)
+def test_resize(benchmark, case: ResizeCase, impl: str, mode: str):
+    """The student's bilinear resizes as PyTorch lays them out by itself (``nchw``: at batch 1 a token-map view is
+    guessed NCHW, and CUDA's NCHW kernel loops over every (image, channel) plane in each output-pixel thread)
+    against ``qd_core.layers.channels_last`` first (a view or one copy, then a thread per output element), which is
+    what ``qd_core.layers.resize`` does on CUDA. Both round the same fp32 value: each is checked against fp32."""
+    from qd_core.layers import channels_last
+
+    torch.manual_seed(0)
+    h, w = case.hw
+    if case.tokens:
+        x = torch.randn(case.b, 1 + h * w, case.c, device=DEVICE, dtype=DTYPE)[:, 1:].transpose(1, 2)
+        x = x.reshape(case.b, case.c, h, w)
+    else:
+        x = torch.randn(case.b, case.c, h, w, device=DEVICE, dtype=DTYPE)
+    x.requires_grad_()
+
+    def fn(t: Tensor) -> Tensor:
+        t = channels_last(t) if impl == "channels-last" else t
+        return F.interpolate(t, size=case.size, mode="bilinear", align_corners=False)
+
+    out = _run(benchmark, fn, [x], mode, f"resize {case.name} {mode}", 8 * case.b * case.c * case.size[0] *
+               case.size[1], out_like=torch.empty(case.b, case.c, *case.size, device=DEVICE, dtype=DTYPE))
+    expected = F.interpolate(x.detach().float(), size=case.size, mode="bilinear", align_corners=False)
+    # One rounding of the fp32 value to DTYPE (≤ half an ulp, ≤ eps·|value|), plus fp32 summation order.
+    err = (out.float() - expected).abs()
+    assert bool((err <= torch.finfo(DTYPE).eps * expected.abs() + 1e-6).all()), f"max error {float(err.max()):.3e}"

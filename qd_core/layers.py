@@ -6,7 +6,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from qd_core.attention import agent_attention, attention, masked_attention
+from qd_core.attention import agent_attention, attention, is_tracing, masked_attention
+
+# PyTorch's CUDA bilinear resize has two kernels. The NCHW one runs a thread per *output pixel* that loops over
+# every (image, channel) plane: resizing (B, 256, 128, 128) to 16×16 is 256 threads each walking B·256 planes one
+# dependent read after another, whatever the GPU. The channels-last one runs a thread per output element. PyTorch
+# takes it for channels-last inputs with at least this many channels (its own cut-off).
+CHANNELS_LAST_MIN = 16
 
 class Mlp(nn.Module):
     """Linear → activation → Linear. Names ``fc1``/``fc2`` match DINOv2 checkpoints."""
@@ -64,8 +70,39 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
 
-def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Bilinear resize with align_corners=False, no antialias (the reference code's default everywhere)."""
-    if tuple(x.shape[-2:]) == tuple(size):
+def channels_last(x: Tensor) -> Tensor:
+    """x (N, C, H, W) in channels-last memory that PyTorch recognises as such: a view when x already lies that way
+    in memory, else a copy. Same values, same shape.
+
+    A (1, C, h, w) view of (1, h·w, C) tokens is channels-last in memory, but its batch stride (C, not h·w·C) makes
+    PyTorch's memory-format guess say NCHW, so every kernel that picks its layout from that guess (resize, conv,
+    cat) takes the NCHW path at batch 1 and the channels-last one at batch 8. Re-viewing it through (N·H·W, C)
+    gives it canonical strides without a copy.
+    """
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):  # ignores the strides of size-1 dims
+        return x.permute(0, 2, 3, 1).reshape(n * h * w, c).view(n, h, w, c).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def prefers_channels_last(x: Tensor) -> bool:
+    """Whether ``resize`` hands x to PyTorch channels-last: CUDA tensors of ≥ CHANNELS_LAST_MIN channels, except
+    while tracing or compiling (export keeps its graph; Inductor lowers the resize itself)."""
+    return x.is_cuda and x.dim() == 4 and x.shape[1] >= CHANNELS_LAST_MIN and not is_tracing()
+
+
+def resize(x: Tensor, size: tuple[int, int] | torch.Size | None = None, *,
+           scale_factor: float | None = None) -> Tensor:
+    """Bilinear resize with align_corners=False, no antialias (the reference code's default everywhere).
+
+    x: (N, C, H, W); give ``size`` (h, w) or ``scale_factor`` (as F.interpolate: the scale itself, not the size
+    ratio, sets the source coordinates). On CUDA (``prefers_channels_last``) x goes to the channels-last kernel,
+    which computes every output element with the same arithmetic as the NCHW one; the result is then
+    channels-last too.
+    """
+    if size is not None and tuple(x.shape[-2:]) == tuple(size):
         return x
-    return nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    if prefers_channels_last(x):
+        x = channels_last(x)
+    return nn.functional.interpolate(x, size=None if size is None else tuple(size), scale_factor=scale_factor,
+                                     mode="bilinear", align_corners=False)

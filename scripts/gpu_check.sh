@@ -73,10 +73,12 @@ BENCH_OPTS=(--benchmark-min-rounds=10 --benchmark-max-time=0.25 --benchmark-warm
 run env 30 bash -c 'nvidia-smi -L; python3 -c "import sys, torch, triton; print(sys.version.split()[0], \
 torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null \
 | grep -i -E "^(torch|triton|pytest|pytest-benchmark|xformers) " || true'
-# Only test_kernels.py holds gpu tests; collecting all of tests/ would import diffusers, absent on the GPU image.
+# Only test_kernels.py and test_layers.py hold gpu tests; collecting all of tests/ would import diffusers, absent on
+# the GPU image.
 # Correctness runs use one fixed config per kernel (QD_TRITON_AUTOTUNE=0): compiling every autotune config for each
 # dtype and shape took minutes. The bench step autotunes, and checks the chosen configs' outputs and gradients.
-run gpu_tests 180 env QD_TRITON_AUTOTUNE=0 python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider
+run gpu_tests 180 env QD_TRITON_AUTOTUNE=0 python3 -m pytest -m gpu tests/test_kernels.py \
+    tests/test_layers.py -q -p no:cacheprovider
 run bench 240 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-json="$RESULTS/bench_kernels.json" \
     "${BENCH_OPTS[@]}"
 # Host cost does not depend on the tile config: one fixed config each, no autotuning to wait for.
