@@ -1,4 +1,5 @@
-"""Small reusable layers shared by the backbone, the agent-query encoder and the head."""
+"""Small reusable layers shared by the backbone, the agent-query encoder and the head, and the few tensor operations
+whose fastest PyTorch form depends on the device."""
 from __future__ import annotations
 
 from typing import Literal
@@ -106,3 +107,16 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size | None = None, *,
         x = channels_last(x)
     return nn.functional.interpolate(x, size=None if size is None else tuple(size), scale_factor=scale_factor,
                                      mode="bilinear", align_corners=False)
+
+
+def class_argmax(scores: Tensor) -> Tensor:
+    """scores (B, K, H, W) → (B, H, W) int64 index of the first maximum over K (NaN counts as the maximum), as
+    ``scores.argmax(dim=1)``.
+
+    On CPU that is ``max(dim=1).indices``: same rule, same indices, but PyTorch's CPU argmax over a non-innermost
+    dim runs about 8× slower than max's (19 classes at 128×128: 3.2 against 0.4 ms on two cores), a sixth of the
+    tiny student's whole forward. Traced graphs keep the single ArgMax node.
+    """
+    if scores.is_cuda or is_tracing():
+        return scores.argmax(dim=1)
+    return scores.max(dim=1).indices

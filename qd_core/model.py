@@ -25,6 +25,7 @@ from qd_core.head.decoder import MaskedAttentionDecoder
 from qd_core.head.pixel_decoder import MSDeformAttnPixelDecoder
 from qd_core.head.refine import Refinement
 from qd_core.inference import slide_inference, whole_inference
+from qd_core.layers import class_argmax
 from qd_core.reins import LoRAReins
 
 # Pyramid level 3 is the token grid downsampled ×0.5, so the grid (H/16) must be even.
@@ -113,7 +114,7 @@ class QueryDiffStudent(nn.Module):
             probs = class_logits.softmax(dim=-1)[..., : self.num_classes]
             return kernels.semantic_labels(probs, mask_logits, size)
         full = F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
-        return self.combine(class_logits, full).argmax(dim=1).to(torch.int32)
+        return class_argmax(self.combine(class_logits, full)).to(torch.int32)
 
     def semantic_logits(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W) normalised → semantic logits (B, K, H/4, W/4) from the last decoder output."""
@@ -143,7 +144,7 @@ class QueryDiffStudent(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor, mode: str | None = None) -> Tensor:
         """images: (B, 3, H, W) normalised, any size → label map (B, H, W) int64."""
-        return self.predict_logits(images, mode).argmax(dim=1)
+        return class_argmax(self.predict_logits(images, mode))
 
 
 def build_student(cfg: Config) -> QueryDiffStudent:

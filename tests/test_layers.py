@@ -1,4 +1,4 @@
-"""qd_core.layers: the channels-last re-view and the resize that uses it on CUDA.
+"""qd_core.layers: the channels-last re-view and the resize that uses it on CUDA; ``class_argmax``.
 
 On CPU ``resize`` is F.interpolate unchanged; ``channels_last`` is device-independent and checked here directly.
 The ``gpu`` test checks that PyTorch's channels-last CUDA kernel, which ``resize`` picks there, gives the NCHW
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qd_core.layers import CHANNELS_LAST_MIN, channels_last, prefers_channels_last, resize
+from qd_core.layers import CHANNELS_LAST_MIN, channels_last, class_argmax, prefers_channels_last, resize
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -96,3 +96,23 @@ def test_resize_on_cuda_is_the_nchw_result(b, dtype):
         expected = F.interpolate(x.contiguous(), mode="bilinear", align_corners=False, **how)
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(out, expected), f"{tuple(x.shape)} {how}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_class_argmax_is_argmax(dtype):
+    # Integer scores make ties everywhere: both must pick the first maximum. NaN counts as the maximum.
+    scores = torch.randint(0, 3, (3, 19, 17, 23)).to(dtype)
+    scores[0, 5, 3, 4] = float("nan")
+    scores[1, :, 0, 0] = float("nan")
+    scores[2, :, 1, 1] = float("-inf")
+    labels = class_argmax(scores)
+    assert labels.dtype == torch.int64 and torch.equal(labels, scores.argmax(dim=1))
+    assert labels[0, 3, 4] == 5 and labels[1, 0, 0] == 0 and labels[2, 1, 1] == 0
+    noise = torch.randn(2, 7, 9, 5).to(dtype)
+    assert torch.equal(class_argmax(noise), noise.argmax(dim=1))
+
+
+def test_class_argmax_traces_to_one_argmax():
+    graph = torch.jit.trace(class_argmax, torch.randn(1, 4, 3, 3)).graph
+    kinds = [node.kind() for node in graph.nodes()]
+    assert "aten::argmax" in kinds and "aten::max" not in kinds

@@ -32,6 +32,7 @@ from qd_core.backbone import DinoVisionTransformer
 from qd_core.config import BackboneConfig, Config, ConfigError, DatasetSpec, load_config
 from qd_core.data import collate
 from qd_core.data.files import write_dir
+from qd_core.layers import class_argmax
 from train.data import synthetic_root
 
 DEFAULT_STEPS = 400
@@ -95,7 +96,7 @@ def pretrain(cfg: Config, train_spec: DatasetSpec, *, steps: int, batch_size: in
         schedule.step()
         with torch.no_grad():
             valid = labels != 255
-            accuracy = float(((logits.argmax(1) == labels) & valid).sum() / valid.sum().clamp(min=1))
+            accuracy = float(((class_argmax(logits) == labels) & valid).sum() / valid.sum().clamp(min=1))
         losses.append(loss.item())
         accuracies.append(accuracy)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")

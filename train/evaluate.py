@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from qd_core.config import Config, DatasetSpec
+from qd_core.layers import class_argmax
 from qd_core.metrics import ConfusionMatrix
 from qd_core.visualize import colorize, overlay, save_png
 from train.data import (
@@ -102,7 +103,7 @@ def predict_dataset(model: nn.Module, dataset: Any, *, device: torch.device, mod
                     size = tuple(label.shape[-2:]) if label is not None else _image_size(paths[i])
                     scored = F.interpolate(logits[row:row + 1].float(), size=size, mode="bilinear",
                                            align_corners=False)
-                    pred = scored.argmax(1)[0].to(torch.uint8).cpu().numpy()
+                    pred = class_argmax(scored)[0].to(torch.uint8).cpu().numpy()
                     yield Prediction(paths[i], None if label_paths is None else label_paths[i], pred,
                                      None if label is None else label.cpu().numpy())
                     bar.update()
