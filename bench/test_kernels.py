@@ -90,6 +90,17 @@ class ResizeCase:
 
 
 @dataclass(frozen=True)
+class DepthwiseCase:
+    """The refinement's dilated depthwise 3×3 convolution on its (b, c, h, w) concatenated maps."""
+
+    name: str
+    b: int
+    c: int
+    hw: tuple[int, int]
+    dilation: int
+
+
+@dataclass(frozen=True)
 class MsdaCase:
     """Deformable attention: every pixel of the levels queries P points per head and level."""
 
@@ -122,6 +133,8 @@ if CUDA:
         ResizeCase(f"refine-16-to-128-b{b}", b, 256, (16, 16), (128, 128), True),
         ResizeCase(f"refine-128-to-16-b{b}", b, 256, (128, 128), (16, 16), False),
         ResizeCase(f"decoder-128-to-64-b{b}", b, 256, (128, 128), (64, 64), False))]
+    # ViT-L at 512²: 4 × 256 channels at stride 4; the first and the last of the four dilations.
+    DEPTHWISE_CASES = [DepthwiseCase(f"refine-d{d}-b{b}", b, 1024, (128, 128), d) for b in (1, 8) for d in (1, 4)]
 else:
     AGENT_CASES = [AgentCase("refine-tiny", 2, 2, 150, 20, 32, False), AgentCase("rein-tiny", 2, 1, 40, 20, 256, True)]
     MASKED_CASES = [MaskedCase("decoder-tiny", 1, 2, 20, 100, 32, 16)]
@@ -130,6 +143,8 @@ else:
     LABELS_CASES = [LabelsCase("labels-tiny", 2, 20, 5, (6, 5), (23, 20))]
     RESIZE_CASES = [ResizeCase("tokens-tiny-b1", 1, 32, (8, 8), (4, 4), True),
                     ResizeCase("nchw-tiny-b2", 2, 16, (12, 12), (5, 7), False)]
+    # The tiny config's refinement at 128² (4 × 64 channels at 32×32), batch 8 as in its training.
+    DEPTHWISE_CASES = [DepthwiseCase(f"tiny-d{d}-b8", 8, 256, (32, 32), d) for d in (1, 4)]
 
 
 def _impls(case_name: str, wide_head: bool, masked_seq: int | None = None) -> list[str]:
@@ -455,7 +470,7 @@ def test_resize(benchmark, case: ResizeCase, impl: str, mode: str):
     """The student's bilinear resizes as PyTorch lays them out by itself (``nchw``: at batch 1 a token-map view is
     guessed NCHW, and CUDA's NCHW kernel loops over every (image, channel) plane in each output-pixel thread)
     against ``qd_core.layers.channels_last`` first (a view or one copy, then a thread per output element), which is
-    what ``qd_core.layers.resize`` does on CUDA. Both round the same fp32 value: each is checked against fp32."""
+    what ``qd_core.layers.resize`` does. Both round the same fp32 value: each is checked against fp32."""
     from qd_core.layers import channels_last
 
     torch.manual_seed(0)
@@ -477,3 +492,35 @@ def test_resize(benchmark, case: ResizeCase, impl: str, mode: str):
     # One rounding of the fp32 value to DTYPE (≤ half an ulp, ≤ eps·|value|), plus fp32 summation order.
     err = (out.float() - expected).abs()
     assert bool((err <= torch.finfo(DTYPE).eps * expected.abs() + 1e-6).all()), f"max error {float(err.max()):.3e}"
+
+
+# -------------------------------------------------------------------------------------------- depthwise conv
+
+DEPTHWISE_PARAMS = [pytest.param(case, impl, mode, id=f"{case.name}-{impl}-{mode}") for case in DEPTHWISE_CASES
+                    for impl in ("nchw", "channels-last") for mode in MODES]
+
+
+@pytest.mark.parametrize("case, impl, mode", DEPTHWISE_PARAMS)
+def test_depthwise(benchmark, case: DepthwiseCase, impl: str, mode: str):
+    """The refinement's dilated depthwise 3×3 convolution on NCHW maps against the same maps channels-last (what
+    ``qd_core.head.refine`` hands it): cuDNN / oneDNN pick other algorithms per layout. Checked against fp32 NCHW."""
+    from qd_core.layers import channels_last
+
+    torch.manual_seed(0)
+    x = torch.randn(case.b, case.c, *case.hw, device=DEVICE, dtype=DTYPE)
+    if impl == "channels-last":
+        x = channels_last(x)
+    x.requires_grad_()
+    weight = (torch.randn(case.c, 1, 3, 3, device=DEVICE, dtype=DTYPE) / 3).requires_grad_()
+    d = case.dilation
+
+    def fn(t: Tensor, w: Tensor) -> Tensor:
+        return F.conv2d(t, w, padding=d, dilation=d, groups=case.c)
+
+    flops = 2 * 9 * case.b * case.c * case.hw[0] * case.hw[1]
+    out = _run(benchmark, fn, [x, weight], mode, f"depthwise {case.name} {mode}", flops)
+    expected = F.conv2d(x.detach().float().contiguous(), weight.detach().float(), padding=d, dilation=d,
+                        groups=case.c)
+    # Nine products summed in fp32 and rounded once to DTYPE: ≤ eps of the largest output, plus fp32 order.
+    err = float((out.float() - expected).abs().max())
+    assert err <= torch.finfo(DTYPE).eps * float(expected.abs().max()) + 1e-5, f"max error {err:.3e}"

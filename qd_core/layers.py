@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from qd_core.attention import agent_attention, attention, is_tracing, masked_attention
 
-# PyTorch's CUDA bilinear resize has two kernels. The NCHW one runs a thread per *output pixel* that loops over
-# every (image, channel) plane: resizing (B, 256, 128, 128) to 16×16 is 256 threads each walking B·256 planes one
-# dependent read after another, whatever the GPU. The channels-last one runs a thread per output element. PyTorch
-# takes it for channels-last inputs with at least this many channels (its own cut-off).
+# Feature maps run channels-last. PyTorch's CUDA bilinear resize has two kernels: the NCHW one runs a thread per
+# *output pixel* that loops over every (image, channel) plane, so resizing (B, 256, 128, 128) to 16×16 is 256
+# threads each walking B·256 planes one dependent read after another, whatever the GPU; the channels-last one runs a
+# thread per output element. On CPU the channels-last depthwise convolutions of the refinement run about twice as
+# fast (same values). PyTorch itself takes the channels-last resize for inputs of at least this many channels.
 CHANNELS_LAST_MIN = 16
 
 class Mlp(nn.Module):
@@ -87,9 +88,10 @@ def channels_last(x: Tensor) -> Tensor:
 
 
 def prefers_channels_last(x: Tensor) -> bool:
-    """Whether ``resize`` hands x to PyTorch channels-last: CUDA tensors of ≥ CHANNELS_LAST_MIN channels, except
-    while tracing or compiling (export keeps its graph; Inductor lowers the resize itself)."""
-    return x.is_cuda and x.dim() == 4 and x.shape[1] >= CHANNELS_LAST_MIN and not is_tracing()
+    """Whether the model lays map x out channels-last (``channels_last``) before resizing or convolving it: maps of
+    ≥ CHANNELS_LAST_MIN channels, except while tracing or compiling (export keeps its graph; Inductor picks its own
+    layouts)."""
+    return x.dim() == 4 and x.shape[1] >= CHANNELS_LAST_MIN and not is_tracing()
 
 
 def resize(x: Tensor, size: tuple[int, int] | torch.Size | None = None, *,
@@ -97,9 +99,9 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size | None = None, *,
     """Bilinear resize with align_corners=False, no antialias (the reference code's default everywhere).
 
     x: (N, C, H, W); give ``size`` (h, w) or ``scale_factor`` (as F.interpolate: the scale itself, not the size
-    ratio, sets the source coordinates). On CUDA (``prefers_channels_last``) x goes to the channels-last kernel,
-    which computes every output element with the same arithmetic as the NCHW one; the result is then
-    channels-last too.
+    ratio, sets the source coordinates). Outside tracing (``prefers_channels_last``) x goes to PyTorch's
+    channels-last kernel, which computes every output element with the NCHW kernel's arithmetic (bit for bit on
+    CUDA, within an fp32 ulp on CPU); the result is then channels-last too.
     """
     if size is not None and tuple(x.shape[-2:]) == tuple(size):
         return x

@@ -1,8 +1,7 @@
-"""qd_core.layers: the channels-last re-view and the resize that uses it on CUDA; ``class_argmax``.
+"""qd_core.layers: the channels-last re-view and the resize that uses it; ``class_argmax``.
 
-On CPU ``resize`` is F.interpolate unchanged; ``channels_last`` is device-independent and checked here directly.
-The ``gpu`` test checks that PyTorch's channels-last CUDA kernel, which ``resize`` picks there, gives the NCHW
-kernel's values bit for bit at the model's shapes.
+The ``gpu`` test checks that PyTorch's channels-last CUDA kernel, which ``resize`` picks, gives the NCHW kernel's
+values bit for bit at the model's shapes.
 """
 from __future__ import annotations
 
@@ -57,14 +56,24 @@ def test_channels_last_passes_gradients(make):
     assert torch.equal(x.grad, weight)
 
 
-def test_resize_is_interpolate_on_cpu():
+def test_resize_is_interpolate_channels_last():
     x = token_map(1, 8, 8, 32)
-    assert not prefers_channels_last(x)
-    out = resize(x, (3, 5))
-    assert torch.equal(out, F.interpolate(x, size=(3, 5), mode="bilinear", align_corners=False))
-    assert torch.equal(resize(x, scale_factor=0.5),
-                       F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False))
+    assert prefers_channels_last(x) and not prefers_channels_last(torch.randn(1, CHANNELS_LAST_MIN - 1, 4, 4))
+    eps = torch.finfo(torch.float32).eps
+    for how in (dict(size=(3, 5)), dict(size=(32, 24)), dict(scale_factor=0.5), dict(scale_factor=4.0)):
+        out = resize(x, **how)
+        expected = F.interpolate(x.contiguous(), mode="bilinear", align_corners=False, **how)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, expected, rtol=4 * eps, atol=1e-6)
     assert resize(x, (8, 8)) is x
+
+
+def test_traced_resize_keeps_pytorch_layout():
+    # Export graphs carry no layout changes: they would be transposes in ONNX.
+    graph = torch.jit.trace(lambda x: resize(x, (3, 5)), token_map(1, 8, 8, 32)).graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "aten::upsample_bilinear2d" in kinds
+    assert not kinds & {"aten::permute", "aten::contiguous", "aten::view", "aten::reshape"}
 
 
 def test_channels_last_interpolate_matches_nchw_on_cpu():

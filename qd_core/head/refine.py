@@ -93,6 +93,8 @@ class Refinement(nn.Module):
                 r = channels_last(r)
             attended.append(resize(m + r if self.residual else r, out_size))
         fused_input = torch.cat(attended, dim=1)  # (B, 4d, H/4, W/4), order [M0, M1, M2, M3]
+        if prefers_channels_last(fused_input):
+            fused_input = channels_last(fused_input)
         fused = [f(fused_input) for f in self.fusions]
         new_memories = [resize(g, m.shape[-2:]) for g, m in zip(fused[1:], memories)]
         return fused[0], new_memories
