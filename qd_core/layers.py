@@ -13,7 +13,8 @@ from qd_core.attention import agent_attention, attention, is_tracing, masked_att
 # *output pixel* that loops over every (image, channel) plane, so resizing (B, 256, 128, 128) to 16×16 is 256
 # threads each walking B·256 planes one dependent read after another, whatever the GPU; the channels-last one runs a
 # thread per output element. On CPU the channels-last depthwise convolutions of the refinement run about twice as
-# fast (same values). PyTorch itself takes the channels-last resize for inputs of at least this many channels.
+# fast (same values up to fp32 rounding). PyTorch itself takes the channels-last resize for inputs of at least this
+# many channels.
 CHANNELS_LAST_MIN = 16
 
 class Mlp(nn.Module):
