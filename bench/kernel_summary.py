@@ -33,6 +33,7 @@ TARGET_BANDWIDTH = {"agent": 0.60}
 _ID = re.compile(r"test_(agent|masked)_attention\[(.+)-(triton|triton-bits|triton-factors|reference|sdpa|flex|xformers)"
                  r"-(fwd\+bwd|fwd)\]")
 MASK_PATHS = ("triton-bits", "triton-factors")  # the masked kernel forced to its other way of deciding the mask
+_LAYOUT_ID = re.compile(r"test_(resize|depthwise)\[(.+)-(nchw|channels-last)-(fwd\+bwd|fwd)\]")
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,35 @@ def render_mask_paths(rows: Sequence[Row]) -> str:
                       "|---|---|---|---|---|", *lines]) + "\n"
 
 
+def render_layouts(bench_json: dict[str, Any]) -> str:
+    """Markdown table of the model's resizes and depthwise convolutions in PyTorch's own layout (``nchw``) against
+    channels-last (what the model does), in wall-clock and GPU-only time; '' when the JSON has neither."""
+    times: dict[tuple[str, str, str], dict[str, tuple[float, float | None]]] = {}
+    for entry in bench_json["benchmarks"]:
+        match = _LAYOUT_ID.fullmatch(entry["name"])
+        if match:
+            op, case, layout, mode = match.groups()
+            device_ms = entry.get("extra_info", {}).get("device_ms")
+            times.setdefault((op, case, mode), {})[layout] = (
+                float(entry["stats"]["median"]), None if device_ms is None else float(device_ms))
+
+    def pair(a: float | None, b: float | None, scale: float) -> str:
+        if a is None or b is None:
+            return "n/a"
+        return f"{scale * a:.3f} / {scale * b:.3f} ({a / b:.2f}×)"
+
+    lines = [f"| {op} | {case} | {mode} | {pair(t['nchw'][0], t['channels-last'][0], 1e3)} | "
+             f"{pair(t['nchw'][1], t['channels-last'][1], 1.0)} |"
+             for (op, case, mode), t in times.items() if {"nchw", "channels-last"} <= set(t)]
+    if not lines:
+        return ""
+    return "\n".join(["Layouts: the student's resizes and depthwise convolutions as PyTorch lays them out by itself "
+                      "(nchw) against channels-last, as the model runs them (qd_core.layers). Above 1× channels-last "
+                      "is faster.", "",
+                      "| op | case | mode | wall ms nchw / channels-last (ratio) | GPU-only ms nchw / channels-last "
+                      "(ratio) |", "|---|---|---|---|---|", *lines]) + "\n"
+
+
 def _device(r: Row) -> str:
     """GPU-only times (CUDA graph replay), where the JSON has them."""
     if not r.device_ms:
@@ -213,8 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"{args.json}: no Triton kernel benchmark with a PyTorch counterpart in it")
     device = next((b["extra_info"].get("device") for b in data["benchmarks"] if "extra_info" in b), "unknown")
     text = render(rows, args.bandwidth_tbs, f"Kernel microbenchmarks on {device}")
-    paths = render_mask_paths(rows)
-    text += ("\n" + paths) if paths else ""
+    for extra in (render_mask_paths(rows), render_layouts(data)):
+        text += ("\n" + extra) if extra else ""
     if args.out is not None:
         from qd_core.checkpoint import atomic_write  # torch comes with it; only needed here
 

@@ -125,16 +125,14 @@ if CUDA:
     # The pixel decoder's encoder layers at 512²: levels of stride 8, 16, 32, 8 heads × 32, 4 points.
     MSDA_CASES = [MsdaCase(f"pixel-decoder-b{b}", b, ((64, 64), (32, 32), (16, 16)), 8, 32, 4) for b in (1, 8)]
     LABELS_CASES = [LabelsCase(f"predict-b{b}", b, 100, 19, (128, 128), (512, 512)) for b in (1, 8)]
-    # ViT-L at 512²: the pyramid's stride-32 and stride-4 maps from 1024-channel tokens, the refinement's stride-32
-    # response up to stride 4, and its (and the decoder's) stride-4 maps down to the stride-32 and stride-8 memories.
+    # ViT-L at 512²: the pyramid's stride-32 map from 1024-channel tokens, the refinement's stride-32 response up
+    # to stride 4, and its stride-4 maps down to the stride-32 memory (the decoder's mask factors likewise).
     RESIZE_CASES = [case for b in (1, 8) for case in (
         ResizeCase(f"pyramid-to-16-b{b}", b, 1024, (32, 32), (16, 16), True),
-        ResizeCase(f"pyramid-to-128-b{b}", b, 1024, (32, 32), (128, 128), True),
         ResizeCase(f"refine-16-to-128-b{b}", b, 256, (16, 16), (128, 128), True),
-        ResizeCase(f"refine-128-to-16-b{b}", b, 256, (128, 128), (16, 16), False),
-        ResizeCase(f"decoder-128-to-64-b{b}", b, 256, (128, 128), (64, 64), False))]
-    # ViT-L at 512²: 4 × 256 channels at stride 4; the first and the last of the four dilations.
-    DEPTHWISE_CASES = [DepthwiseCase(f"refine-d{d}-b{b}", b, 1024, (128, 128), d) for b in (1, 8) for d in (1, 4)]
+        ResizeCase(f"refine-128-to-16-b{b}", b, 256, (128, 128), (16, 16), False))]
+    # ViT-L at 512²: 4 × 256 channels at stride 4, the widest of the four dilations.
+    DEPTHWISE_CASES = [DepthwiseCase(f"refine-d4-b{b}", b, 1024, (128, 128), 4) for b in (1, 8)]
 else:
     AGENT_CASES = [AgentCase("refine-tiny", 2, 2, 150, 20, 32, False), AgentCase("rein-tiny", 2, 1, 40, 20, 256, True)]
     MASKED_CASES = [MaskedCase("decoder-tiny", 1, 2, 20, 100, 32, 16)]

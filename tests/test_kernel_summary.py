@@ -82,3 +82,22 @@ def test_the_masked_kernels_two_mask_paths_get_their_own_table(tmp_path):
     assert "mask paths" in out.read_text()
     data["benchmarks"] = [b for b in data["benchmarks"] if "factors" not in b["name"]]
     assert ks.render_mask_paths(ks.collect(data)) == ""
+
+
+def test_layout_benchmarks_get_their_own_table(tmp_path):
+    def layout(op: str, impl: str, median: float, device_ms: float | None) -> dict:
+        return {"name": f"test_{op}[refine-128-to-16-b1-{impl}-fwd]", "stats": {"median": median},
+                "extra_info": {"device_ms": device_ms, "device": "GPU X"}}
+
+    data = {"benchmarks": [entry("triton", 1e-3), entry("sdpa", 2e-3),
+                           layout("resize", "nchw", 4e-4, 0.3), layout("resize", "channels-last", 1e-4, 0.01),
+                           layout("depthwise", "nchw", 2e-3, None)]}  # no channels-last twin: no row
+    text = ks.render_layouts(data)
+    assert "| resize | refine-128-to-16-b1 | fwd | 0.400 / 0.100 (4.00×) | 0.300 / 0.010 (30.00×) |" in text
+    assert "depthwise" not in text.split("|---|")[-1]
+    assert ks.render_layouts({"benchmarks": [entry("triton", 1e-3)]}) == ""
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "k.md"
+    assert ks.main([str(path), "--out", str(out)]) == 0
+    assert out.read_text().endswith(text)
