@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from qd_core.attention import attention
 from qd_core.config import BackboneConfig, out_indices
-from qd_core.layers import Mlp, channels_last, prefers_channels_last, resize
+from qd_core.layers import Mlp, map_layout, resize
 
 # Adapter hook: (tokens (B, 1+N, D), block index) -> tokens (B, 1+N, D). LoRAReins.forward has this signature.
 Adapter = Callable[[Tensor, int], Tensor]
@@ -241,10 +241,8 @@ class DinoVisionTransformer(nn.Module):
             if n != h * w:
                 raise ValueError(f"out.layers[{index}]: expected {h * w} tokens for grid {out.grid}, got shape "
                                  f"{tuple(tokens.shape)}")
-            fmap = tokens.transpose(1, 2).reshape(b, d, h, w)
-            if prefers_channels_last(fmap):
-                # A view: the same layout, and so the same kernels downstream, at batch 1 as at batch 8.
-                fmap = channels_last(fmap)
+            # A view: the same layout, and so the same kernels downstream, at batch 1 as at batch 8.
+            fmap = map_layout(tokens.transpose(1, 2).reshape(b, d, h, w))
             if scale != 1.0:
                 fmap = resize(fmap, scale_factor=scale)
             maps.append(fmap)

@@ -17,6 +17,7 @@ from qd_core.attention import agent_attention, attention, is_tracing, masked_att
 # many channels.
 CHANNELS_LAST_MIN = 16
 
+
 class Mlp(nn.Module):
     """Linear → activation → Linear. Names ``fc1``/``fc2`` match DINOv2 checkpoints."""
 
@@ -95,6 +96,12 @@ def prefers_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] >= CHANNELS_LAST_MIN and not is_tracing()
 
 
+def map_layout(x: Tensor) -> Tensor:
+    """Map x in the layout the model runs its maps in: ``channels_last(x)`` where ``prefers_channels_last(x)``
+    (a view when x already lies channels-last in memory), else x itself."""
+    return channels_last(x) if prefers_channels_last(x) else x
+
+
 def resize(x: Tensor, size: tuple[int, int] | torch.Size | None = None, *,
            scale_factor: float | None = None) -> Tensor:
     """Bilinear resize with align_corners=False, no antialias (the reference code's default everywhere).
@@ -106,10 +113,8 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size | None = None, *,
     """
     if size is not None and tuple(x.shape[-2:]) == tuple(size):
         return x
-    if prefers_channels_last(x):
-        x = channels_last(x)
-    return nn.functional.interpolate(x, size=None if size is None else tuple(size), scale_factor=scale_factor,
-                                     mode="bilinear", align_corners=False)
+    return nn.functional.interpolate(map_layout(x), size=None if size is None else tuple(size),
+                                     scale_factor=scale_factor, mode="bilinear", align_corners=False)
 
 
 def class_argmax(scores: Tensor) -> Tensor:

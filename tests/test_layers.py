@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qd_core.layers import CHANNELS_LAST_MIN, channels_last, class_argmax, prefers_channels_last, resize
+from qd_core.layers import CHANNELS_LAST_MIN, channels_last, class_argmax, map_layout, prefers_channels_last, resize
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -125,3 +125,13 @@ def test_class_argmax_traces_to_one_argmax():
     graph = torch.jit.trace(class_argmax, torch.randn(1, 4, 3, 3)).graph
     kinds = [node.kind() for node in graph.nodes()]
     assert "aten::argmax" in kinds and "aten::max" not in kinds
+
+
+def test_map_layout_re_views_maps_and_leaves_thin_ones():
+    x = token_map(1, 4, 4, CHANNELS_LAST_MIN)
+    y = map_layout(x)
+    assert y.data_ptr() == x.data_ptr() and picked_channels_last(y)
+    thin = torch.randn(1, CHANNELS_LAST_MIN - 1, 4, 4)
+    assert map_layout(thin) is thin
+    traced = torch.jit.trace(map_layout, x).graph
+    assert not {node.kind() for node in traced.nodes()} & {"aten::permute", "aten::contiguous", "aten::view"}

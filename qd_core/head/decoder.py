@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from qd_core.config import HeadConfig
 from qd_core.head.position import sine_position_encoding
-from qd_core.layers import Mlp, MultiheadAttention, channels_last, prefers_channels_last, resize
+from qd_core.layers import Mlp, MultiheadAttention, map_layout, resize
 
 NUM_LEVELS = 3
 
@@ -33,9 +33,7 @@ def resized_mask_features(mask_features: Tensor, sizes: Sequence[tuple[int, int]
     Returns:
         one (B, d, h·w) tensor per size.
     """
-    detached = mask_features.detach()
-    if prefers_channels_last(detached):
-        detached = channels_last(detached)  # one layout change for the three resizes, not one each
+    detached = map_layout(mask_features.detach())  # one layout change for the three resizes, not one each
     return [resize(detached, size).flatten(2) for size in sizes]
 
 

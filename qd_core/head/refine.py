@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from qd_core.config import HeadConfig
-from qd_core.layers import MultiheadAttention, channels_last, prefers_channels_last, resize
+from qd_core.layers import MultiheadAttention, map_layout, resize
 
 NUM_MEMORIES = 3
 
@@ -86,15 +86,11 @@ class Refinement(nn.Module):
         responses = self.cross_attn(tokens, keys, keys).transpose(1, 2).split(sizes, dim=2)
         attended = []
         for m, r in zip(maps, responses):
-            r = r.reshape(m.shape)
-            if prefers_channels_last(r):
-                # A view (see channels_last): the concatenation and the fusions' convolutions then run
-                # channels-last at batch 1 too, as PyTorch picks by itself at larger batches.
-                r = channels_last(r)
+            # A view (see channels_last): the concatenation and the fusions' convolutions then run channels-last
+            # at batch 1 too, as PyTorch picks by itself at larger batches.
+            r = map_layout(r.reshape(m.shape))
             attended.append(resize(m + r if self.residual else r, out_size))
-        fused_input = torch.cat(attended, dim=1)  # (B, 4d, H/4, W/4), order [M0, M1, M2, M3]
-        if prefers_channels_last(fused_input):
-            fused_input = channels_last(fused_input)
+        fused_input = map_layout(torch.cat(attended, dim=1))  # (B, 4d, H/4, W/4), order [M0, M1, M2, M3]
         fused = [f(fused_input) for f in self.fusions]
         new_memories = [resize(g, m.shape[-2:]) for g, m in zip(fused[1:], memories)]
         return fused[0], new_memories
