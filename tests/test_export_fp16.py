@@ -111,6 +111,10 @@ def fp16_graph(pipeline):
     return model, tensor_types(model)
 
 
+def gather_axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
 def float_io(node, types):
     return [types[n] for n in list(node.input) + list(node.output) if types.get(n) in (FLOAT, FLOAT16)]
 
@@ -135,8 +139,10 @@ def test_fp16_graph_keeps_normalisation_and_softmax_in_fp32(fp16_graph):
 def test_fp16_graph_keeps_msda_sampling_in_fp32(fp16_graph):
     model, types = fp16_graph
     msda = re.compile(r"/pixel_decoder/encoder/layers\.\d+/attn/")
-    sampling = [n for n in model.graph.node if msda.search(n.name) and n.op_type in ("GatherElements", "Floor")]
-    assert len(sampling) == 2 * 3  # per layer: one gather, floor of x and of y
+    # Per layer: the row gather of the value samples (the one float Gather on axis 0), floor of x and of y.
+    sampling = [n for n in model.graph.node if msda.search(n.name)
+                and (n.op_type == "Floor" or (n.op_type == "Gather" and float_io(n, types) and gather_axis(n) == 0))]
+    assert len(sampling) == 2 * 3
     for node in sampling:
         assert FLOAT16 not in float_io(node, types), node.name
     offsets = [n for n in model.graph.node if msda.search(n.name) and "/sampling_offsets/" in n.name]

@@ -86,9 +86,15 @@ def test_onnx_file_is_self_contained_with_a_dynamic_batch_axis(gather_onnx):
 def test_gather_graph_samples_without_grid_sample(student, gather_onnx):
     counts = op_counts(onnx.load(str(gather_onnx)))
     layers = sum(isinstance(m, MSDeformAttn) for m in student.modules())
-    assert counts["GridSample"] == 0
-    # One GatherElements per deformable-attention layer is the bilinear sampling, proving the gather path.
-    assert counts["GatherElements"] == layers
+    assert counts["GridSample"] == 0 and counts["GatherElements"] == 0
+    # One float row Gather (axis 0) per deformable-attention layer is the bilinear sampling, proving the gather path
+    # (the layer's other Gathers read shapes or pick x and y off the locations' last axis).
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(gather_onnx))).graph
+    floats = {v.name for v in [*inferred.value_info, *inferred.input]
+              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    row_gathers = [n for n in inferred.node if n.op_type == "Gather" and "/encoder/layers." in n.name
+                   and n.input[0] in floats and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0]
+    assert len(row_gathers) == layers
     assert not plugin_nodes(onnx.load(str(gather_onnx)))
 
 
