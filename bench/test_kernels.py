@@ -522,3 +522,25 @@ def test_depthwise(benchmark, case: DepthwiseCase, impl: str, mode: str):
     # Nine products summed in fp32 and rounded once to DTYPE: ≤ eps of the largest output, plus fp32 order.
     err = float((out.float() - expected).abs().max())
     assert err <= torch.finfo(DTYPE).eps * float(expected.abs().max()) + 1e-5, f"max error {err:.3e}"
+
+
+# ----------------------------------------------------------------------------------------------------- labels
+
+# predict's class scores at the crop size: 19 classes, the tiny config's 128² on CPU, ViT-L's 512² on CUDA.
+ARGMAX_SHAPES = [(b, 19, 512, 512) for b in (1, 8)] if CUDA else [(1, 19, 128, 128), (4, 19, 128, 128)]
+ARGMAX_PARAMS = [pytest.param(shape, impl, id=f"b{shape[0]}-{shape[2]}-{impl}") for shape in ARGMAX_SHAPES
+                 for impl in ("argmax", "max-indices")]
+
+
+@pytest.mark.parametrize("shape, impl", ARGMAX_PARAMS)
+def test_class_argmax(benchmark, shape: tuple[int, ...], impl: str):
+    """The label step: ``argmax(dim=1)`` against ``max(dim=1).indices`` (``qd_core.layers.class_argmax`` takes the
+    latter on CPU). Both must give the same labels."""
+    torch.manual_seed(0)
+    scores = torch.randn(shape, device=DEVICE)
+
+    def fn(s: Tensor) -> Tensor:
+        return s.argmax(dim=1) if impl == "argmax" else s.max(dim=1).indices
+
+    labels = _run(benchmark, fn, [scores], "fwd", f"class argmax b{shape[0]} {shape[2]}", 0)
+    assert torch.equal(labels, scores.argmax(dim=1))
