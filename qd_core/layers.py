@@ -84,6 +84,8 @@ def channels_last(x: Tensor) -> Tensor:
     gives it canonical strides without a copy.
     """
     n, c, h, w = x.shape
+    if x.stride() == (h * w * c, 1, w * c, c):
+        return x  # already canonical: map_layout then resize, or a concatenation of such maps
     if x.is_contiguous(memory_format=torch.channels_last):  # ignores the strides of size-1 dims
         return x.permute(0, 2, 3, 1).reshape(n * h * w, c).view(n, h, w, c).permute(0, 3, 1, 2)
     return x.contiguous(memory_format=torch.channels_last)
