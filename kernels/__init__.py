@@ -77,7 +77,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
     """Triton Mask2Former masked cross-attention, the mask computed inside the kernel from its two factors.
 
     Args:
-        q: (B, H, Q, d) queries, fp32/fp16/bf16; Q ≤ 256, d ≤ 256.
+        q: (B, H, Q, d) queries, fp32/fp16/bf16; Q ≤ 256, d ≤ 256, and Q × d within what the kernels' tiles fit
+            in shared memory (``kernels.fit.masked_tiles_fit``; e.g. Q = 100 with d ≤ 32 in fp32, ≤ 128 in bf16).
         k, v: (B, H, L, d) keys and values.
         mask_embed: (B, Q, C) mask embeddings; mask_feats: (B, C, L) mask features. Key l is blocked for query i
             when mask_embed[b, i] · mask_feats[b, :, l] < 0, unless every key is blocked for i (then none is).

@@ -39,6 +39,13 @@ MAX_KEYS = 256  # the key tile is held whole in registers
 # bytes per thread), with these none does (python -m kernels.resources).
 _MAX_BLOCK_D_BYTES = 256
 _WIDE_CHUNK_BYTES = {"fwd": 128, "bwd": 64}
+# Whole K and V tiles (tile(M) × tile(d)) are only taken up to these sizes, counted ×3 in fp32 (tf32x3 splits
+# every operand in three). Beyond them no config fits an sm_90 SM's 227 KiB of shared memory (compiled offline,
+# python -m kernels.resources): in fp32 the backward at M = 100, d = 64 (96 KiB counted) or M = 256, d = 32, and
+# the forward at M = 256, d = 64 (192 KiB), all of which the chunked path runs; bf16 at M = 256, d = 128 (64 KiB)
+# still fits both.
+_WHOLE_KV_BYTES = {"fwd": 96 * 1024, "bwd": 64 * 1024}
+_FP32_OPERAND_COPIES = 3
 # Every backward BLOCK_N divides it, so a split's rows are whole query blocks for any config. Kept at the largest
 # backward block so that short sequences still split finely: Rein's 1024 rows of one head give 16 programs.
 _ROW_QUANTUM = 64
@@ -311,10 +318,12 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q: expected non-empty (B, H, N, d), got {tuple(q.shape)}")
 
 
-def block_d(d: int, element_size: int, direction: str) -> int:
-    """The d-chunk width: the whole (padded) head where it fits _MAX_BLOCK_D_BYTES, else the wide-head chunk of
-    ``direction`` ("fwd" or "bwd")."""
-    if tile(d) * element_size <= _MAX_BLOCK_D_BYTES:
+def block_d(d: int, m: int, element_size: int, direction: str) -> int:
+    """The d-chunk width for a head of width d over m keys: the whole (padded) head where its rows fit
+    _MAX_BLOCK_D_BYTES and its K and V tiles _WHOLE_KV_BYTES, else the wide-head chunk of ``direction`` ("fwd" or
+    "bwd")."""
+    kv_bytes = tile(d) * tile(m) * element_size * (_FP32_OPERAND_COPIES if element_size == 4 else 1)
+    if tile(d) * element_size <= _MAX_BLOCK_D_BYTES and kv_bytes <= _WHOLE_KV_BYTES[direction]:
         return tile(d)
     return max(16, _WIDE_CHUNK_BYTES[direction] // element_size)  # 16: tl.dot's smallest operand side
 
@@ -340,7 +349,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, store_lse: bool) -> 
     kb = 0 if k.shape[0] == 1 else k.stride(0)
     vb = 0 if v.shape[0] == 1 else v.stride(0)
 
-    chunk = block_d(d, q.element_size(), "fwd")
+    chunk = block_d(d, m, q.element_size(), "fwd")
 
     def grid(meta: dict) -> tuple[int, int, int]:
         programs = persistent_programs(cdiv(n, meta["BLOCK_N"]), meta["WAVES"], b * h, q.device)
@@ -359,7 +368,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, do: Tensor, scale: f
     m = k.shape[2]
     max_splits = max(1, _PARTIAL_BUDGET // (2 * 4 * b * h * m * d))
     splits, rows_per_split = split_extent(n, _ROW_QUANTUM, b * h, q.device, max_splits)
-    chunk = block_d(d, q.element_size(), "bwd")
+    chunk = block_d(d, m, q.element_size(), "bwd")
     dq = torch.empty_like(q)
     # dK and dV partials, (2, splits, B, H, M, d) fp32. With one d-chunk every program writes its whole slot; with
     # several it accumulates into it atomically, which needs zeros to start from.

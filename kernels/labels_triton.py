@@ -76,7 +76,10 @@ def _labels_kernel(P, M, OUT, NQ, K, h, w, H, W, scale_h, scale_w, spb, spq, spk
         p = tl.load(P + b * spb + offs_q[:, None] * spq + offs_k[None, :] * spk,
                     mask=q_ok[:, None] & k_ok[None, :], other=0.0)
         acc += mm(s.to(M.dtype.element_ty), p.to(M.dtype.element_ty), PRECISION, UPCAST)
-    acc = tl.where(k_ok[None, :], acc, float("-inf"))
+    # NaN counts as the maximum and the first one wins, as in torch.argmax. Triton's argmax compares with ">" (a
+    # NaN never wins, and the padded -inf classes beat it), so a NaN sum goes in as +inf: no real sum can be
+    # +inf (each is at most NQ), and the tie-break picks the first +inf.
+    acc = tl.where(k_ok[None, :], tl.where(acc != acc, float("inf"), acc), float("-inf"))
     tl.store(OUT + b * H * W + offs, tl.argmax(acc, axis=1).to(tl.int32), mask=ok)
 
 

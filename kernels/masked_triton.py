@@ -50,6 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
                                    checked_once, dot_precision, Launcher, mm, needs_upcast, split_extent, tile)
+from kernels.fit import masked_tiles_fit
 
 MAX_QUERIES = 256  # all queries of a (batch, head) are one register tile
 MAX_HEAD_DIM = 256  # q, dO and the accumulators are (BLOCK_Q, d) register tiles
@@ -307,7 +308,9 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, Q, K, V, O, LSE, ROW_OPE
     tl.store(ROW_OPEN + pid_bh * NQ + offs_q, row_open.to(tl.int8), mask=q_ok)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM", "FROM_BITS"],
+# DQ is summed over the key splits with atomic adds: the autotuner must zero it before each of its timing runs and
+# before the run that counts, or the first backward of each shape would return the sum of all of them.
+@triton.autotune(configs=_bwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM", "FROM_BITS"], reset_to_zero=["DQ"],
                  do_bench=autotune_bench)
 @triton.jit
 def _masked_bwd_kernel(Q, K, V, ME, MF, BITS, O, DO, LSE, ROW_OPEN, DQ, DK, DV,
@@ -368,7 +371,7 @@ def _masked_bwd_kernel(Q, K, V, ME, MF, BITS, O, DO, LSE, ROW_OPEN, DQ, DK, DV,
     if tl.num_programs(0) == 1:
         tl.store(dq_ptrs, dq * scale, mask=qd_mask)
     else:
-        tl.atomic_add(dq_ptrs, dq * scale, mask=qd_mask)
+        tl.atomic_add(dq_ptrs, dq * scale, mask=qd_mask, sem="relaxed")  # a sum: no ordering needed
 
 
 @checked_once
@@ -516,7 +519,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
     """Mask2Former masked cross-attention, Triton forward and backward, mask built in-kernel from its factors.
 
     Args:
-        q: (B, H, Q, d) queries, fp32/fp16/bf16; 1 ≤ Q ≤ 256, 1 ≤ d ≤ 256.
+        q: (B, H, Q, d) queries, fp32/fp16/bf16; 1 ≤ Q ≤ 256, 1 ≤ d ≤ 256, and Q × d within what the kernels'
+            tiles fit (``kernels.fit.masked_tiles_fit``: e.g. Q = 100 with d ≤ 32 in fp32, ≤ 128 in bf16).
         k, v: (B, H, L, d) keys and values (flattened memory), q's dtype and device.
         mask_embed: (B, Q, C) mask embeddings; mask_feats: (B, C, L) mask features (any float dtype; not
             differentiated). Key l is blocked for query i when their dot product is < 0, unless all of i's keys are.
@@ -526,7 +530,13 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
     """
     _check_inputs(q, k, v, mask_embed, mask_feats)
     scale = check_scale(scale, q.shape[-1])
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    nq, d = q.shape[2], q.shape[3]
+    if not masked_tiles_fit(q.dtype, nq, d, backward=needs_grad):
+        raise ValueError(f"q: {nq} queries of head width {d} in {str(q.dtype).removeprefix('torch.')} are more than "
+                         f"the kernel's {'backward' if needs_grad else 'forward'} fits in an SM's shared memory "
+                         f"(kernels.fit); use kernels.masked_attention_reference, narrower heads or fp16/bf16")
+    if not needs_grad:
         # No backward can follow: skip the autograd Function (a few µs of host time per call).
         return _forward(q, k, v, *_mask_factors(mask_embed, mask_feats), scale)[0]
     return MaskedAttention.apply(q, k, v, mask_embed, mask_feats, scale)

@@ -112,7 +112,8 @@ def _msda_bwd_kernel(V, SHAPES, STARTS, LOC, W, DOUT, DV, DLOC, DW, S, NQ, H, NU
                     d_a += wx * wy * dot
                     d_fx += (wy if dx else -wy) * dot
                     d_fy += (wx if dy else -wx) * dot
-                    tl.atomic_add(DV + offs, (a * wx * wy)[:, None] * dout, mask=ok)
+                    # Relaxed: a sum needs no ordering against other memory (the default acq_rel fences each add).
+                    tl.atomic_add(DV + offs, (a * wx * wy)[:, None] * dout, mask=ok, sem="relaxed")
             tl.store(DW + sample, d_a, mask=q_ok)
             # x = loc_x · w − 0.5 and fx = x − floor(x): d fx / d loc_x = w (the floor contributes nothing).
             tl.store(DLOC + 2 * sample, a * d_fx * wl.to(tl.float32), mask=q_ok)

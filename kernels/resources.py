@@ -115,7 +115,7 @@ def variants(dtype: str) -> list[Variant]:
                                           "rein-b8": (8, 1, 1024, 100, 1024, True)}.items():
         qs, ks = _contiguous((b, h, n, d)), _contiguous((1 if shared else b, h, m, d))
         kb = 0 if shared else ks[0]
-        fwd_d, bwd_d = (at.block_d(d, torch_dtype.itemsize, direction) for direction in ("fwd", "bwd"))
+        fwd_d, bwd_d = (at.block_d(d, m, torch_dtype.itemsize, direction) for direction in ("fwd", "bwd"))
         common = dict(HEAD_DIM=d, BLOCK_M=u.tile(m), **prec)
         strides = dict(zip(("sqb", "sqh", "sqn", "sqd"), qs)) | dict(skb=kb, skh=ks[1], skm=ks[2], skd=ks[3],
                                                                       svb=kb, svh=ks[1], svm=ks[2], svd=ks[3])

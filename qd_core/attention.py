@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import agent_attention_reference, blocked_keys, masked_attention_reference
+from kernels.fit import masked_tiles_fit
 
 BACKENDS = ("torch", "triton", "sdpa", "xformers", "flex")
 
@@ -93,6 +94,10 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
         import kernels
 
         dtype = _kernel_dtype(q, k, v)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if not masked_tiles_fit(dtype, q.shape[2], q.shape[3], backward=needs_grad):
+            # Heads wider than the kernels' tiles fit (kernels.fit): the PyTorch path, as on CPU.
+            return masked_attention_reference(q, k, v, mask_embed, mask_feats, scale=scale)
         return kernels.masked_attention(_as(q, dtype), _as(k, dtype), _as(v, dtype), mask_embed, mask_feats,
                                         scale=scale)
     if backend == "torch":

@@ -57,3 +57,67 @@ def test_without_autotuning_each_kernel_has_one_config_and_it_compiles_for_every
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 3 * 14 and all(int(r[7]) >= 1 for r in rows)  # every one fits an SM
+
+
+# The largest heads each kernel accepts (kernels.fit for the masked kernels, agent_triton.block_d's chunking for the
+# agent kernels), compiled with the fixed configs of QD_TRITON_AUTOTUNE=0 (no autotuner to skip a config that does
+# not fit): each must fit the 227 KiB of shared memory an sm_90 program may have.
+_LIMIT_SHAPES = """
+import dataclasses, json, sys
+import torch
+from kernels import agent_triton as at, resources as R, _triton_utils as u
+from kernels.fit import masked_tiles_fit
+
+MAX_SHARED = 232448
+cases = [("masked_fwd", "fp32", 128, 64), ("masked_combine", "fp32", 128, 64), ("masked_fwd", "bf16", 256, 128),
+         ("masked_combine", "bf16", 256, 128), ("masked_bwd", "fp32", 128, 32), ("masked_bwd", "bf16", 128, 128),
+         ("masked_bwd", "bf16", 256, 64), ("agent_fwd", "fp32", 256, 64), ("agent_bwd", "fp32", 100, 64),
+         ("agent_bwd", "fp32", 256, 32), ("agent_fwd", "bf16", 256, 128), ("agent_bwd", "bf16", 256, 128)]
+sizes = {"fp32": 4, "bf16": 2}
+out = []
+for kernel, dtype, n, d in cases:
+    if kernel.startswith("masked"):
+        assert masked_tiles_fit(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), n, d,
+                                backward=kernel == "masked_bwd"), (kernel, dtype, n, d)
+    for v in R.variants(dtype):
+        if v.kernel != kernel or v.case.startswith("rein"):
+            continue
+        args = dict(v.args)
+        if kernel.startswith("masked"):
+            args.update(NQ=n, HEAD_DIM=d, BLOCK_Q=u.tile(n), BLOCK_D=u.tile(d))
+        else:
+            direction = "fwd" if kernel == "agent_fwd" else "bwd"
+            args.update(M=n, HEAD_DIM=d, BLOCK_M=u.tile(n), BLOCK_D=at.block_d(d, n, sizes[dtype], direction))
+        v = dataclasses.replace(v, args=args)
+        for config in v.configs:
+            r = R.compile_variant(v, config, dtype, 90)
+            out.append([kernel, v.case, dtype, n, d, r.shared_bytes])
+print(json.dumps(out))
+"""
+
+
+def test_the_largest_heads_the_kernels_accept_fit_an_sm90_program():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"QD_TRITON_AUTOTUNE": "0"}
+    done = subprocess.run([sys.executable, "-c", _LIMIT_SHAPES], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {r[0] for r in rows} == {"masked_fwd", "masked_combine", "masked_bwd", "agent_fwd", "agent_bwd"}
+    too_big = [r for r in rows if r[-1] > 232448]
+    assert not too_big, too_big
+
+
+def test_masked_heads_one_step_beyond_the_limit_are_refused():
+    import torch
+
+    from kernels.fit import masked_tiles_fit
+
+    assert masked_tiles_fit(torch.float32, 100, 32, backward=True)
+    assert masked_tiles_fit(torch.float32, 100, 64, backward=False)
+    assert not masked_tiles_fit(torch.float32, 100, 64, backward=True)  # no backward config fits sm_90
+    assert not masked_tiles_fit(torch.float32, 256, 32, backward=True)
+    assert not masked_tiles_fit(torch.bfloat16, 100, 256, backward=False)  # the combine step's 512-byte rows
+    assert not masked_tiles_fit(torch.bfloat16, 256, 128, backward=True)
+    assert masked_tiles_fit(torch.bfloat16, 256, 128, backward=False)

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
 
 import kernels  # noqa: E402
 
@@ -168,7 +169,7 @@ def test_agent_wide_head_output_columns_split_across_programs():
 
     torch.manual_seed(9)
     q, k, v = leaf(1, 1, 20, 1000), leaf(1, 1, 7, 1000), leaf(1, 1, 7, 1000)
-    chunk = agent_triton.block_d(1000, q.element_size(), "fwd")
+    chunk = agent_triton.block_d(1000, 7, q.element_size(), "fwd")
     assert agent_triton.d_splits(1, -(-1000 // chunk), q.device) > 2
     check_agent(q, k, v)
 
@@ -237,6 +238,48 @@ def test_agent_rejects_mixed_dtypes():
 
 
 # --------------------------------------------------------------------------------------------- masked attention
+
+
+@pytest.fixture
+def tuned_twice(monkeypatch):
+    """Every autotuned kernel tries two configs, each timed by three calls, as the GPU's autotuner times several
+    configs by hundreds of calls on the first call of a shape (under the interpreter there is one config and
+    nothing is timed). A kernel that accumulates into a buffer with atomic adds must have it re-zeroed between
+    those calls (``reset_to_zero``), or the first result of each shape is the sum of every timing run."""
+    from triton.runtime.autotuner import Autotuner
+
+    from kernels import _triton_utils, agent_triton, masked_triton
+
+    monkeypatch.setattr(_triton_utils, "FAST_LAUNCH", False)  # every call through Triton's autotuner
+    timed = []
+
+    def three_calls(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        timed.append(1)
+        return [float(len(timed))] * len(quantiles or [0])
+
+    for module in (agent_triton, masked_triton):
+        for tuner in vars(module).values():
+            if isinstance(tuner, Autotuner):
+                config = tuner.configs[0]
+                monkeypatch.setattr(tuner, "configs", [config, triton.Config(dict(config.kwargs), num_warps=4,
+                                                                             num_stages=1)])
+                monkeypatch.setattr(tuner, "cache", {})
+                monkeypatch.setattr(tuner, "early_config_prune", None)  # both configs are the one that runs here
+                monkeypatch.setattr(tuner, "do_bench", three_calls)
+    return timed
+
+
+def test_autotuning_runs_do_not_add_into_the_gradients(tuned_twice):
+    """Masked backward over several key splits (dQ summed with atomic adds) and the wide agent backward (dK/dV
+    partials accumulated in place): the first call of a shape, which autotunes, must give the reference's
+    gradients."""
+    torch.manual_seed(12)
+    me, mf = integer_factors(1, 100, 24, 200)
+    check_masked(leaf(1, 2, 100, 32), leaf(1, 2, 200, 32), leaf(1, 2, 200, 32), me, mf)
+    check_agent(leaf(2, 1, 150, 160), leaf(1, 1, 20, 160), leaf(1, 1, 20, 160))  # fp32 d = 160: 10 chunks
+    assert len(tuned_twice) >= 8  # forward and backward of both kernels timed both configs
 
 
 def integer_factors(b: int, nq: int, c: int, seq: int, device: str = DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,6 +442,29 @@ def test_long_memories_decide_the_mask_once_per_image_for_forward_and_backward(m
     assert made == [masked_triton.BITS_MIN_KEYS]
 
 
+def test_masked_heads_wider_than_the_backward_fits_run_forward_only_and_the_model_falls_back(monkeypatch):
+    """fp32, 100 queries of width 64: the forward's tiles fit an sm_90 program, the backward's do not
+    (kernels.fit). The kernel then runs without grad, refuses with grad in one line, and the model's dispatch takes
+    the PyTorch path for it (same values, gradients flow)."""
+    from qd_core import attention as dispatch
+
+    torch.manual_seed(13)
+    me, mf = integer_factors(1, 100, 16, 70)
+    q, k, v = leaf(1, 2, 100, 64), leaf(1, 2, 70, 64), leaf(1, 2, 70, 64)
+    expected = kernels.masked_attention_reference(q, k, v, me, mf)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.masked_attention(q, k, v, me, mf), expected.detach(), atol=1e-5,
+                                   rtol=1e-5)
+    with pytest.raises(ValueError, match=r"^q: 100 queries of head width 64 in float32 are more than the kernel's "
+                                         r"backward fits[^\n]*$"):
+        kernels.masked_attention(q, k, v, me, mf)
+    monkeypatch.setenv("QD_ATTENTION", "triton")
+    monkeypatch.setattr(kernels, "masked_attention", lambda *a, **kw: pytest.fail("the kernel was called"))
+    out = dispatch.masked_attention(q, k, v, me, mf)
+    torch.testing.assert_close(out, expected)
+    assert all(g is not None for g in torch.autograd.grad(out.sum(), (q, k, v)))
+
+
 @pytest.mark.parametrize("bad, match", [("mask_feats", "mask_feats: expected shape"),
                                         ("mask_embed", "mask_embed: expected shape"),
                                         ("queries", "1 to 256 queries")])
@@ -529,6 +595,28 @@ def test_labels_of_single_query_and_single_class_inputs():
     probs, masks = labels_inputs(1, 3, 2, 3, 4, torch.float32, seed=42)
     expected, _ = fp32_labels_and_margin(probs, masks, (6, 8))
     assert torch.equal(kernels.semantic_labels(probs, masks, (6, 8)), expected)
+
+
+def check_labels_with_nan(b: int, h: int, w: int, size: tuple[int, int], seed: int) -> None:
+    """NaN counts as the maximum and the first one wins, as in torch.argmax: a NaN mask logit makes every class
+    sum of the pixels it reaches NaN (label 0), a NaN probability of class 3 makes that class's sum NaN everywhere
+    (label 3 where no earlier class is NaN). The interpreter's argmax is numpy's, which already does this; the GPU's
+    is a ">" reduction over a tile padded with -inf classes, where a NaN would lose."""
+    probs, masks = labels_inputs(b, 100, 19, h, w, torch.float32, seed=seed)
+    masks[0, 7, h // 2, w // 3] = float("nan")
+    expected, _ = fp32_labels_and_margin(probs, masks, size)
+    labels = kernels.semantic_labels(probs, masks, size)
+    reached = torch.nn.functional.interpolate(masks.float(), size=size, mode="bilinear").isnan().any(1)
+    assert reached.any() and (expected[reached] == 0).all()
+    assert torch.equal(labels, expected)
+    probs[-1, 11, 3] = float("nan")
+    expected, _ = fp32_labels_and_margin(probs, masks, size)
+    assert (expected[-1] == 3).all()
+    assert torch.equal(kernels.semantic_labels(probs, masks, size), expected)
+
+
+def test_labels_put_the_first_nan_class_first_as_argmax_does():
+    check_labels_with_nan(2, 6, 5, (24, 20), seed=44)
 
 
 @pytest.mark.parametrize("bad, match", [("probs_batch", r"class_probs: expected \(2, 5, K\)"),
@@ -667,6 +755,12 @@ def test_tiny_student_with_the_kernels_replays_from_a_cuda_graph_as_it_runs_eage
         err = (logits - expected_logits).abs().max()
         assert err <= 8 * torch.finfo(torch.bfloat16).eps * expected_logits.abs().max(), f"max error {err:.3e}"
         assert (labels == expected_labels).float().mean() >= 0.99
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_labels_with_nan_at_the_paper_shape_on_gpu():
+    check_labels_with_nan(2, 128, 128, (512, 512), seed=45)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

@@ -1,0 +1,38 @@
+"""What the masked-attention kernels' tiles fit on a GPU, checked before a launch (no Triton import).
+
+Every program of the masked kernels holds whole (Q, d) tiles: q and the output accumulator, in the backward also
+dO and the dQ accumulator, staged in shared memory for the tensor-core products. Compiled offline for sm_90
+(``python -m kernels.resources``; 227 KiB of shared memory per program at most), counting a tile's bytes ×3 in
+fp32 (tf32x3 splits every operand in three):
+
+- forward (and its combine step): every shape up to 96 KiB counted with rows of at most 256 bytes fits (fp32
+  Q = 128, d = 64; bf16 Q = 256, d = 128); the combine step at bf16 Q = 128, d = 256 (512-byte rows) does not;
+- backward: up to 48 KiB (fp32 Q = 128, d = 32; bf16 Q = 128, d = 128 or Q = 256, d = 64); no config fits fp32
+  Q = 128, d = 64 or Q = 256, d = 32, nor bf16 Q = 128, d = 256, and at bf16 Q = 256, d = 128 one config fits
+  with 1 KiB to spare, too little to count on.
+
+Shapes beyond these raise in ``kernels.masked_attention`` instead of failing in the launch, and the model's
+dispatch (``qd_core.attention``) runs them with the PyTorch path. The model's own heads (d = 32, Q = 100) are far
+inside.
+"""
+from __future__ import annotations
+
+import torch
+
+_TILE_BYTES = {False: 96 * 1024, True: 48 * 1024}  # backward: False / True
+_MAX_ROW_BYTES = 256
+_FP32_OPERAND_COPIES = 3
+
+
+def _tile(n: int) -> int:
+    """The kernels' tile side for n: the next power of two, at least 16 (tl.dot's smallest side)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def masked_tiles_fit(dtype: torch.dtype, queries: int, head_dim: int, *, backward: bool) -> bool:
+    """Whether the masked kernels run ``queries`` × ``head_dim`` heads in ``dtype`` (with ``backward``: the
+    backward too)."""
+    size = torch.finfo(dtype).bits // 8
+    row = _tile(head_dim) * size
+    counted = _tile(queries) * row * (_FP32_OPERAND_COPIES if dtype == torch.float32 else 1)
+    return row <= _MAX_ROW_BYTES and counted <= _TILE_BYTES[backward]
