@@ -13,6 +13,7 @@ marked as stopped. ``--time-limit S`` is the gentler stop: tests that would star
 """
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import datetime as dt
@@ -111,6 +112,11 @@ def versions() -> dict[str, str]:
     return found
 
 
+# What --time-limit expects of a backend's first test before any has run: Inductor's compilation (and CUDA-graph
+# capture) of the ViT-L student took ~130 s per batch size on an H100 (and minutes of C++ on a CPU). Others: 0.
+FIRST_TEST_S = {"torch-compile": 150.0, "torch-compile-bf16": 150.0}
+
+
 class OutcomeCollector:
     """A pytest plugin that keeps every skipped or failed test with its reason, and whether the run was cut short,
     for the report; prints one progress line per test (a GPU run spends minutes in compilation and capture, and
@@ -125,6 +131,8 @@ class OutcomeCollector:
         self.not_run: list[NotRun] = []
         self.passed = 0
         self.interrupted = False
+        self.session: Any = None
+        self.stop_timer: threading.Timer | None = None  # armed by stop_on_signals
         self.time_limit = time_limit
         self.progress = progress
         self.start = time.monotonic()
@@ -137,17 +145,30 @@ class OutcomeCollector:
         spec = callspec.params.get("spec") if callspec is not None else None
         return str(getattr(spec, "name", "")) if spec is not None else ""
 
+    def pytest_sessionstart(self, session: Any) -> None:
+        self.session = session
+
     def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
         self.interrupted = True
+        self.cancel_stop_timer()  # stopped: nothing may interrupt the saving of the results
+
+    def cancel_stop_timer(self) -> None:
+        if self.stop_timer is not None:
+            self.stop_timer.cancel()
 
     @pytest.hookimpl(tryfirst=True)  # before the fixtures: a skipped test builds nothing
     def pytest_runtest_setup(self, item: Any) -> None:
         if self.time_limit is None:
             return
         spent = time.monotonic() - self.start
-        expected = self._longest.get(self._backend(item), 0.0) if self._backend(item) else 0.0
+        backend = self._backend(item)
+        if backend in self._longest:
+            expected = self._longest[backend]
+            why = f" and ~{expected:.1f} s expected from an earlier test of its backend"
+        else:
+            expected = FIRST_TEST_S.get(backend, 0.0)
+            why = f" and ~{expected:.0f} s expected for its backend's first test (compilation)" if expected else ""
         if spent + expected > self.time_limit:
-            why = f" and ~{expected:.1f} s expected from an earlier test of its backend" if expected > 0 else ""
             pytest.skip(f"--time-limit {self.time_limit:g} s: {spent:.1f} s spent{why}")
 
     @pytest.hookimpl(tryfirst=True)
@@ -187,23 +208,40 @@ def resolve_checkpoint(checkpoint: str | None, config: str | None) -> str:
     return str(found) if found is not None else NO_CHECKPOINT
 
 
+STOP_GRACE_S = 15.0  # how long a signalled stop waits for the test in progress (gpu_check kills 30 s after)
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM raises KeyboardInterrupt, which pytest turns into an orderly stop: the session
-    finishes, pytest-benchmark saves the JSON of the tests that ran, and the report can still be written.
+def stop_on_signals(collector: OutcomeCollector) -> Iterator[None]:
+    """Within the block the first SIGTERM or SIGINT (a time limit such as ``timeout``, Ctrl-C) asks pytest to stop
+    after the test in progress: the session finishes, pytest-benchmark saves the JSON of the tests that ran, and
+    the report can still be written. A second signal, or the test still running ``STOP_GRACE_S`` later, stops it
+    at once (KeyboardInterrupt). Not at once from the start: an exception raised at an arbitrary instruction can
+    land where Python 3.11 has no line number, and pytest then fails while printing it and saves nothing.
     (Signal handlers belong to the main thread; elsewhere the block changes nothing.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def stop(signum: int, frame: Any) -> None:
+        if collector.session is None or collector.stop_timer is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        collector.interrupted = True
+        collector.session.shouldstop = f"signal {signum}"
+        print(f"signal {signum}: stopping after the test in progress (at most {STOP_GRACE_S:g} s; again to stop now)",
+              file=sys.stderr, flush=True)
+        # interrupt_main delivers SIGINT to this handler, which then raises.
+        collector.stop_timer = threading.Timer(STOP_GRACE_S, _thread.interrupt_main)
+        collector.stop_timer.daemon = True
+        collector.stop_timer.start()
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        collector.cancel_stop_timer()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suites = [str(BENCH_DIR / "test_backends.py")] + ([str(BENCH_DIR / "test_kernels.py")] if run_kernels else [])
     collector = OutcomeCollector(args.time_limit, progress=sys.stderr)
     load_start = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="qd-bench-json-") as tmp, sigterm_as_interrupt():
+    with tempfile.TemporaryDirectory(prefix="qd-bench-json-") as tmp, stop_on_signals(collector):
         json_path = Path(tmp) / "benchmark.json"
         rc = pytest.main([*suites, "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO_ROOT),
                           f"--benchmark-json={json_path}", f"--benchmark-min-rounds={min_rounds}",
@@ -281,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Other processes on the machine inflate and scatter the timings; the load says how much to trust them.
         "load_note": f"1-minute load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end, on "
                      f"{os.cpu_count()} logical CPUs",
-        "stopped_note": (f"interrupted (Ctrl-C or SIGTERM) after {collector.passed} passed tests; the test in "
-                         "progress and those after it did not run" if collector.interrupted else None),
+        "stopped_note": (f"interrupted (Ctrl-C or SIGTERM) after {collector.passed} passed tests; the tests after "
+                         "them did not run" if collector.interrupted else None),
     }
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     report = build_report(bench_json, meta, collector.not_run, peak_override=peak)

@@ -66,6 +66,18 @@ class KernelTime:
     calls: float  # per forward
 
 
+def profiler_range(name: str) -> Any:
+    """A profiler range (a context manager) that the kernels launched inside it are linked to.
+
+    Not ``torch.profiler.record_function``: that opens a user-scope range, whose correlation id the profiler keeps
+    apart from the operators'; a kernel is linked only to the innermost operator (or function-scope range) open at
+    its launch, so a kernel launched outside every ATen operator (the Triton kernels' direct launches) would be
+    booked to no module. A function-scope range, as Inductor wraps its own Triton launches in, is such an
+    operator.
+    """
+    return torch._C._profiler._RecordFunctionFast(name)
+
+
 @contextlib.contextmanager
 def module_ranges(model: nn.Module) -> Iterator[None]:
     """Each top-level child of ``model`` runs inside a profiler range ``qd::<name>`` while the block is open."""
@@ -73,7 +85,7 @@ def module_ranges(model: nn.Module) -> Iterator[None]:
     handles = []
     for name, child in model.named_children():
         def pre(_m: nn.Module, _args: Any, name: str = name) -> None:
-            rf = torch.profiler.record_function(RANGE_PREFIX + name)
+            rf = profiler_range(RANGE_PREFIX + name)
             rf.__enter__()
             open_ranges[name].append(rf)
 
@@ -247,7 +259,7 @@ def _profile(backend: TorchBackend, session: BenchSession, spec: BackendSpec, ba
     images = session.inputs(batch)
 
     def forward() -> None:
-        with torch.profiler.record_function(RANGE_PREFIX + "forward"):
+        with profiler_range(RANGE_PREFIX + "forward"):
             backend.predict(images)
         if gpu:
             torch.cuda.synchronize()

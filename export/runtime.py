@@ -157,6 +157,13 @@ class OrtSegmenter:
         return self.run(images)[1]
 
 
+def profile_calls(n: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """n ≥ 1 images as engine calls of lo..hi images each (a TensorRT optimisation profile's batch range):
+    (start, stop, padding) per call, where ``padding`` copies of the call's last image bring a short call up to lo
+    (their outputs are dropped)."""
+    return [(start, min(start + hi, n), max(0, lo - (min(start + hi, n) - start))) for start in range(0, n, hi)]
+
+
 class TrtSegmenter:
     """A serialized TensorRT engine run on torch CUDA buffers (see ``export.tensorrt.EngineRunner``)."""
 
@@ -169,9 +176,23 @@ class TrtSegmenter:
         self.input_size = self.runner.input_size
 
     def run(self, images: ImageBatch) -> tuple[Tensor, Tensor]:
-        """images (B, 3, H, W) → (logits, labels) as CUDA tensors on the engine's device."""
-        outputs = self.runner.run(as_image_tensor(images))
-        return outputs["logits"].float(), outputs["labels"]
+        """images (B, 3, H, W) → (logits, labels) as CUDA tensors on the engine's device. Any B ≥ 1: a batch outside
+        the engine's optimisation profile runs as calls inside it (see ``profile_calls``)."""
+        x = as_image_tensor(images)
+        spec = self.runner.meta["inputs"][INPUT_NAME]
+        lo, hi = int(spec["min"][0]), int(spec["max"][0])
+        if len(x) == 0 or lo <= len(x) <= hi:
+            outputs = self.runner.run(x)
+            return outputs["logits"].float(), outputs["labels"]
+        logits, labels = [], []
+        for start, stop, pad in profile_calls(len(x), lo, hi):
+            chunk = x[start:stop]
+            if pad:
+                chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
+            outputs = self.runner.run(chunk)
+            logits.append(outputs["logits"][:stop - start])
+            labels.append(outputs["labels"][:stop - start])
+        return torch.cat(logits).float(), torch.cat(labels)
 
     def logits(self, images: ImageBatch) -> Tensor:
         return self.run(images)[0]

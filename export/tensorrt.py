@@ -205,7 +205,11 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     cache_path = Path(timing_cache) if timing_cache is not None else None
     if cache_path is not None:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            # Made by another GPU or TensorRT version: start an empty one (it replaces the file after the build).
+            log(f"  timing cache '{cache_path}' does not match this GPU / TensorRT {trt.__version__}; starting a "
+                f"new one")
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     log(f"  building TensorRT {trt.__version__} engine ({'strongly typed' if strongly_typed else 'fp16 flag'}, "
         f"batch {batch[0]}..{batch[2]} opt {batch[1]}) — this takes minutes")
@@ -247,9 +251,10 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
 class EngineRunner:
     """A deserialized engine with one execution context; torch CUDA tensors are its I/O buffers.
 
-    ``run`` binds each tensor's ``data_ptr()`` with ``set_tensor_address`` and enqueues ``execute_async_v3`` on
-    torch's current CUDA stream, so results are ordered with any torch work on that stream (no pycuda, no extra
-    synchronisation).
+    ``run`` binds each tensor's ``data_ptr()`` with ``set_tensor_address`` and enqueues ``execute_async_v3`` on the
+    runner's own CUDA stream, ordered after torch's current stream and before anything later queued on it (two
+    stream waits, no host synchronisation, no pycuda). Not the current stream itself: that is usually the legacy
+    default stream, on which TensorRT warns and adds synchronisations of its own.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str | torch.device = "cuda") -> None:
@@ -275,6 +280,7 @@ class EngineRunner:
             if self.engine is None:
                 raise EngineError(f"TensorRT {trt.__version__} could not deserialize engine '{self.path}'")
             self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(self.device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(INPUT_NAME))
@@ -294,9 +300,12 @@ class EngineRunner:
                 dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
                 results[name] = torch.empty(shape, dtype=dtype, device=self.device)
                 self.context.set_tensor_address(name, results[name].data_ptr())
-            stream = torch.cuda.current_stream(self.device)
-            if not self.context.execute_async_v3(stream.cuda_stream):
+            current = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)  # x and the output buffers are made on the current stream
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError(f"TensorRT execution of engine '{self.path}' failed (see the TensorRT log)")
-            # x may be freed on return while the engine still reads it: the caching allocator hands its memory
-            # only to work queued later on this same stream, which runs after the engine.
+            current.wait_stream(self.stream)
+            # x may be freed on return while the engine still reads it, and the outputs handed to anything: the
+            # caching allocator gives their memory only to work queued later on the current stream, which now
+            # waits for the engine.
         return results

@@ -5,9 +5,11 @@
 #
 #   bash scripts/gpu_check.sh [STEP ...]     # from anywhere; results in ${OUT:-./gpu_results}
 #
-# A 15-minute GPU slot, as two calls on one warm machine (carry data/bench-synthetic-2 in both):
-#   GPU_CHECK_SECONDS=400 bash scripts/gpu_check.sh env bench host_profile op_profile   # kernels, profiles
-#   GPU_CHECK_SECONDS=400 bash scripts/gpu_check.sh bench_e2e                           # end-to-end report
+# A 15-minute GPU slot (the machine's start, ~2-3 minutes, included), as two calls on one warm machine, carrying
+# data/bench-synthetic-2 in both:
+#   GPU_CHECK_SECONDS=360 bash scripts/gpu_check.sh env bench op_profile                 # kernels, profile
+#   (copy the first call's bench_kernels.json into the working tree: each call starts with an empty $OUT)
+#   KERNELS_JSON=<that copy> GPU_CHECK_SECONDS=330 bash scripts/gpu_check.sh bench_e2e   # end-to-end report
 #
 # STEPs, run in this order: env gpu_tests bench host_profile op_profile bench_e2e bench_flex kernel_tests. The
 # default is the kernel check (all but bench_e2e, ~7 minutes on an H100); bench_e2e, the end-to-end benchmark of
@@ -97,7 +99,11 @@ run op_profile 150 python3 -m bench.op_profile --device cuda --config vitl16_512
 # was written).
 KERNEL_JSON=()
 KJ="${KERNELS_JSON:-$RESULTS/bench_kernels.json}"
-[[ -f "$KJ" ]] && KERNEL_JSON=(--kernels-json "$KJ")
+if [[ -f "$KJ" ]]; then
+    KERNEL_JSON=(--kernels-json "$KJ")
+elif wanted bench_e2e; then
+    echo "== bench_e2e: no kernel JSON ($KJ): the report will have no kernel table (set KERNELS_JSON)" | tee -a "$LOG"
+fi
 run bench_e2e 420 bash -c 'python3 -m bench --time-limit $((STEP_SECONDS > 120 ? STEP_SECONDS - 60 : 60)) "$@"' e2e \
     --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
     --images 8 --batch 8 --backends "${E2E_BACKENDS:-torch-fp32,torch-bf16,torch-fp16,torch-bf16-pure,torch-triton-fp32,\

@@ -203,3 +203,20 @@ def test_time_limit_skips_the_tests_that_would_end_after_it(tmp_path: Path):
     assert late.passed == 0 and len(late.not_run) == 5
     # (no test of the backend has run, so nothing is expected of it)
     assert re.fullmatch(r"--time-limit 1e-09 s: \d+\.\d s spent", late.not_run[0].reason), late.not_run[0].reason
+
+
+def test_time_limit_expects_minutes_of_a_compiled_backends_first_test(tmp_path: Path):
+    """Before any test of torch.compile has run (nothing to go by), its first test is expected to compile for
+    minutes: with 100 s left it is skipped, not started and then killed mid-compilation; an eager one runs."""
+    from bench.cli import FIRST_TEST_S, OutcomeCollector
+
+    suite = tmp_path / "test_compiled.py"
+    suite.write_text(
+        "import pytest\n\nclass Spec:\n    def __init__(self, name):\n        self.name = name\n\n"
+        "@pytest.mark.parametrize('spec', [Spec('torch-compile-bf16'), Spec('torch-fp32')], ids=lambda s: s.name)\n"
+        "def test_latency(spec):\n    pass\n")
+    collector = OutcomeCollector(time_limit=100.0, progress=None)
+    assert pytest.main([str(suite), "-q", "-p", "no:cacheprovider"], plugins=[collector]) == 0
+    assert collector.passed == 1 and [n.test for n in collector.not_run] == ["test_latency[torch-compile-bf16]"]
+    assert f"~{FIRST_TEST_S['torch-compile-bf16']:.0f} s expected for its backend's first test" in \
+        collector.not_run[0].reason

@@ -217,3 +217,36 @@ def test_infer_on_a_folder_without_images_is_a_clear_error(exported, tmp_path, c
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no images" in err and err.count("\n") == 1
+
+
+def test_engine_calls_split_and_pad_batches_into_the_profile():
+    """A TensorRT segmenter takes any batch: calls of at most the profile's maximum, a short one padded with copies
+    of its last image up to the minimum, the padding's outputs dropped (a stand-in runner: no TensorRT here)."""
+    from export.runtime import TrtSegmenter, profile_calls
+
+    assert profile_calls(7, 2, 3) == [(0, 3, 0), (3, 6, 0), (6, 7, 1)]
+    assert profile_calls(1, 1, 8) == [(0, 1, 0)]
+    assert profile_calls(9, 4, 4) == [(0, 4, 0), (4, 8, 0), (8, 9, 3)]
+
+    class Runner:
+        meta = {"inputs": {"images": {"min": [2, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [3, 3, 8, 8]}}}
+        calls: list[int] = []
+
+        def run(self, x):
+            assert 2 <= len(x) <= 3
+            self.calls.append(len(x))
+            # Per-image outputs that identify the image: its mean as a logit map, its first pixel as labels.
+            return {"logits": x.mean(dim=(1, 2, 3))[:, None, None, None].expand(-1, 19, 2, 2).half(),
+                    "labels": x[:, 0].to(torch.int32)}
+
+    seg = object.__new__(TrtSegmenter)
+    seg.runner, seg.name, seg.input_size = Runner(), "fake", (8, 8)
+    x = torch.rand(7, 3, 8, 8) * 255
+    logits, labels = seg.run(x)
+    assert Runner.calls == [3, 3, 2]
+    assert logits.dtype == torch.float32 and logits.shape == (7, 19, 2, 2)
+    torch.testing.assert_close(logits[:, 0, 0, 0], x.mean(dim=(1, 2, 3)).half().float())
+    assert torch.equal(labels, x[:, 0].to(torch.int32))
+    Runner.calls.clear()
+    seg.run(x[:2])
+    assert Runner.calls == [2]

@@ -74,9 +74,16 @@ def test_engine_metadata_describes_the_build(gather_engine):
     assert (gather_engine.parent / "timing.cache").stat().st_size > 0
 
 
-def test_batch_outside_the_profile_is_refused_before_running(gather_engine):
+def test_batch_outside_the_profile_runs_as_calls_inside_it(gather_engine):
+    """Profile 1..4: five images run as 4 + 1 through TrtSegmenter; the engine runner itself refuses them."""
+    seg = TrtSegmenter(gather_engine)
+    x = images(5)
     with pytest.raises(ValueError, match="batch 5 is outside the optimisation profile"):
-        TrtSegmenter(gather_engine).predict(images(5))
+        seg.runner.run(x)
+    logits, labels = seg.run(x)
+    first, rest = seg.run(x[:4]), seg.run(x[4:])
+    torch.testing.assert_close(logits, torch.cat([first[0], rest[0]]))
+    assert torch.equal(labels, torch.cat([first[1], rest[1]]))
 
 
 def test_weakly_typed_fp16_build_exists_only_before_tensorrt_11(student, tmp_path):

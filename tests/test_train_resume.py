@@ -73,3 +73,19 @@ def test_resume_with_another_global_batch_is_refused(tmp_path: Path, data_root: 
     changed = tiny_config(data_root, "train.iters=2", "train.batch_size=4")
     with pytest.raises(ValueError, match="same global batch"):
         run_training(changed, files, resume=True, progress=False)
+
+
+def test_rng_restore_sets_only_the_cuda_devices_this_process_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training state saved with 8 GPUs visible resumes where 4 are (another CUDA_VISIBLE_DEVICES, or fewer ranks
+    at a larger batch): the first 4 devices get their states back, and the rest are not indexed at all."""
+    from train.checkpointing import capture_rng, restore_rng
+
+    state = capture_rng()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("indexes every saved state"))
+    restore_rng(state)
+    assert restored == [(0, 0), (1, 1), (2, 2), (3, 3)]

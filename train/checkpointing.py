@@ -107,7 +107,10 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of ``capture_rng``."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per device visible when saved; a resume may see fewer (another CUDA_VISIBLE_DEVICES, fewer
+        # ranks at a larger batch): set_rng_state_all would index past the last generator.
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
