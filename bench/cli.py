@@ -296,11 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"--benchmark-warmup-iterations={max(warmup, 1)}", "--benchmark-disable-gc",
                           "--benchmark-sort=name"],
                          plugins=[collector])
-        if not json_path.is_file():
+        if json_path.is_file():
+            bench_json = json.loads(json_path.read_text())
+        else:  # pytest-benchmark writes nothing when no benchmark ran: the report still says what did not, and why
             why = "interrupted before any benchmark finished" if collector.interrupted else f"pytest exit {int(rc)}"
-            print(f"error: the suites wrote no benchmark JSON ({why})", file=sys.stderr)
-            return int(rc) or 1
-        bench_json = json.loads(json_path.read_text())
+            print(f"warning: no benchmark finished ({why}); the report lists the tests that did not run",
+                  file=sys.stderr)
+            bench_json = {"benchmarks": []}
     for extra in args.kernels_json:
         bench_json["benchmarks"] += json.loads(extra.read_text()).get("benchmarks", [])
 

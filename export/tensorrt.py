@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -269,9 +270,13 @@ class EngineRunner:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"device={device!r}: TensorRT engines run on a CUDA device")
-        self.meta = read_engine_metadata(self.path)
-        check_engine_compatibility(self.meta, tensorrt_version=trt.__version__, gpu=gpu_info(self.device),
-                                   engine_path=self.path)
+        # An engine built by `trtexec` (the command `python -m export` prints) has no metadata file: its profile is
+        # then read from the engine, and whether it suits this GPU and TensorRT is left to deserialisation.
+        described = engine_metadata_path(self.path).is_file()
+        if described:
+            self.meta = read_engine_metadata(self.path)
+            check_engine_compatibility(self.meta, tensorrt_version=trt.__version__, gpu=gpu_info(self.device),
+                                       engine_path=self.path)
         self.trt = trt
         logger = _trt_logger(trt)
         trt.init_libnvinfer_plugins(logger, "")
@@ -281,6 +286,11 @@ class EngineRunner:
                 raise EngineError(f"TensorRT {trt.__version__} could not deserialize engine '{self.path}'")
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(self.device)
+        if not described:
+            lo, opt, hi = (list(shape) for shape in self.engine.get_tensor_profile_shape(INPUT_NAME, 0))
+            self.meta = {"inputs": {INPUT_NAME: {"min": lo, "opt": opt, "max": hi}}}
+            warnings.warn(f"engine '{self.path}' has no metadata file '{engine_metadata_path(self.path)}' (built by "
+                          f"trtexec?): its batch profile {lo[0]}..{hi[0]} is read from the engine", stacklevel=2)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(INPUT_NAME))

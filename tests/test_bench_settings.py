@@ -220,3 +220,20 @@ def test_time_limit_expects_minutes_of_a_compiled_backends_first_test(tmp_path: 
     assert collector.passed == 1 and [n.test for n in collector.not_run] == ["test_latency[torch-compile-bf16]"]
     assert f"~{FIRST_TEST_S['torch-compile-bf16']:.0f} s expected for its backend's first test" in \
         collector.not_run[0].reason
+
+
+def test_cli_writes_the_report_when_no_benchmark_ran(tmp_path: Path):
+    """pytest-benchmark writes no JSON when nothing ran (here: a time limit spent before the first test); the
+    report is still written, listing every test that did not run and why."""
+    from qd_core.data import ensure_synthetic
+
+    root = ensure_synthetic(tmp_path / "synth", num_train=1, num_val=1, size=(64, 128), progress=False)
+    out = tmp_path / "report"
+    assert main(["--device", "cpu", "--quick", "--checkpoint", "none", "--no-kernels", "--backends", "torch-fp32",
+                 "--images", "1", "--batch", "1", "--data", str(root), "--time-limit", "1e-6", "--out",
+                 str(out)]) == 0
+    report = json.loads(next(out.glob("cpu-*.json")).read_text())
+    assert not report["latency"]
+    text = next(out.glob("cpu-*.md")).read_text()
+    assert "`test_latency[torch-fp32-b1]` | skipped | --time-limit 1e-06 s" in text
+    assert "`test_accuracy[torch-fp32]` | skipped" in text

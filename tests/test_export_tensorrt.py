@@ -99,3 +99,16 @@ def test_weakly_typed_fp16_build_exists_only_before_tensorrt_11(student, tmp_pat
         with pytest.raises(EngineError, match="strongly typed networks only"):
             build_engine(onnx_path, tmp_path / "weak.engine", batch=BATCH, height=SIZE, width=SIZE,
                          strongly_typed=False, log=lambda _: None)
+
+
+def test_engine_without_metadata_takes_its_profile_from_the_engine(gather_engine, tmp_path):
+    """An engine built by the printed trtexec command has no metadata file: it still runs, its profile read from
+    the engine itself, with a warning."""
+    import shutil
+
+    bare = tmp_path / "bare.engine"
+    shutil.copyfile(gather_engine, bare)
+    with pytest.warns(UserWarning, match="no metadata file"):
+        seg = TrtSegmenter(bare)
+    assert seg.runner.meta["inputs"]["images"]["max"] == [4, 3, SIZE, SIZE]
+    assert seg.predict(images(2)).shape == (2, SIZE, SIZE)
