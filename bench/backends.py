@@ -289,6 +289,8 @@ def unavailable_reason(spec: BackendSpec, settings: BenchSettings) -> str | None
         return f"{spec.name} needs CUDA (autocast on CPU is timed in bf16)"
     if spec.name == "trt-fp16" and importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (the tensorrt package)"
+    if spec.name.startswith("ort-") and importlib.util.find_spec("onnxruntime") is None:
+        return "ONNX Runtime is not installed (the onnxruntime package)"
     if spec.name.startswith("ort-") and settings.device == "cuda":
         import onnxruntime
 

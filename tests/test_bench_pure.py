@@ -46,3 +46,18 @@ def test_the_backends_that_convert_the_model_do_not_also_autocast():
         assert recipe is None or recipe.get("autocast") is None or recipe.get("dtype") is None, b.name
     with pytest.raises(ValueError, match="pick one"):
         TorchBackend(_tiny(), name="both", autocast=torch.bfloat16, dtype=torch.bfloat16)
+
+
+def test_onnx_runtime_backends_skip_with_a_reason_where_it_is_not_installed(monkeypatch):
+    import importlib.util
+
+    from bench.backends import BACKENDS, unavailable_reason
+    from bench.settings import BenchSettings
+
+    settings = BenchSettings(device="cpu", config="tiny", checkpoint=None, data=None, images=2, batch=2, backends=None,
+                             cpu_compile=False, work=None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    reasons = {b.name: unavailable_reason(b, settings) for b in BACKENDS if b.name.startswith("ort-")}
+    assert reasons == {"ort-fp32": "ONNX Runtime is not installed (the onnxruntime package)",
+                       "ort-fp16": "ONNX Runtime is not installed (the onnxruntime package)"}
