@@ -79,12 +79,13 @@ def test_latency(benchmark, session: BenchSession, spec: BackendSpec, batch: int
             method = "CUDA: peak of the call that captured the graph (its pool keeps it)"
         else:
             step()  # compilation, autotuning and allocator growth stay out of the measurement
-            if cuda and spec.name in CAPTURED_IN_COMPILE:
+            replayed = cuda and spec.name in CAPTURED_IN_COMPILE
+            if replayed:
                 step()  # Inductor's CUDA graphs warm up in the first call and record in the second: measure a replay
             _, peak_mib, method = measure_peak(SETTINGS.device, step)
-        if cuda and spec.name in CAPTURED_IN_COMPILE:
-            method = "CUDA: torch.cuda.max_memory_allocated of a replay (the graph's pool, filled at capture, " \
-                     "not counted)"
+            if replayed:
+                method = "CUDA: torch.cuda.max_memory_allocated of a replay (the graph's pool, filled at capture, " \
+                         "not counted)"
         if cuda and spec.name in FOREIGN_ALLOCATOR:
             peak_mib, method = None, "n/a: allocated outside torch"
         benchmark.extra_info.update(peak_mem_mib=peak_mib, memory_method=method)

@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
                                    checked_once, dot_precision, Launcher, mm, needs_upcast, persistent_programs,
                                    split_extent, sum_partials, target_programs, tile)
+from kernels.fit import counted_tile_bytes
 
 MAX_KEYS = 256  # the key tile is held whole in registers
 # Head widths up to this many bytes per row (128 elements in fp16/bf16, 64 in fp32) are one d-chunk: q, K and V
@@ -45,7 +46,6 @@ _WIDE_CHUNK_BYTES = {"fwd": 128, "bwd": 64}
 # the forward at M = 256, d = 64 (192 KiB), all of which the chunked path runs; bf16 at M = 256, d = 128 (64 KiB)
 # still fits both.
 _WHOLE_KV_BYTES = {"fwd": 96 * 1024, "bwd": 64 * 1024}
-_FP32_OPERAND_COPIES = 3
 # Every backward BLOCK_N divides it, so a split's rows are whole query blocks for any config. Kept at the largest
 # backward block so that short sequences still split finely: Rein's 1024 rows of one head give 16 programs.
 _ROW_QUANTUM = 64
@@ -322,8 +322,8 @@ def block_d(d: int, m: int, element_size: int, direction: str) -> int:
     """The d-chunk width for a head of width d over m keys: the whole (padded) head where its rows fit
     _MAX_BLOCK_D_BYTES and its K and V tiles _WHOLE_KV_BYTES, else the wide-head chunk of ``direction`` ("fwd" or
     "bwd")."""
-    kv_bytes = tile(d) * tile(m) * element_size * (_FP32_OPERAND_COPIES if element_size == 4 else 1)
-    if tile(d) * element_size <= _MAX_BLOCK_D_BYTES and kv_bytes <= _WHOLE_KV_BYTES[direction]:
+    if (tile(d) * element_size <= _MAX_BLOCK_D_BYTES
+            and counted_tile_bytes(m, d, element_size) <= _WHOLE_KV_BYTES[direction]):
         return tile(d)
     return max(16, _WIDE_CHUNK_BYTES[direction] // element_size)  # 16: tl.dot's smallest operand side
 

@@ -29,10 +29,15 @@ def _tile(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def counted_tile_bytes(rows: int, cols: int, element_size: int) -> int:
+    """Bytes of a (tile(rows), tile(cols)) operand tile as these limits count them: ×3 in fp32 (4-byte elements),
+    whose tensor-core products run as tf32x3. The agent kernels bound their whole K/V tiles the same way."""
+    return _tile(rows) * _tile(cols) * element_size * (_FP32_OPERAND_COPIES if element_size == 4 else 1)
+
+
 def masked_tiles_fit(dtype: torch.dtype, queries: int, head_dim: int, *, backward: bool) -> bool:
     """Whether the masked kernels run ``queries`` × ``head_dim`` heads in ``dtype`` (with ``backward``: the
     backward too)."""
     size = torch.finfo(dtype).bits // 8
-    row = _tile(head_dim) * size
-    counted = _tile(queries) * row * (_FP32_OPERAND_COPIES if dtype == torch.float32 else 1)
-    return row <= _MAX_ROW_BYTES and counted <= _TILE_BYTES[backward]
+    return (_tile(head_dim) * size <= _MAX_ROW_BYTES
+            and counted_tile_bytes(queries, head_dim, size) <= _TILE_BYTES[backward])
