@@ -14,7 +14,9 @@ For every case and mode it puts the Triton kernel beside the best PyTorch path (
 Times are given twice where the JSON has both: wall-clock medians per call ending in ``torch.cuda.synchronize()``
 (Python launch cost included; at these sizes that cost is a large part of each call, and it is what a user pays in
 eager mode), and GPU-only times (``device_ms``: one call captured in a CUDA graph and replayed, as a graphed or
-compiled model runs it). Speed-up and bandwidth share are judged against the targets in each.
+compiled model runs it). Speed-up and bandwidth share are judged against the targets in each. Further tables,
+where the JSON has their benchmarks: the masked kernel's two mask paths, the resizes' and depthwise convolutions'
+layouts, and the config each autotuner chose per shape.
 """
 from __future__ import annotations
 
@@ -220,6 +222,21 @@ def render_layouts(bench_json: dict[str, Any]) -> str:
                       "(ratio) |", "|---|---|---|---|---|", *lines]) + "\n"
 
 
+def render_autotuned(bench_json: dict[str, Any]) -> str:
+    """Markdown table of the config each autotuned kernel chose per tuning key (recorded by the benchmark that tuned
+    it, ``extra_info["autotuned"]``); '' when the JSON has none (CPU runs, older JSON files)."""
+    lines = []
+    for entry in bench_json["benchmarks"]:
+        for kernel, chosen in (entry.get("extra_info", {}).get("autotuned") or {}).items():
+            lines += [f"| {kernel} | {key} | {config} | {entry['name'].removeprefix('test_')} |"
+                      for key, config in chosen.items()]
+    if not lines:
+        return ""
+    return "\n".join(["Autotuned configs: what each kernel's autotuner chose, per tuning key (the key arguments' "
+                      "values, then the tensors' dtypes), and the benchmark that tuned it.", "",
+                      "| kernel | tuning key | config | tuned by |", "|---|---|---|---|", *lines]) + "\n"
+
+
 def _device(r: Row) -> str:
     """GPU-only times (CUDA graph replay), where the JSON has them."""
     if not r.device_ms:
@@ -243,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"{args.json}: no Triton kernel benchmark with a PyTorch counterpart in it")
     device = next((b["extra_info"].get("device") for b in data["benchmarks"] if "extra_info" in b), "unknown")
     text = render(rows, args.bandwidth_tbs, f"Kernel microbenchmarks on {device}")
-    for extra in (render_mask_paths(rows), render_layouts(data)):
+    for extra in (render_mask_paths(rows), render_layouts(data), render_autotuned(data)):
         text += ("\n" + extra) if extra else ""
     if args.out is not None:
         from qd_core.checkpoint import atomic_write  # torch comes with it; only needed here

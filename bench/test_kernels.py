@@ -29,6 +29,7 @@ from torch import Tensor  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import masked_triton  # noqa: E402
+from kernels._triton_utils import autotuned_configs  # noqa: E402
 from kernels.masked_triton import BITS_MIN_KEYS  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -287,8 +288,14 @@ def _run(benchmark, fn: Callable[[Tensor, Tensor, Tensor], Tensor], inputs: list
                                 device=torch.cuda.get_device_name() if CUDA else "cpu",
                                 shapes=[list(t.shape) for t in inputs], fwd_flops=flops)
     if CUDA:
+        tuned_before = autotuned_configs()
         step()  # compile / autotune outside the measurement
         torch.cuda.synchronize()
+        # What the autotuners chose for the shapes this call tuned (bench.kernel_summary tables them).
+        benchmark.extra_info.update(autotuned={name: {key: cfg for key, cfg in chosen.items()
+                                                      if key not in tuned_before.get(name, {})}
+                                               for name, chosen in autotuned_configs().items()
+                                               if set(chosen) - set(tuned_before.get(name, {}))})
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -222,6 +223,20 @@ def _hooks_installed() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
+
+
+def autotuned_configs() -> dict[str, dict[str, str]]:
+    """{kernel: {tuning key: chosen config}} of every autotuned kernel of the ``kernels`` modules imported so far, as
+    strings: what the autotuners picked in this process (a benchmark records it beside its timings). The key is
+    Triton's: the values of the autotuner's key arguments, then the tensor arguments' dtypes. A kernel with a
+    single config is never tuned and has no entries."""
+    found: dict[str, dict[str, str]] = {}
+    for module_name, module in sorted(sys.modules.items()):
+        if module_name.startswith("kernels.") and module is not None:
+            for name, obj in vars(module).items():
+                if isinstance(obj, Autotuner) and obj.cache:
+                    found[name.strip("_")] = {", ".join(map(str, key)): str(cfg) for key, cfg in obj.cache.items()}
+    return found
 
 
 class Launcher:

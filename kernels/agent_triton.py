@@ -49,7 +49,7 @@ _WHOLE_KV_BYTES = {"fwd": 96 * 1024, "bwd": 64 * 1024}
 # Every backward BLOCK_N divides it, so a split's rows are whole query blocks for any config. Kept at the largest
 # backward block so that short sequences still split finely: Rein's 1024 rows of one head give 16 programs.
 _ROW_QUANTUM = 64
-_CAPPED_REGS = 112  # see _fwd_configs
+_BWD_CAPPED_REGS = 168  # see _bwd_configs
 _PARTIAL_BUDGET = 1 << 28  # bytes of fp32 dK/dV partials the backward may allocate (caps the split count)
 
 
@@ -65,19 +65,9 @@ def _fwd_configs() -> list[triton.Config]:
     strided = [(32, 4, 4, 8), (64, 4, 3, 4), (128, 8, 3, 2)]  # few: each config is one more compile per shape
     configs = [triton.Config({"BLOCK_N": bn, "WAVES": waves}, num_warps=w, num_stages=st)
                for bn, w, st, waves in one_block + strided]
-    # Register-capped variants of the 4-warp configs. Left alone, ptxas gives the d = 32 refinement kernel 130–210
-    # registers per thread, so 2–3 programs share an SM; capped at 112 it still does not spill (python -m
-    # kernels.resources, sm_90) and 4 fit, a third more loads in flight for a kernel bound by load latency.
-    capped = [(64, 4, 2, 0), (64, 4, 3, 4), (32, 4, 4, 8)]
-    return configs + [triton.Config({"BLOCK_N": bn, "WAVES": waves}, num_warps=w, num_stages=st, maxnreg=_CAPPED_REGS)
-                      for bn, w, st, waves in capped]
-
-
-def _prune_fwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    # Wide heads (d chunked) and fp32 inputs (tf32x3 splits every operand) spill even at 255 registers: a register
-    # cap would only spill more.
-    if kwargs["HEAD_DIM"] > kwargs["BLOCK_D"] or nargs["Q"].dtype == torch.float32:
-        return [c for c in configs if not getattr(c, "maxnreg", None)]
+    # No register-capped variants: with the row sums on the tensor cores the 4-warp configs take 111–126 registers
+    # per thread at d = 32 (four programs per SM, what a cap of 112 used to buy from 130–210), and a cap of 96
+    # spills (python -m kernels.resources, sm_90).
     return configs
 
 
@@ -86,10 +76,12 @@ def _bwd_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_N": _ROW_QUANTUM}, num_warps=4, num_stages=1)]
     if not AUTOTUNE:
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3)]
-    # (16, 4 warps, 3 stages): 168 registers per thread instead of 255 at d = 32, so 3 programs share an SM, not 2
-    # (python -m kernels.resources, sm_90).
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((16, 4, 3), (32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 2))]
+    # (16, 4 warps, 3 stages): ~170 registers per thread instead of 255 at d = 32; capped at 168 (what 3 programs
+    # per SM allow) it does not spill at d = 32 nor in the Rein head's chunks (252 uncapped), so 3 programs share
+    # an SM, not 2 (python -m kernels.resources, sm_90).
+    configs = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bn, w, s in ((16, 4, 3), (32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 2))]
+    return configs + [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3, maxnreg=_BWD_CAPPED_REGS)]
 
 
 @triton.jit
@@ -117,8 +109,26 @@ def _softmax_rows(s, key_ok, scale_log2e):
     return p, 1.0 / denom, shift + tl.log2(denom)
 
 
+@triton.jit
+def _softmax_rows_tensor_core_sums(s, key_ones, scale_log2e, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """_softmax_rows for 16-bit tiles whose padded keys repeat the last real key: (BLOCK_N, BLOCK_M) raw logits →
+    (unnormalised probabilities in ``key_ones``' dtype, 1 / their row sum, base-2 log-sum-exp per row).
+
+    A padded logit then equals a real one, so it never raises the row maximum and needs no select; the row sums
+    are taken on the tensor cores as P · key_ones, whose (BLOCK_M, 16) columns are 1 for real keys and 0 for
+    padding, instead of an add per element. Per element that leaves a max, an FMA, an exp2 and half a conversion
+    (sm_90 SASS of the refinement's bf16 forward loop: 604 → 474 instructions per 64 × 128 tile, 162 → 113
+    registers; python -m kernels.resources). The sums are of the rounded probabilities that P · V multiplies.
+    Not for fp32 tiles, where tf32x3 splits P in three for that product: more work than the adds it saves.
+    """
+    shift = tl.max(s, axis=1) * scale_log2e
+    p = tl.exp2(s * scale_log2e - shift[:, None]).to(key_ones.dtype)
+    denom = tl.max(mm(p, key_ones, PRECISION, UPCAST), axis=1)  # every column holds the row sum
+    return p, 1.0 / denom, shift + tl.log2(denom)
+
+
 @triton.autotune(configs=_fwd_configs(), key=["N", "M", "HEAD_DIM", "STORE_LSE"],
-                 prune_configs_by={"early_config_prune": _prune_fwd_configs}, do_bench=autotune_bench)
+                 do_bench=autotune_bench)
 @triton.jit
 def _agent_fwd_kernel(Q, K, V, O, LSE,
                       sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,
@@ -143,22 +153,29 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
     v_ptrs = V + b * svb + h * svh + offs_m[:, None] * svm + offs_d[None, :] * svd
 
     if BLOCK_D >= HEAD_DIM:
-        # One d-chunk: K and V are loaded once and stay in registers for every block of the program.
+        # One d-chunk: K and V are loaded once and stay in registers for every block of the program. K's padded
+        # rows repeat the last key (see _softmax_rows_tensor_core_sums); V's are 0, so they add nothing to P · V.
         d_ok = offs_d < HEAD_DIM
-        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(K + b * skb + h * skh + tl.minimum(offs_m, M - 1)[:, None] * skm + offs_d[None, :] * skd,
+                    mask=d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        key_ones = (tl.zeros((BLOCK_M, 16), dtype=tl.float32) + key_ok[:, None].to(tl.float32)).to(v.dtype)
         for blk in range(pid_n, n_blocks, n_programs):
             offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             row_ok = offs_n < N
             nd_mask = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=nd_mask, other=0.0)
-            p, inv_sum, lse = _softmax_rows(mm(q, tl.trans(k), PRECISION, UPCAST), key_ok, scale_log2e)
+            s = mm(q, tl.trans(k), PRECISION, UPCAST)
+            if V.dtype.element_ty == tl.float32:
+                p, inv_sum, lse = _softmax_rows(s, key_ok, scale_log2e)
+            else:
+                p, inv_sum, lse = _softmax_rows_tensor_core_sums(s, key_ones, scale_log2e, PRECISION, UPCAST)
             if STORE_LSE:
                 tl.store(LSE + pid_bh * N + offs_n, lse, mask=row_ok)
             if BLOCK_D < BLOCK_M:  # normalise the narrower tile: O (e.g. d = 32 over 128 padded keys)
                 o = mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST) * inv_sum[:, None]
             else:
-                o = mm((p * inv_sum[:, None]).to(V.dtype.element_ty), v, PRECISION, UPCAST)
+                o = mm((p.to(tl.float32) * inv_sum[:, None]).to(V.dtype.element_ty), v, PRECISION, UPCAST)
             tl.store(o_base + offs_n[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty), mask=nd_mask)
     else:
         # Wide heads (Rein: d = 1024): a (BLOCK_N, d) tile would not fit in registers, so QKᵀ is accumulated
@@ -193,6 +210,9 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
 def _prune_bwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     # fp32 wide heads: tf32x3 splits every chunk operand in two; 64-row tiles then spill 1–2 KiB per thread or fill
     # shared memory (python -m kernels.resources, sm_90).
+    # fp32 (tf32x3 splits every operand) takes 255 registers in most configs: a register cap would only spill.
+    if nargs["Q"].dtype == torch.float32:
+        configs = [c for c in configs if not getattr(c, "maxnreg", None)]
     if nargs["Q"].dtype == torch.float32 and kwargs["HEAD_DIM"] > kwargs["BLOCK_D"]:
         return [c for c in configs if c.kwargs["BLOCK_N"] <= 32]
     return configs
@@ -227,9 +247,15 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
     dv_ptrs = dk_ptrs + tl.num_programs(0) * tl.num_programs(1) * M * HEAD_DIM
 
     if BLOCK_D >= HEAD_DIM:
+        # No per-element mask: as in the forward, the logits take padded keys from K's last row (k_s), so every
+        # probability is finite and at most 1, and padded keys or rows then contribute nothing: V's padded rows
+        # are 0 (dP = 0 there, so δ is untouched), dQ takes its keys from the zero-padded k, rows past the end
+        # load q = dO = 0 (their dK, dV terms are 0), and padded rows of dK and dV are not stored.
         d_ok = offs_d < HEAD_DIM
         kd_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptrs, mask=kd_mask, other=0.0)
+        k_s = tl.load(K + b * skb + h * skh + tl.minimum(offs_m, M - 1)[:, None] * skm + offs_d[None, :] * skd,
+                      mask=d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=kd_mask, other=0.0)
         dk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -240,9 +266,8 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
             q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=nd_mask, other=0.0)
             do = tl.load(do_base + offs_n[:, None] * sdon + offs_d[None, :] * sdod, mask=nd_mask, other=0.0)
             lse = tl.load(LSE + pid_bh * N + offs_n, mask=row_ok, other=0.0)
-            s = mm(q, tl.trans(k), PRECISION, UPCAST)
+            s = mm(q, tl.trans(k_s), PRECISION, UPCAST)
             p = tl.exp2(s * scale_log2e - lse[:, None])
-            p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
             dp = mm(do, tl.trans(v), PRECISION, UPCAST)
             delta = tl.sum(p * dp, axis=1)
             ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)

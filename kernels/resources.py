@@ -6,7 +6,8 @@ No GPU is needed: Triton compiles to PTX and its bundled ptxas assembles the cub
 (default sm_90, the H100/H200). For each kernel at the paper's shapes, each dtype and each autotune config it
 would try there (after the kernel's own config pruning) it reports the registers per thread, the bytes spilled
 to local memory per thread (stores + loads, from ``ptxas -v``), the shared memory per program, an estimate of
-how many programs fit one SM at once (registers, warps, shared memory), and which MMA instructions the PTX uses.
+how many programs fit one SM at once (registers, warps, shared memory), which MMA instructions the PTX uses, and
+the SASS instruction counts of the kernel and of its longest loop body (``nvdisasm``).
 The arguments are specialised as Triton specialises them at run time for contiguous tensors: unit strides
 become constants and pointers and multiples of 16 carry the divisibility hint.
 
@@ -65,6 +66,7 @@ class Result:
     programs_per_sm: int
     mma: str
     instructions: int
+    loop_instructions: int
     seconds: float
 
 
@@ -122,8 +124,7 @@ def variants(dtype: str) -> list[Variant]:
         fwd = dict(Q=x, K=x, V=x, O=x, LSE=f32, **strides, **dict(zip(("sob", "soh", "son", "sod"), qs)),
                    H=h, N=n, M=m, scale_log2e=1.0, STORE_LSE=True, BLOCK_D=fwd_d, **common)
         example = {"Q": torch.empty(0, dtype=torch_dtype)}  # what the configs' pruning functions look at
-        configs = at._prune_fwd_configs(at._agent_fwd_kernel.configs, example, HEAD_DIM=d, BLOCK_D=fwd_d)
-        out.append(Variant("agent_fwd", case, at._agent_fwd_kernel.fn, fwd, configs))
+        out.append(Variant("agent_fwd", case, at._agent_fwd_kernel.fn, fwd, at._agent_fwd_kernel.configs))
         row_splits, rows = _split(n, at._ROW_QUANTUM, b * h)
         bwd = dict(Q=x, K=x, V=x, DO=x, LSE=f32, DQ=x, PART=f32, **strides,
                    **dict(zip(("sdob", "sdoh", "sdon", "sdod"), qs)), **dict(zip(("sdqb", "sdqh", "sdqn", "sdqd"), qs)),
@@ -246,15 +247,39 @@ def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
-def _sass_instructions(cubin: bytes) -> int:
-    """Number of SASS instructions in the kernel (static count, every path), from the bundled cuobjdump: a proxy
-    for the issue cost of one pass through its loop when comparing variants of one kernel."""
-    tool = _nvidia_tool("cuobjdump")
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*)$")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+def sass_counts(listing: str) -> tuple[int, int]:
+    """(instructions in the kernel, instructions in its longest loop body) from an ``nvdisasm -c`` listing: static
+    counts, every path once. The loop body runs from a label to the last branch back to it; its length is the issue
+    cost of one trip, per warp, which is what compares variants of a kernel whose time is in its loop."""
+    labels: dict[str, int] = {}
+    instructions = 0
+    longest = 0
+    for line in listing.splitlines():
+        label = _SASS_LABEL.match(line)
+        if label:
+            labels[label.group(1)] = instructions
+            continue
+        if not _SASS_LINE.match(line):
+            continue
+        instructions += 1
+        branch = _SASS_BRANCH.search(line)
+        if branch and branch.group(1) in labels:  # a backward branch closes a loop
+            longest = max(longest, instructions - labels[branch.group(1)])
+    return instructions, longest
+
+
+def _sass_listing(cubin: bytes) -> str:
+    """The kernel's SASS with its branch labels, from the ``nvdisasm`` Triton's wheel bundles."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        sass = subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
-    return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, flags=re.MULTILINE))
+        return subprocess.run([str(_nvidia_tool("nvdisasm")), "-c", str(path)], capture_output=True, text=True,
+                              check=True).stdout
 
 
 def programs_per_sm(registers: int, warps: int, shared: int) -> int:
@@ -286,28 +311,28 @@ def compile_variant(variant: Variant, config: Any, dtype: str, arch: int) -> Res
     ptx = compiled.asm["ptx"]
     registers, spilled = _resource_usage(ptx, arch)
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
-    instructions = _sass_instructions(compiled.asm["cubin"])
+    instructions, loop = sass_counts(_sass_listing(compiled.asm["cubin"]))
     shared = int(compiled.metadata.shared)
     meta = ", ".join(f"{k}={v}" for k, v in (config.kwargs or {}).items())
     label = (meta + ", " if meta else "") + f"warps={config.num_warps}, stages={config.num_stages}"
     if getattr(config, "maxnreg", None):
         label += f", maxnreg={config.maxnreg}"
     return Result(variant.kernel, variant.case, dtype, label, registers, spilled, shared,
-                  programs_per_sm(registers, config.num_warps, shared), mma, instructions, seconds)
+                  programs_per_sm(registers, config.num_warps, shared), mma, instructions, loop, seconds)
 
 
 def render(results: Sequence[Result], arch: int) -> str:
     lines = [f"# Kernel resources on sm_{arch} (compiled offline)", "",
              "Registers per thread, register spill traffic per thread (ptxas: spill store + load bytes), shared "
              "memory per program, programs resident per SM (estimate), MMA instructions in the PTX, SASS "
-             "instructions (static count).", "",
+             "instructions (static count: the kernel, and the body of its longest loop, one trip per warp).", "",
              "| kernel | case | dtype | config | registers | spill B | shared KiB | programs/SM | mma | SASS | "
-             "compile s (≈0: cached) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "SASS loop | compile s (≈0: cached) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.kernel} | {r.case} | {r.dtype} | {r.config} | {r.registers} | {r.spill_bytes} | "
                      f"{r.shared_bytes / 1024:.1f} | {r.programs_per_sm} | {r.mma} | {r.instructions} | "
-                     f"{r.seconds:.1f} |")
+                     f"{r.loop_instructions} | {r.seconds:.1f} |")
     return "\n".join(lines) + "\n"
 
 

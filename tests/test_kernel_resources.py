@@ -121,3 +121,23 @@ def test_masked_heads_one_step_beyond_the_limit_are_refused():
     assert not masked_tiles_fit(torch.bfloat16, 100, 256, backward=False)  # the combine step's 512-byte rows
     assert not masked_tiles_fit(torch.bfloat16, 256, 128, backward=True)
     assert masked_tiles_fit(torch.bfloat16, 256, 128, backward=False)
+
+
+def test_sass_counts_find_the_longest_loop_body():
+    from kernels.resources import sass_counts
+
+    listing = "\n".join([
+        "        .text._k:",
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        ".L_x_0:",
+        "        /*0010*/                   FADD R2, R2, R3 ;",
+        ".L_x_1:",
+        "        /*0020*/                   MUFU.EX2 R4, R4 ;",
+        "        /*0030*/              @P0 BRA `(.L_x_1) ;",       # inner loop: 2 instructions
+        "        /*0040*/                   FMNMX R5, R5, R4, !PT ;",
+        "        /*0050*/              @!P1 BRA `(.L_x_0) ;",      # outer loop: 5 instructions
+        "        /*0060*/                   BRA `(.L_x_2) ;",      # forward branch: no loop
+        ".L_x_2:",
+        "        /*10000*/                  EXIT ;",               # five hex digits past 64 KiB of code
+    ])
+    assert sass_counts(listing) == (8, 5)

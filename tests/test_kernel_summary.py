@@ -101,3 +101,18 @@ def test_layout_benchmarks_get_their_own_table(tmp_path):
     out = tmp_path / "k.md"
     assert ks.main([str(path), "--out", str(out)]) == 0
     assert out.read_text().endswith(text)
+
+
+def test_autotuned_configs_get_their_own_table(tmp_path):
+    tuned = dict(entry("triton", 1e-3), name="test_agent_attention[refine-b1-triton-fwd+bwd]")
+    tuned["extra_info"] = dict(tuned["extra_info"], autotuned={
+        "agent_bwd_kernel": {"21760, 100, 32, torch.bfloat16": "BLOCK_N: 16, num_warps: 4, num_stages: 3"}})
+    data = {"benchmarks": [entry("triton", 1e-3), entry("sdpa", 2e-3), tuned]}
+    text = ks.render_autotuned(data)
+    assert ("| agent_bwd_kernel | 21760, 100, 32, torch.bfloat16 | BLOCK_N: 16, num_warps: 4, num_stages: 3 | "
+            "agent_attention[refine-b1-triton-fwd+bwd] |") in text
+    assert ks.render_autotuned({"benchmarks": [entry("triton", 1e-3)]}) == ""
+    path, out = tmp_path / "k.json", tmp_path / "k.md"
+    path.write_text(json.dumps(data))
+    assert ks.main([str(path), "--out", str(out)]) == 0
+    assert out.read_text().endswith(text)

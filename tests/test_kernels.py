@@ -139,6 +139,32 @@ def test_agent_applies_an_explicit_scale():
     check_agent(leaf(1, 2, 64, 32), leaf(1, 2, 16, 32), leaf(1, 2, 16, 32), scale=0.05)
 
 
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("d", [32, 1024])
+def test_agent_rows_whose_logits_all_lie_far_below_zero(d):
+    """Every real logit near -120 (the constant first column of q and k) with an O(1) spread: a row maximum
+    taken over padded keys of logit 0 would underflow every real probability (2^-173) to 0, a 0/0 output, so padded
+    keys (12 of the 32-key tile here) must not take part in it. The logits are only known to fp32 rounding of their
+    magnitude (|s|·eps), which bounds the probabilities' relative error, hence the tolerance; output and dV are
+    compared (in dQ and dK the -120 cancels, leaving that rounding, whatever the implementation). The backward's
+    exp2 overflows on the padded keys (0 - lse) before they are selected away: numpy warns, the result is right."""
+    torch.manual_seed(15)
+    q, k, v = torch.randn(1, 2, 70, d), torch.randn(1, 2, 20, d) / d ** 0.5, leaf(1, 2, 20, d)
+    q[..., 0], k[..., 0] = 12.0, -10.0
+    tol = 16 * 120 * torch.finfo(torch.float32).eps  # a few rounding steps of 120 over sums of up to 1024 terms
+    grad_out = torch.randn(q.shape)
+    for store_lse in (False, True):
+        q_in = q.clone().requires_grad_(store_lse)
+        out = kernels.agent_attention(q_in, k, v, scale=1.0)
+        expected = kernels.agent_attention_reference(q, k, v, scale=1.0)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    dv, = torch.autograd.grad(out, [v], grad_out)
+    expected_dv, = torch.autograd.grad(expected, [v], grad_out)
+    torch.testing.assert_close(dv, expected_dv, atol=tol, rtol=tol)
+
+
 def test_agent_accepts_strided_heads_views():
     torch.manual_seed(6)
     # (B, N, H·d) projections viewed as heads, as nn attention layers produce them: d contiguous, N strided.
@@ -280,6 +306,12 @@ def test_autotuning_runs_do_not_add_into_the_gradients(tuned_twice):
     check_masked(leaf(1, 2, 100, 32), leaf(1, 2, 200, 32), leaf(1, 2, 200, 32), me, mf)
     check_agent(leaf(2, 1, 150, 160), leaf(1, 1, 20, 160), leaf(1, 1, 20, 160))  # fp32 d = 160: 10 chunks
     assert len(tuned_twice) >= 8  # forward and backward of both kernels timed both configs
+    # and what they chose is there for the benchmarks to record (bench/test_kernels.py)
+    from kernels._triton_utils import autotuned_configs
+
+    chosen = autotuned_configs()
+    assert {"agent_fwd_kernel", "agent_bwd_kernel", "masked_fwd_kernel", "masked_bwd_kernel"} <= set(chosen)
+    assert all("num_warps: 4" in config for configs in chosen.values() for config in configs.values())
 
 
 def integer_factors(b: int, nq: int, c: int, seq: int, device: str = DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
