@@ -24,10 +24,12 @@ query blocks would leave batch 1 with 8 programs; instead the keys are cut into 
 online softmax over the key tiles of one split, writing an fp32 partial output normalised by its own sum, and its
 log-sum-exp. A combine kernel merges the splits: O = Σ_s exp2(lse_s − lse) · O_s with lse = log2 Σ_s exp2(lse_s).
 
-Fully blocked rows. Whether query i has any open key is only known after all splits, so every split also counts
-its open keys per row. The combine sums the counts; the masked state's sum is positive exactly where the count is
-(both come from the same in-kernel mask decisions, so no 0/0). Rows whose count is zero attend to every key: when a
-(batch, head) has any, its combine program runs a plain online softmax over the whole memory for them. That pass is
+Fully blocked rows. Whether query i has any open key is only known after all splits. A split's masked state
+needs no count for it: its row sum is at least 1 (the row maximum's own exp2(0)) where it saw an open key and 0
+where it saw none, so its log-sum-exp is finite exactly where it did (-inf is stored otherwise; counting opens per
+element cost an integer add and a warp reduction per key tile). The combine calls a row open when any split's
+log-sum-exp is finite. Rows open nowhere attend to every key: when a (batch, head) has any, its combine program
+runs a plain online softmax over the whole memory for them. That pass is
 serial in L, but such rows are rare in a trained decoder, and keeping a second, unmasked softmax state in every
 split instead would cost an extra exponential tile and P·V product per key tile and double the fp32 partials.
 
@@ -179,7 +181,7 @@ def _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq
 @triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM", "FROM_BITS"],
                  prune_configs_by={"early_config_prune": _prune_fwd_configs}, do_bench=autotune_bench)
 @triton.jit
-def _masked_fwd_kernel(Q, K, V, ME, MF, BITS, O_PART, LSE_PART, OPEN_PART,
+def _masked_fwd_kernel(Q, K, V, ME, MF, BITS, O_PART, LSE_PART,
                        sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                        smeb, smeq, smec, smfb, smfc, smfl, sbb, sbq,
                        H, NQ, L, keys_per_split, scale_log2e,
@@ -205,14 +207,12 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, BITS, O_PART, LSE_PART, OPEN_PART,
     m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    n_open = tl.zeros((BLOCK_Q,), dtype=tl.int32)
     for start in range(lo, hi, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         l_ok = offs_l < hi
         is_open = _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq, smec, smfb, smfc,
                              smfl, sbb, sbq, MASK_DIM, BLOCK_Q, BLOCK_L, CHUNK, MASK_PRECISION, MASK_UPCAST,
                              FROM_BITS)
-        n_open += tl.sum(is_open.to(tl.int32), axis=1)
 
         ld_mask = l_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
@@ -228,19 +228,18 @@ def _masked_fwd_kernel(Q, K, V, ME, MF, BITS, O_PART, LSE_PART, OPEN_PART,
         acc = acc * alpha[:, None] + mm(p.to(V.dtype.element_ty), v, PRECISION, UPCAST)
         m_i = m_new
 
-    # Partials: (splits, B·H, NQ, HEAD_DIM) outputs normalised by their own sum, and (splits, B·H, NQ) log-sum-exps
-    # (-inf where the split saw no open key) and open-key counts.
+    # Partials: (splits, B·H, NQ, HEAD_DIM) outputs normalised by their own sum, and (splits, B·H, NQ) log-sum-exps,
+    # -inf where the split saw no open key (l_i is then 0; with one it is at least 1, see the module docstring).
     row = (split * n_bh + pid_bh) * NQ + offs_q
     has_open = l_i > 0
     l_safe = tl.where(has_open, l_i, 1.0)
     tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=q_ok[:, None] & d_ok[None, :])
     tl.store(LSE_PART + row, tl.where(has_open, m_i * scale_log2e + tl.log2(l_safe), float("-inf")), mask=q_ok)
-    tl.store(OPEN_PART + row, n_open, mask=q_ok)
 
 
 @triton.jit
-def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, Q, K, V, O, LSE, ROW_OPEN,
+def _masked_combine_kernel(O_PART, LSE_PART, Q, K, V, O, LSE, ROW_OPEN,
                            sqb, sqh, sqq, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, soq, sod,
                            H, NQ, L, N_SPLITS, scale_log2e,
                            HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -255,13 +254,11 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, Q, K, V, O, LSE, ROW_OPE
     d_ok = offs_d < HEAD_DIM
     od_mask = q_ok[:, None] & d_ok[None, :]
 
-    n_open = tl.zeros((BLOCK_Q,), dtype=tl.int32)
     m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     w_sum = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for s in range(N_SPLITS):
         row = (s * n_bh + pid_bh) * NQ + offs_q
-        n_open += tl.load(OPEN_PART + row, mask=q_ok, other=0)
         lse_s = tl.load(LSE_PART + row, mask=q_ok, other=float("-inf"))
         o_s = tl.load(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=od_mask, other=0.0)
         m_new = tl.maximum(m, lse_s)
@@ -271,13 +268,12 @@ def _masked_combine_kernel(O_PART, LSE_PART, OPEN_PART, Q, K, V, O, LSE, ROW_OPE
         acc = acc * alpha[:, None] + w[:, None] * o_s
         w_sum = w_sum * alpha + w
         m = m_new
-    row_open = n_open > 0
-    # A row the counts call open has a positive sum (both come from the same in-kernel mask decisions).
+    row_open = m > float("-inf")  # some split saw an open key; then w_sum ≥ 1 (its own term is exp2(0))
     w_safe = tl.where(row_open, w_sum, 1.0)
     out = acc / w_safe[:, None]
     lse = m + tl.log2(w_safe)
 
-    if tl.sum((q_ok & (n_open == 0)).to(tl.int32), axis=0) > 0:
+    if tl.sum((q_ok & ~row_open).to(tl.int32), axis=0) > 0:
         # Some query has every key blocked: it attends to all keys (plain online softmax over the whole memory).
         # Rare, so it runs here, once per (batch, head), rather than as a second softmax state in every split.
         q = tl.load(Q + b * sqb + h * sqh + offs_q[:, None] * sqq + offs_d[None, :] * sqd, mask=od_mask, other=0.0)
@@ -450,11 +446,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor,
     splits, keys_per_split = split_extent(seq, _KEY_QUANTUM, b * h, q.device)
     o_part = torch.empty((splits, b * h, nq, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, b * h, nq), dtype=torch.float32, device=q.device)
-    open_part = torch.empty((splits, b * h, nq), dtype=torch.int32, device=q.device)
     block_q, block_d = tile(nq), tile(d)
     precision = dict(PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype))
     _fwd_launch(
-        (splits, b * h), (q, k, v, me, mf, bits_t, o_part, lse_part, open_part),
+        (splits, b * h), (q, k, v, me, mf, bits_t, o_part, lse_part),
         (*q.stride(), *k.stride(), *v.stride(), *me.stride(), *mf.stride(), *bits_strides, h, nq, seq,
          keys_per_split, scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, **precision, **_mask_args(me), MASK_TILE=tile(me.shape[2]),
@@ -463,7 +458,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, me: Tensor, mf: Tensor,
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     row_open = torch.empty((b, h, nq), dtype=torch.int8, device=q.device)
     _combine_launch(
-        (b * h,), (o_part, lse_part, open_part, q, k, v, o, lse, row_open),
+        (b * h,), (o_part, lse_part, q, k, v, o, lse, row_open),
         (*q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, seq, splits, scale * LOG2E),
         HEAD_DIM=d, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_L=_FALLBACK_BLOCK_L, **precision, num_warps=4)
     return o, lse, row_open, bits

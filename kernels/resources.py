@@ -154,13 +154,13 @@ def variants(dtype: str) -> list[Variant]:
     out.append(Variant("masked_bits", case, mt._mask_bits_kernel, bits, [_FixedConfig(4)]))
     for from_bits, label in ((True, case), (False, case + " (mask from factors)")):
         fwd = dict(Q=x, K=x, V=x, ME=x, MF=x, BITS=i32 if from_bits else x, O_PART=f32, LSE_PART=f32,
-                   OPEN_PART=i32, **q_strides, **kv_strides, **mask_strides, **bits_strides, H=h, NQ=nq, L=seq,
+                   **q_strides, **kv_strides, **mask_strides, **bits_strides, H=h, NQ=nq, L=seq,
                    keys_per_split=keys, scale_log2e=1.0, MASK_TILE=u.tile(c), FROM_BITS=from_bits, **common, **mask)
         configs = mt._prune_fwd_configs(mt._masked_fwd_kernel.configs, {"Q": torch.empty(0, dtype=torch_dtype)},
                                         BLOCK_C=mask["BLOCK_C"], MASK_DIM=c, FROM_BITS=from_bits)
         out.append(Variant("masked_fwd", label, mt._masked_fwd_kernel.fn, fwd, configs))
         if from_bits:
-            combine = dict(O_PART=f32, LSE_PART=f32, OPEN_PART=i32, Q=x, K=x, V=x, O=x, LSE=f32, ROW_OPEN=i8,
+            combine = dict(O_PART=f32, LSE_PART=f32, Q=x, K=x, V=x, O=x, LSE=f32, ROW_OPEN=i8,
                            **q_strides, **kv_strides, **dict(zip(("sob", "soh", "soq", "sod"), qs)), H=h, NQ=nq,
                            L=seq, N_SPLITS=splits, scale_log2e=1.0, BLOCK_L=mt._FALLBACK_BLOCK_L, **common)
             out.append(Variant("masked_combine", case, mt._masked_combine_kernel, combine, [_FixedConfig(4)]))
