@@ -208,11 +208,11 @@ def _agent_fwd_kernel(Q, K, V, O, LSE,
 
 
 def _prune_bwd_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    # fp32 wide heads: tf32x3 splits every chunk operand in two; 64-row tiles then spill 1–2 KiB per thread or fill
-    # shared memory (python -m kernels.resources, sm_90).
     # fp32 (tf32x3 splits every operand) takes 255 registers in most configs: a register cap would only spill.
     if nargs["Q"].dtype == torch.float32:
         configs = [c for c in configs if not getattr(c, "maxnreg", None)]
+    # fp32 wide heads: 64-row tiles spill 1–2 KiB per thread or fill shared memory (python -m kernels.resources,
+    # sm_90).
     if nargs["Q"].dtype == torch.float32 and kwargs["HEAD_DIM"] > kwargs["BLOCK_D"]:
         return [c for c in configs if c.kwargs["BLOCK_N"] <= 32]
     return configs
@@ -248,9 +248,10 @@ def _agent_bwd_kernel(Q, K, V, DO, LSE, DQ, PART,
 
     if BLOCK_D >= HEAD_DIM:
         # No per-element mask: as in the forward, the logits take padded keys from K's last row (k_s), so every
-        # probability is finite and at most 1, and padded keys or rows then contribute nothing: V's padded rows
-        # are 0 (dP = 0 there, so δ is untouched), dQ takes its keys from the zero-padded k, rows past the end
-        # load q = dO = 0 (their dK, dV terms are 0), and padded rows of dK and dV are not stored.
+        # probability is finite (at most ~1: the forward's log-sum-exp covers that key), and padded keys or rows
+        # then contribute nothing: V's padded rows are 0 (dP = 0 there, so δ is untouched), dQ takes its keys from
+        # the zero-padded k, rows past the end load q = dO = 0 (their dK, dV terms are 0), and padded rows of dK
+        # and dV are not stored.
         d_ok = offs_d < HEAD_DIM
         kd_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptrs, mask=kd_mask, other=0.0)
