@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels._triton_utils import (AUTOTUNE, INTERPRET, LOG2E, autotune_bench, cdiv, check_float, check_scale,
                                    checked_once, dot_precision, Launcher, mm, needs_upcast, persistent_programs,
-                                   split_extent, sum_partials, target_programs, tile)
+                                   row_log2, row_reciprocal, split_extent, sum_partials, target_programs, tile)
 from kernels.fit import counted_tile_bytes
 
 MAX_KEYS = 256  # the key tile is held whole in registers
@@ -106,7 +106,7 @@ def _softmax_rows(s, key_ok, scale_log2e):
     shift = tl.max(s, axis=1) * scale_log2e
     p = tl.exp2(s * scale_log2e - shift[:, None])
     denom = tl.sum(p, axis=1)
-    return p, 1.0 / denom, shift + tl.log2(denom)
+    return p, row_reciprocal(denom), shift + row_log2(denom)
 
 
 @triton.jit
@@ -118,13 +118,13 @@ def _softmax_rows_tensor_core_sums(s, key_ones, scale_log2e, PRECISION: tl.const
     are taken on the tensor cores as P · key_ones, whose (BLOCK_M, 16) columns are 1 for real keys and 0 for
     padding, instead of an add per element. Per element that leaves a max, an FMA, an exp2 and half a conversion
     (sm_90 SASS of the refinement's bf16 forward loop: 604 → 474 instructions per 64 × 128 tile, 162 → 113
-    registers; python -m kernels.resources). The sums are of the rounded probabilities that P · V multiplies.
+    registers; python -m kernels.resources; 404 with the approximate row log2 and reciprocal). The sums are of the rounded probabilities that P · V multiplies.
     Not for fp32 tiles, where tf32x3 splits P in three for that product: more work than the adds it saves.
     """
     shift = tl.max(s, axis=1) * scale_log2e
     p = tl.exp2(s * scale_log2e - shift[:, None]).to(key_ones.dtype)
     denom = tl.max(mm(p, key_ones, PRECISION, UPCAST), axis=1)  # every column holds the row sum
-    return p, 1.0 / denom, shift + tl.log2(denom)
+    return p, row_reciprocal(denom), shift + row_log2(denom)
 
 
 @triton.autotune(configs=_fwd_configs(), key=["N", "M", "HEAD_DIM", "STORE_LSE"],
