@@ -118,8 +118,9 @@ def _softmax_rows_tensor_core_sums(s, key_ones, scale_log2e, PRECISION: tl.const
     are taken on the tensor cores as P · key_ones, whose (BLOCK_M, 16) columns are 1 for real keys and 0 for
     padding, instead of an add per element. Per element that leaves a max, an FMA, an exp2 and half a conversion
     (sm_90 SASS of the refinement's bf16 forward loop: 604 → 474 instructions per 64 × 128 tile, 162 → 113
-    registers; python -m kernels.resources; 404 with the approximate row log2 and reciprocal). The sums are of the rounded probabilities that P · V multiplies.
-    Not for fp32 tiles, where tf32x3 splits P in three for that product: more work than the adds it saves.
+    registers; python -m kernels.resources; 404 with the approximate row log2 and reciprocal). The sums are of the
+    rounded probabilities that P · V multiplies. Not for fp32 tiles, where tf32x3 splits P in three for that
+    product: more work than the adds it saves.
     """
     shift = tl.max(s, axis=1) * scale_log2e
     p = tl.exp2(s * scale_log2e - shift[:, None]).to(key_ones.dtype)
