@@ -166,11 +166,20 @@ def _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq
         WORDS: tl.constexpr = (BLOCK_L + 31) // 32
         first = start // 32
         word_of_col = tl.arange(0, BLOCK_L) // 32
-        words = tl.zeros((BLOCK_Q, BLOCK_L), dtype=tl.int32)
-        for i in tl.static_range(WORDS):
+        words = tl.load(BITS + b * sbb + offs_q * sbq + first, mask=q_ok & (first < (L + 31) // 32), other=0)
+        words = tl.broadcast_to(words[:, None], (BLOCK_Q, BLOCK_L))
+        for i in tl.static_range(1, WORDS):
             w = tl.load(BITS + b * sbb + offs_q * sbq + first + i, mask=q_ok & (first + i < (L + 31) // 32), other=0)
             words = tl.where((word_of_col == i)[None, :], w[:, None], words)
-        is_open = ((words >> (offs_l % 32)[None, :]) & 1) != 0
+        if BLOCK_L >= 32:
+            # start is a multiple of 32, so each column's bit is its position in its word: a constant mask per
+            # column, one and-test per element instead of a shift, an and and a compare.
+            is_open = (words & (1 << (tl.arange(0, BLOCK_L) % 32))[None, :]) != 0
+        else:
+            is_open = ((words >> (offs_l % 32)[None, :]) & 1) != 0
+        # Keys past L have no bit set, and a key tile never crosses a split's end (BLOCK_L divides the split
+        # length), so no key-range test is needed here.
+        return is_open
     else:
         logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
                               MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
