@@ -65,7 +65,7 @@ def _fwd_configs() -> list[triton.Config]:
     strided = [(32, 4, 4, 8), (64, 4, 3, 4), (128, 8, 3, 2)]  # few: each config is one more compile per shape
     configs = [triton.Config({"BLOCK_N": bn, "WAVES": waves}, num_warps=w, num_stages=st)
                for bn, w, st, waves in one_block + strided]
-    # No register-capped variants: with the row sums on the tensor cores the 4-warp configs take 111–126 registers
+    # No register-capped variants: with the row sums on the tensor cores the 4-warp configs take 111–128 registers
     # per thread at d = 32 (four programs per SM, what a cap of 112 used to buy from 130–210), and a cap of 96
     # spills (python -m kernels.resources, sm_90).
     return configs

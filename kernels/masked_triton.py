@@ -74,8 +74,9 @@ def _fwd_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_L": _KEY_QUANTUM, "WHOLE_C": True}, num_warps=4, num_stages=1)]
     if not AUTOTUNE:  # valid for every dtype and channel count (see kernels._triton_utils.AUTOTUNE)
         return [triton.Config({"BLOCK_L": 32, "WHOLE_C": False}, num_warps=8, num_stages=2)]
-    # (32, 8 warps) needs only ~107 registers per thread in bf16, so two programs share an SM. (64, 8 warps) takes
-    # 139, one program per SM; capped at 128 it does not spill and two fit. With all 256 mask channels in one
+    # (32, 8 warps) needs only ~105 registers per thread in bf16, so two programs share an SM. (64, 8 warps) takes
+    # ~138 computing the mask from its factors (98 reading the bit mask), one program per SM; capped at 128 it
+    # spills at most 16 B and two fit. With all 256 mask channels in one
     # product the loop body of those two shrinks by 15–20 % (445 → 358 and 636 → 540 SASS instructions), for
     # 112 and 152 KiB of shared memory: two and one programs per SM (python -m kernels.resources, sm_90).
     configs = [triton.Config({"BLOCK_L": bl, "WHOLE_C": False}, num_warps=w, num_stages=s)
