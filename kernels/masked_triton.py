@@ -167,11 +167,12 @@ def _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq
         WORDS: tl.constexpr = (BLOCK_L + 31) // 32
         first = start // 32
         word_of_col = tl.arange(0, BLOCK_L) // 32
-        words = tl.load(BITS + b * sbb + offs_q * sbq + first, mask=q_ok & (first < (L + 31) // 32), other=0)
-        words = tl.broadcast_to(words[:, None], (BLOCK_Q, BLOCK_L))
-        for i in tl.static_range(1, WORDS):
+        for i in tl.static_range(WORDS):
             w = tl.load(BITS + b * sbb + offs_q * sbq + first + i, mask=q_ok & (first + i < (L + 31) // 32), other=0)
-            words = tl.where((word_of_col == i)[None, :], w[:, None], words)
+            if i == 0:  # the first word as it is: no select for the columns it covers
+                words = tl.broadcast_to(w[:, None], (BLOCK_Q, BLOCK_L))
+            else:
+                words = tl.where((word_of_col == i)[None, :], w[:, None], words)
         if BLOCK_L >= 32:
             # start is a multiple of 32, so each column's bit is its position in its word: a constant mask per
             # column, one and-test per element instead of a shift, an and and a compare.
@@ -181,11 +182,9 @@ def _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq
         # Keys past L have no bit set, and a key tile never crosses a split's end (BLOCK_L divides the split
         # length), so no key-range test is needed here.
         return is_open
-    else:
-        logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
-                              MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
-        is_open = logits >= 0
-    return is_open & l_ok[None, :]
+    logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
+                          MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
+    return (logits >= 0) & l_ok[None, :]
 
 
 @triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM", "FROM_BITS"],

@@ -139,7 +139,6 @@ def test_agent_applies_an_explicit_scale():
     check_agent(leaf(1, 2, 64, 32), leaf(1, 2, 16, 32), leaf(1, 2, 16, 32), scale=0.05)
 
 
-
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("d", [32, 1024])
 def test_agent_rows_whose_logits_all_lie_far_below_zero(d):
