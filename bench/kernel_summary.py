@@ -16,7 +16,8 @@ Times are given twice where the JSON has both: wall-clock medians per call endin
 eager mode), and GPU-only times (``device_ms``: one call captured in a CUDA graph and replayed, as a graphed or
 compiled model runs it). Speed-up and bandwidth share are judged against the targets in each. Further tables,
 where the JSON has their benchmarks: the masked kernel's two mask paths, the resizes' and depthwise convolutions'
-layouts, and the config each autotuner chose per shape.
+layouts, the refinement's four depthwise convolutions in PyTorch against the Triton kernel, and the config each
+autotuner chose per shape.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ _ID = re.compile(r"test_(agent|masked)_attention\[(.+)-(triton|triton-bits|trito
                  r"-(fwd\+bwd|fwd)\]")
 MASK_PATHS = ("triton-bits", "triton-factors")  # the masked kernel forced to its other way of deciding the mask
 _LAYOUT_ID = re.compile(r"test_(resize|depthwise)\[(.+)-(nchw|channels-last)-(fwd\+bwd|fwd)\]")
+_REFINE_DW_ID = re.compile(r"test_refine_depthwise\[(.+)-(nchw|channels-last|triton)\]")
+REFINE_DW_IMPLS = ("nchw", "channels-last", "triton")
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,35 @@ def render_layouts(bench_json: dict[str, Any]) -> str:
                       "(ratio) |", "|---|---|---|---|---|", *lines]) + "\n"
 
 
+def render_refine_depthwise(bench_json: dict[str, Any]) -> str:
+    """Markdown table of the refinement's four depthwise convolutions: PyTorch in its own layout and channels-last
+    against the Triton kernel, wall-clock and GPU-only; '' when the JSON has none."""
+    times: dict[str, dict[str, tuple[float, float | None]]] = {}
+    for entry in bench_json["benchmarks"]:
+        match = _REFINE_DW_ID.fullmatch(entry["name"])
+        if match:
+            device_ms = entry.get("extra_info", {}).get("device_ms")
+            times.setdefault(match.group(1), {})[match.group(2)] = (
+                float(entry["stats"]["median"]) * 1e3, None if device_ms is None else float(device_ms))
+
+    def cells(t: dict[str, tuple[float, float | None]], which: int) -> str:
+        values = {impl: t[impl][which] for impl in REFINE_DW_IMPLS if impl in t and t[impl][which] is not None}
+        text = " / ".join(f"{values[i]:.3f}" if i in values else "n/a" for i in REFINE_DW_IMPLS)
+        torch_best = min((values[i] for i in ("nchw", "channels-last") if i in values), default=None)
+        if torch_best is not None and "triton" in values:
+            text += f" ({torch_best / values['triton']:.2f}×)"
+        return text
+
+    lines = [f"| {case} | {cells(t, 0)} | {cells(t, 1)} |" for case, t in times.items()]
+    if not lines:
+        return ""
+    return "\n".join(["Refinement depthwise convolutions (all four dilations, forward): four PyTorch convolutions "
+                      "in PyTorch's layout (nchw) and channels-last, against one Triton kernel "
+                      "(kernels.depthwise_conv3x3); the ratio is the faster PyTorch layout over Triton.", "",
+                      "| case | wall ms nchw / channels-last / triton | GPU-only ms nchw / channels-last / triton |",
+                      "|---|---|---|", *lines]) + "\n"
+
+
 def render_autotuned(bench_json: dict[str, Any]) -> str:
     """Markdown table of the config each autotuned kernel chose per tuning key (recorded by the benchmark that tuned
     it, ``extra_info["autotuned"]``); '' when the JSON has none (CPU runs, older JSON files)."""
@@ -260,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"{args.json}: no Triton kernel benchmark with a PyTorch counterpart in it")
     device = next((b["extra_info"].get("device") for b in data["benchmarks"] if "extra_info" in b), "unknown")
     text = render(rows, args.bandwidth_tbs, f"Kernel microbenchmarks on {device}")
-    for extra in (render_mask_paths(rows), render_layouts(data), render_autotuned(data)):
+    for extra in (render_mask_paths(rows), render_layouts(data), render_refine_depthwise(data),
+                  render_autotuned(data)):
         text += ("\n" + extra) if extra else ""
     if args.out is not None:
         from qd_core.checkpoint import atomic_write  # torch comes with it; only needed here

@@ -12,8 +12,9 @@ near it can only get faster by moving fewer bytes (fusion) or doing less work.
 
 The graph counted is the one the Triton backends run: attention (the ViT's, the agent and the masked
 cross-attention) as one fused kernel that reads q, k, v (and the mask) and writes its output, the deformable
-attention's sampling as one kernel that reads the value maps, locations and weights and writes its output, and the
-full-size labels as one kernel that reads the last prediction and writes the labels. Every
+attention's sampling as one kernel that reads the value maps, locations and weights and writes its output, the
+refinement's four depthwise convolutions as one kernel that reads their shared input once and writes the four
+outputs, and the full-size labels as one kernel that reads the last prediction and writes the labels. Every
 floating tensor is counted at ``--dtype`` (the ideal: under autocast some stay fp32, e.g. LayerNorm outputs), index
 and mask tensors at their own size; views move nothing. Matrix products run at the tensor-core peak in bf16/fp16
 and at the fp32 peak (no TF32, as the fp32 reference) in fp32; other operations are counted as memory-bound. Kernels
@@ -192,6 +193,7 @@ def roofline(model: nn.Module, spec: GpuSpec, *, batch: int, size: tuple[int, in
     live on the meta device (``qd_core.summary.build_meta_student``)."""
     from export.wrapper import ExportWrapper
     from qd_core.head import msda
+    from qd_core.head.refine import Refinement
 
     owners, inside = [WRAPPER], {}
     counter = _Counter(spec, dtype, owners)
@@ -206,6 +208,12 @@ def roofline(model: nn.Module, spec: GpuSpec, *, batch: int, size: tuple[int, in
         stack.enter_context(mock.patch.object(msda, "ms_deform_attn_core", _fused(
             counter, "ms_deform_attn (fused)", msda.ms_deform_attn_core,
             reads=lambda value, _shapes, _starts, locations, weights, **_: [value, locations, weights])))
+        # The refinement's four depthwise convolutions of one map (kernels.depthwise_conv3x3): nine multiply-adds
+        # per output element, memory-bound at any peak.
+        stack.enter_context(mock.patch.object(Refinement, "_depthwise", _fused(
+            counter, "depthwise 3x3 (fused)", Refinement._depthwise,
+            reads=lambda self, x: [x, *[f.depthwise.weight for f in self.fusions]],
+            flops=lambda self, x: 2 * 9 * x.numel() * len(self.fusions))))
         stack.enter_context(mock.patch.object(model, "full_size_labels", _fused(
             counter, "semantic_labels (fused)", model.full_size_labels,
             reads=lambda class_logits, mask_logits, _size: [class_logits, mask_logits],

@@ -134,6 +134,8 @@ if CUDA:
         ResizeCase(f"refine-128-to-16-b{b}", b, 256, (128, 128), (16, 16), False))]
     # ViT-L at 512²: 4 × 256 channels at stride 4, the widest of the four dilations.
     DEPTHWISE_CASES = [DepthwiseCase(f"refine-d4-b{b}", b, 1024, (128, 128), 4) for b in (1, 8)]
+    # The same maps through all four fusions' depthwise convolutions (dilations 1-4).
+    REFINE_DW_CASES = [DepthwiseCase(f"refine-b{b}", b, 1024, (128, 128), 4) for b in (1, 8)]
 else:
     AGENT_CASES = [AgentCase("refine-tiny", 2, 2, 150, 20, 32, False), AgentCase("rein-tiny", 2, 1, 40, 20, 256, True)]
     MASKED_CASES = [MaskedCase("decoder-tiny", 1, 2, 20, 100, 32, 16)]
@@ -144,6 +146,7 @@ else:
                     ResizeCase("nchw-tiny-b2", 2, 16, (12, 12), (5, 7), False)]
     # The tiny config's refinement at 128² (4 × 64 channels at 32×32), batch 8 as in its training.
     DEPTHWISE_CASES = [DepthwiseCase(f"tiny-d{d}-b8", 8, 256, (32, 32), d) for d in (1, 4)]
+    REFINE_DW_CASES = [DepthwiseCase("tiny-b2", 2, 256, (32, 32), 4)]  # (the interpreter: correctness only)
 
 
 def _impls(case_name: str, wide_head: bool, masked_seq: int | None = None) -> list[str]:
@@ -529,6 +532,42 @@ def test_depthwise(benchmark, case: DepthwiseCase, impl: str, mode: str):
     # Nine products summed in fp32 and rounded once to DTYPE: ≤ eps of the largest output, plus fp32 order.
     err = float((out.float() - expected).abs().max())
     assert err <= torch.finfo(DTYPE).eps * float(expected.abs().max()) + 1e-5, f"max error {err:.3e}"
+
+
+REFINE_DW_PARAMS = [pytest.param(case, impl, id=f"{case.name}-{impl}") for case in REFINE_DW_CASES
+                    for impl in ("nchw", "channels-last", "triton")]
+
+
+@pytest.mark.parametrize("case, impl", REFINE_DW_PARAMS)
+def test_refine_depthwise(benchmark, case: DepthwiseCase, impl: str):
+    """The refinement's four depthwise convolutions of one map (dilations 1 to ``case.dilation``), inference: four
+    PyTorch convolutions in PyTorch's own layout (``nchw``) and channels-last, against one Triton kernel that
+    writes all four from one pass over the map (``kernels.depthwise_conv3x3``). Checked against fp32 NCHW."""
+    from qd_core.layers import channels_last
+
+    torch.manual_seed(0)
+    x = torch.randn(case.b, case.c, *case.hw, device=DEVICE, dtype=DTYPE)
+    if impl != "nchw":
+        x = channels_last(x)
+    dilations = list(range(1, case.dilation + 1))
+    weights = [torch.randn(case.c, 1, 3, 3, device=DEVICE, dtype=DTYPE) / 3 for _ in dilations]
+
+    def outputs(t: Tensor, *ws: Tensor) -> list[Tensor]:
+        if impl == "triton":
+            return kernels.depthwise_conv3x3(t, list(ws), dilations)
+        return [F.conv2d(t, w, padding=d, dilation=d, groups=case.c) for w, d in zip(ws, dilations)]
+
+    flops = 2 * 9 * case.b * case.c * case.hw[0] * case.hw[1] * len(dilations)
+    # Timed: all of them (the last is returned, the others are computed all the same).
+    _run(benchmark, lambda t, *ws: outputs(t, *ws)[-1], [x, *weights], "fwd", f"refine depthwise {case.name}",
+         flops)
+    with torch.no_grad():
+        got = outputs(x, *weights)
+    expected = kernels.depthwise_conv3x3_reference(x.float().contiguous(), [w.float() for w in weights], dilations)
+    for out, ref in zip(got, expected):
+        # As test_depthwise: one rounding of an fp32 sum of nine products.
+        err = float((out.float() - ref).abs().max())
+        assert err <= torch.finfo(DTYPE).eps * float(ref.abs().max()) + 1e-5, f"max error {err:.3e}"
 
 
 # ----------------------------------------------------------------------------------------------------- labels

@@ -1,5 +1,5 @@
-"""Attention kernels and the full-size label head: Triton implementations and their PyTorch references. Imports
-nothing of this project.
+"""Attention kernels, the full-size label head and the refinement's depthwise convolutions: Triton implementations
+and their PyTorch references. Imports nothing of this project.
 
 (The deformable attention's sampling core, ``ms_deform_attn``, has its PyTorch references in
 ``qd_core.head.msda``, where the model's two other implementations of it live.)
@@ -19,11 +19,12 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kernels.reference import (agent_attention_reference, blocked_keys, masked_attention_reference,
-                               semantic_labels_reference)
+from kernels.reference import (agent_attention_reference, blocked_keys, depthwise_conv3x3_reference,
+                               masked_attention_reference, semantic_labels_reference)
 
-__all__ = ["agent_attention", "masked_attention", "ms_deform_attn", "semantic_labels", "agent_attention_reference",
-           "masked_attention_reference", "semantic_labels_reference", "blocked_keys"]
+__all__ = ["agent_attention", "masked_attention", "ms_deform_attn", "semantic_labels", "depthwise_conv3x3",
+           "agent_attention_reference", "masked_attention_reference", "semantic_labels_reference",
+           "depthwise_conv3x3_reference", "blocked_keys"]
 
 
 def _triton_module(name: str, t: Tensor, arg: str = "q") -> ModuleType:
@@ -121,3 +122,17 @@ def semantic_labels(class_probs: Tensor, mask_logits: Tensor, size: tuple[int, i
     """
     return _triton_module("labels_triton", mask_logits, "mask_logits").semantic_labels(class_probs, mask_logits,
                                                                                         size)
+
+
+def depthwise_conv3x3(x: Tensor, weights: list[Tensor], dilations: list[int]) -> list[Tensor]:
+    """Triton 3×3 depthwise convolutions of one map at several dilations in one pass over it (inference only).
+
+    Args:
+        x: (B, C, H, W) fp32/fp16/bf16, best channels-last (other layouts are copied to it).
+        weights: (C, 1, 3, 3) depthwise weights, one per dilation, any float dtype.
+        dilations: positive ints; padding = dilation, stride 1, no bias.
+    Returns:
+        One (B, C, H, W) channels-last tensor in x's dtype per dilation, as ``depthwise_conv3x3_reference``. Not
+        differentiable: raises when called with gradients enabled on inputs that require them.
+    """
+    return _triton_module("depthwise_triton", x, "x").depthwise_conv3x3(x, weights, dilations)

@@ -67,3 +67,10 @@ def semantic_labels_reference(class_probs: Tensor, mask_logits: Tensor, size: tu
     Σ_q class_probs[b, q, k] · sigmoid(bilinear resize of mask_logits to ``size``, align_corners=False)."""
     full = torch.nn.functional.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
     return torch.einsum("bqk,bqhw->bkhw", class_probs.to(full.dtype), full.sigmoid()).argmax(dim=1).to(torch.int32)
+
+
+def depthwise_conv3x3_reference(x: Tensor, weights: list[Tensor], dilations: list[int]) -> list[Tensor]:
+    """(B, C, H, W) input, (C, 1, 3, 3) weights and their dilations → one (B, C, H, W) depthwise convolution per
+    dilation, padding = dilation (same size), no bias."""
+    return [torch.nn.functional.conv2d(x, w, padding=int(d), dilation=int(d), groups=x.shape[1])
+            for w, d in zip(weights, dilations)]

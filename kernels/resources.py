@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 KERNELS = ("agent_fwd", "agent_bwd", "masked_bits", "masked_fwd", "masked_combine", "masked_bwd", "sum_partials",
-           "msda_fwd", "msda_bwd", "labels")
+           "msda_fwd", "msda_bwd", "labels", "depthwise")
 # Per-SM limits of sm_90 (H100/H200): registers, resident warps, shared memory, resident programs.
 SM_REGISTERS, SM_WARPS, SM_SHARED, SM_PROGRAMS = 65536, 64, 228 * 1024, 32
 SMS = 132  # H100 SXM multiprocessors, for the split counts the wrappers would choose
@@ -193,6 +193,14 @@ def variants(dtype: str) -> list[Variant]:
                   spb=nq * k, spq=k, spk=1, smb=nq * h * w, smq=h * w, smh=w, smw=1, BLOCK_P=lt._BLOCK_P,
                   BLOCK_Q=lt._BLOCK_Q, BLOCK_K=32, **prec)
     out.append(Variant("labels", f"labels-b{b}-{size}", lt._labels_kernel, labels, [_FixedConfig(4, num_stages=1)]))
+
+    # The refinement's four depthwise convolutions (dilations 1-4) of its stride-4 maps at 512², batch 8.
+    from kernels import depthwise_triton as dw
+
+    b, c, h, w = 8, 1024, 128, 128
+    depthwise = dict(X=x, W0=x, W1=x, W2=x, W3=x, Y=x, NPIX=b * h * w, H=h, W=w, C=c, D0=1, D1=2, D2=3, D3=4,
+                     NUM_OUT=4)
+    out.append(Variant("depthwise", f"refine-b{b}", dw._depthwise_kernel.fn, depthwise, dw._depthwise_kernel.configs))
     return out
 
 

@@ -9,7 +9,8 @@ Backend choice (``QD_ATTENTION`` overrides it): ``triton`` for CUDA tensors, ``t
 ``F.scaled_dot_product_attention`` (with a materialised mask for the masked kind); ``xformers`` and ``flex`` are
 GPU-only options. While tracing for export (torch.jit / torch.onnx / torch.export) the ``torch`` path is always
 taken, so exported graphs never contain a Triton call. The pixel decoder's deformable attention
-(``qd_core.head.msda``) follows the same choice: its Triton sampling core wherever ``backend_for`` says ``triton``.
+(``qd_core.head.msda``) follows the same choice: its Triton sampling core wherever ``backend_for`` says ``triton``;
+so do the refinement's depthwise convolutions (``qd_core.head.refine``) where no gradient is wanted.
 """
 from __future__ import annotations
 

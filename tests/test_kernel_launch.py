@@ -7,7 +7,7 @@ through Triton, the second launches directly); the recorded launches must be equ
 argument (tensors by dtype, shape, strides and alignment). It also checks that an installed launch hook makes the
 launcher step aside. A second run trains one step of the tiny student under bf16 autocast with every attention on
 the compiled kernels (outputs are not computed, so only the calls are checked: every kernel compiles for sm_90 at
-the shapes, strides and dtypes the model hands it, and is launched).
+the shapes, strides and dtypes the model hands it, and is launched), then runs one inference forward.
 """
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ def _run_script(*argv: str) -> dict:
 
 def test_direct_launches_equal_tritons_dispatch_for_every_kernel():
     result = _run_script()
-    assert result["compared"] == sorted(result["compared"]) and len(result["compared"]) == 10
+    assert result["compared"] == sorted(result["compared"]) and len(result["compared"]) == 12
     assert result["mismatches"] == [], result["mismatches"]
     # Each kernel launched directly at least once (a scenario that never hit the cache would prove nothing).
     assert set(result["direct"]) == {"_agent_fwd_kernel", "_agent_bwd_kernel", "_mask_bits_kernel",
                                      "_masked_fwd_kernel", "_masked_combine_kernel", "_masked_bwd_kernel",
                                      "_sum_partials_kernel", "_msda_fwd_kernel", "_msda_bwd_kernel",
-                                     "_labels_kernel"}
+                                     "_labels_kernel", "_depthwise_kernel"}
     assert result["hooked_launches"] == result["hook_calls"] > 0
 
 
@@ -55,10 +55,12 @@ def test_the_student_reaches_every_compiled_kernel_under_bf16_autocast():
     assert launched["_agent_bwd_kernel"] == launched["_agent_fwd_kernel"]
     assert launched["_masked_bwd_kernel"] == launched["_masked_fwd_kernel"]
     assert result["dtypes"] == ["torch.bfloat16"]  # the first argument of every forward (the MSDA value map too)
-    # An inference forward (eval, inference_mode): the same forward launches, no backward ones, no log-sum-exp.
+    # An inference forward (eval, inference_mode): the same forward launches, no backward ones, no log-sum-exp,
+    # and the refinement's depthwise convolutions in one kernel (training ran them in PyTorch, for their gradients).
     inference = result["inference"]
-    assert inference == {name: launched[name] for name in ("_agent_fwd_kernel", "_masked_fwd_kernel",
-                                                          "_masked_combine_kernel", "_msda_fwd_kernel")}, inference
+    assert inference == {**{name: launched[name] for name in ("_agent_fwd_kernel", "_masked_fwd_kernel",
+                                                             "_masked_combine_kernel", "_msda_fwd_kernel")},
+                         "_depthwise_kernel": 1}, inference
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,6 +145,11 @@ def _main() -> None:
         masks = torch.zeros((b, nq, h, w), dtype=dtype)
         return lambda: kernels.semantic_labels(probs, masks, size)
 
+    def depthwise(b: int, c: int, h: int, w: int, dilations: list, dtype: torch.dtype):
+        x = torch.zeros((b, c, h, w), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weights = [torch.zeros((c, 1, 3, 3)) for _ in dilations]  # fp32, as the model's under autocast
+        return lambda: kernels.depthwise_conv3x3(x, weights, dilations)
+
     scenarios = {
         "agent-bf16-fwd": agent(2, 2, 150, 20, 32, torch.bfloat16, shared=False, grad=False),
         "agent-bf16-fwd-other-n": agent(2, 2, 333, 20, 32, torch.bfloat16, shared=False, grad=False),
@@ -155,6 +162,8 @@ def _main() -> None:
         "masked-bf16-bits-fwd-bwd": masked(2, 2, 20, 1024, 32, 16, torch.bfloat16, grad=True),
         "msda-bf16-fwd-bwd": msda(2, 100, 2, 32, [(8, 8), (4, 4), (2, 2)], 4, grad=True),
         "labels-bf16": labels(2, 100, 19, 16, 16, (64, 64), torch.bfloat16),
+        "depthwise-bf16": depthwise(2, 48, 10, 12, [1, 2, 3, 4], torch.bfloat16),
+        "depthwise-bf16-five": depthwise(1, 48, 10, 12, [1, 2, 3, 4, 6], torch.bfloat16),  # 4 + 1 outputs
     }
     mismatches, direct = [], set()
     for name, call in scenarios.items():

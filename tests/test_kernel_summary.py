@@ -103,6 +103,21 @@ def test_layout_benchmarks_get_their_own_table(tmp_path):
     assert out.read_text().endswith(text)
 
 
+def test_refine_depthwise_benchmarks_get_their_own_table():
+    def dw(impl: str, median: float, device_ms: float | None) -> dict:
+        return {"name": f"test_refine_depthwise[refine-b8-{impl}]", "stats": {"median": median},
+                "extra_info": {"device_ms": device_ms, "device": "GPU X"}}
+
+    data = {"benchmarks": [entry("triton", 1e-3), dw("nchw", 4e-3, 3.0), dw("channels-last", 2e-3, 1.6),
+                           dw("triton", 1e-3, 0.4)]}
+    text = ks.render_refine_depthwise(data)
+    # The ratio is the faster PyTorch layout over Triton: 2 / 1 wall, 1.6 / 0.4 GPU-only.
+    assert "| refine-b8 | 4.000 / 2.000 / 1.000 (2.00×) | 3.000 / 1.600 / 0.400 (4.00×) |" in text
+    only_torch = {"benchmarks": [dw("nchw", 4e-3, None), dw("channels-last", 2e-3, None)]}
+    assert "| refine-b8 | 4.000 / 2.000 / n/a | n/a / n/a / n/a |" in ks.render_refine_depthwise(only_torch)
+    assert ks.render_refine_depthwise({"benchmarks": [entry("triton", 1e-3)]}) == ""
+
+
 def test_autotuned_configs_get_their_own_table(tmp_path):
     tuned = dict(entry("triton", 1e-3), name="test_agent_attention[refine-b1-triton-fwd+bwd]")
     tuned["extra_info"] = dict(tuned["extra_info"], autotuned={

@@ -670,6 +670,65 @@ def test_labels_reject_bad_input_in_one_line(bad, match):
         kernels.semantic_labels(probs, masks, size)
 
 
+# ---------------------------------------------------------------------------------- refinement depthwise conv
+
+
+def check_depthwise(x: torch.Tensor, weights: list[torch.Tensor], dilations: list[int]) -> None:
+    """Every output against fp32 F.conv2d of the same (rounded) inputs. fp32: nine products summed in another
+    order, ~1e-6. fp16/bf16: the kernel sums in fp32 and rounds once, ≤ eps/2 of each value, plus fp32 order."""
+    with torch.no_grad():
+        got = kernels.depthwise_conv3x3(x, weights, dilations)
+    expected = kernels.depthwise_conv3x3_reference(x.float(), [w.float() for w in weights], dilations)
+    assert len(got) == len(dilations)
+    for d, g, e in zip(dilations, got, expected):
+        assert g.dtype == x.dtype and g.shape == x.shape and g.is_contiguous(memory_format=torch.channels_last)
+        err = (g.float() - e).abs()
+        bound = 1e-5 if x.dtype == torch.float32 else torch.finfo(x.dtype).eps * e.abs() + 1e-5
+        assert bool((err <= bound).all()), f"dilation {d}: max error {float(err.max()):.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+def test_depthwise_matches_conv2d_at_every_dilation(dtype):
+    """The refinement's four dilations plus a fifth (a second launch), on a ragged map (pixels and channels not
+    multiples of the tile) smaller than the widest dilation, so that whole taps fall outside the zero padding."""
+    torch.manual_seed(30)
+    x = torch.randn(2, 40, 5, 7, device=DEVICE).to(dtype)
+    weights = [(torch.randn(40, 1, 3, 3, device=DEVICE) / 3).to(dtype) for _ in range(5)]
+    check_depthwise(x, weights, [1, 2, 3, 4, 6])
+
+
+def test_depthwise_takes_nchw_and_channels_last_maps_one_dilation_and_fp32_weights():
+    torch.manual_seed(31)
+    x = torch.randn(1, 24, 9, 4, device=DEVICE)
+    weights = [torch.randn(24, 1, 3, 3, device=DEVICE)]
+    check_depthwise(x, weights, [2])
+    check_depthwise(x.contiguous(memory_format=torch.channels_last), weights, [2])
+    check_depthwise(x.to(torch.bfloat16), weights, [1])  # bf16 map, fp32 weights (read as fp32)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("weight_shape", r"weights: expected \(8, 1, 3, 3\)"), ("dilation", "dilations: expected positive ints"),
+    ("counts", "as many of each"), ("dims", r"x: expected \(B, C, H, W\)"), ("int", "x: expected a float32"),
+    ("grad", "inference only")])
+def test_depthwise_rejects_bad_input_in_one_line(bad, match):
+    x = torch.randn(2, 8, 5, 5, device=DEVICE)
+    weights, dilations = [torch.randn(8, 1, 3, 3, device=DEVICE)], [1]
+    if bad == "weight_shape":
+        weights = [torch.randn(8, 1, 5, 5, device=DEVICE)]
+    elif bad == "dilation":
+        dilations = [0]
+    elif bad == "counts":
+        dilations = [1, 2]
+    elif bad == "dims":
+        x = x[0]
+    elif bad == "int":
+        x = x.to(torch.int32)
+    else:
+        weights = [weights[0].requires_grad_()]
+    with pytest.raises(ValueError, match=match):
+        kernels.depthwise_conv3x3(x, weights, dilations)
+
+
 # ---------------------------------------------------------------------------------------------- the model path
 
 
@@ -679,7 +738,7 @@ def test_tiny_student_semantic_logits_equal_with_triton_and_torch_attention(monk
     torch.manual_seed(20)
     student = build_student(load_config("tiny")).eval().to(DEVICE)
     images = torch.randn(1, 3, 128, 128, device=DEVICE)
-    calls = {"agent_attention": 0, "masked_attention": 0, "ms_deform_attn": 0}
+    calls = {"agent_attention": 0, "masked_attention": 0, "ms_deform_attn": 0, "depthwise_conv3x3": 0}
     for name in calls:
         def counting(*args, name=name, real=getattr(kernels, name), **kw):
             calls[name] += 1
@@ -693,6 +752,37 @@ def test_tiny_student_semantic_logits_equal_with_triton_and_torch_attention(monk
         triton_logits = student.semantic_logits(images)
     assert all(n > 0 for n in calls.values()), calls
     torch.testing.assert_close(triton_logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_refinement_takes_the_depthwise_kernel_only_where_no_gradient_is_wanted(monkeypatch):
+    """Inference: one kernel call for the four fusions' depthwise convolutions, the torch path's result. Training
+    (gradients on): the four PyTorch convolutions, whose gradients reach every fusion's depthwise weights."""
+    from qd_core.config import load_config
+    from qd_core.head.refine import Refinement
+
+    torch.manual_seed(32)
+    cfg = load_config("tiny").model.head
+    refine = Refinement(cfg).to(DEVICE).eval()
+    d = cfg.dim
+    maps = [torch.randn(2, d, *hw, device=DEVICE) for hw in ((16, 16), (2, 2), (4, 4), (8, 8))]
+    queries = torch.randn(2, cfg.num_queries, d, device=DEVICE)
+    calls = []
+    real = kernels.depthwise_conv3x3
+    monkeypatch.setattr(kernels, "depthwise_conv3x3", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        monkeypatch.setenv("QD_ATTENTION", "torch")
+        expected = refine(maps[0], maps[1:], queries)
+        monkeypatch.setenv("QD_ATTENTION", "triton")
+        got = refine(maps[0], maps[1:], queries)
+    assert calls == [1]
+    for g, e in zip([got[0], *got[1]], [expected[0], *expected[1]]):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    refine.train()
+    fused, memories = refine(maps[0], maps[1:], queries)
+    assert calls == [1]
+    (fused.sum() + sum(m.sum() for m in memories)).backward()
+    assert all(f.depthwise.weight.grad is not None and f.depthwise.weight.grad.abs().sum() > 0
+               for f in refine.fusions)
 
 
 def test_tiny_student_under_bf16_autocast_gives_the_kernels_one_dtype(monkeypatch):
@@ -746,7 +836,7 @@ def test_tiny_student_in_bf16_runs_every_kernel_in_bf16(monkeypatch):
     student = in_dtype(build_student(load_config("tiny")).eval().to(DEVICE), torch.bfloat16)
     images = torch.randn(1, 3, 128, 128, device=DEVICE)
     dtypes = set()
-    for name in ("agent_attention", "masked_attention", "ms_deform_attn"):
+    for name in ("agent_attention", "masked_attention", "ms_deform_attn", "depthwise_conv3x3"):
         def recording(*args, real=getattr(kernels, name), **kw):
             dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
             return real(*args, **kw)
@@ -792,6 +882,23 @@ def test_tiny_student_with_the_kernels_replays_from_a_cuda_graph_as_it_runs_eage
 @needs_cuda
 def test_labels_with_nan_at_the_paper_shape_on_gpu():
     check_labels_with_nan(2, 128, 128, (512, 512), seed=45)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.gpu
+@needs_cuda
+def test_depthwise_at_the_paper_shape_on_gpu(dtype):
+    """The refinement's four depthwise convolutions of the ViT-L student's stride-4 maps at 512², batch 2 (fp32
+    through cuDNN without TF32, whatever the session's setting)."""
+    torch.manual_seed(33)
+    x = torch.randn(2, 1024, 128, 128, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    weights = [(torch.randn(1024, 1, 3, 3, device=DEVICE) / 3).to(dtype) for _ in range(4)]
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        check_depthwise(x, weights, [1, 2, 3, 4])
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

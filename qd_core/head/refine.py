@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+import kernels
+from qd_core.attention import backend_for
 from qd_core.config import HeadConfig
 from qd_core.layers import MultiheadAttention, map_layout, resize
 
@@ -25,13 +27,18 @@ class DilatedSeparableFusion(nn.Module):
         # padding = dilation keeps the spatial size of a 3×3 kernel at any dilation.
         self.depthwise = nn.Conv2d(in_channels, in_channels, 3, padding=dilation, dilation=dilation,
                                    groups=in_channels, bias=False)
+        self.dilation = dilation
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.norm = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_channels, H, W) → (B, out_channels, H, W)."""
-        return self.act(self.norm(self.pointwise(self.depthwise(x))))
+        return self.after_depthwise(self.depthwise(x))
+
+    def after_depthwise(self, x: Tensor) -> Tensor:
+        """The rest of the fusion on the depthwise output: (B, in_channels, H, W) → (B, out_channels, H, W)."""
+        return self.act(self.norm(self.pointwise(x)))
 
 
 class Refinement(nn.Module):
@@ -91,6 +98,20 @@ class Refinement(nn.Module):
             r = map_layout(r.reshape(m.shape))
             attended.append(resize(m + r if self.residual else r, out_size))
         fused_input = map_layout(torch.cat(attended, dim=1))  # (B, 4d, H/4, W/4), order [M0, M1, M2, M3]
-        fused = [f(fused_input) for f in self.fusions]
+        fused = [f.after_depthwise(y) for f, y in zip(self.fusions, self._depthwise(fused_input))]
         new_memories = [resize(g, m.shape[-2:]) for g, m in zip(fused[1:], memories)]
         return fused[0], new_memories
+
+    def _depthwise(self, x: Tensor) -> list[Tensor]:
+        """The fusions' depthwise convolutions of their shared input x (B, 4d, H/4, W/4), one output per fusion.
+
+        Where the Triton kernels run (``qd_core.attention.backend_for``) and no gradient is wanted, one kernel
+        computes all four from a single pass over x (``kernels.depthwise_conv3x3``); otherwise four convolutions.
+        """
+        weights = [f.depthwise.weight for f in self.fusions]
+        if backend_for(x) == "triton" and not (torch.is_grad_enabled()
+                                               and (x.requires_grad or any(w.requires_grad for w in weights))):
+            if torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # as autocast would run the convolutions
+            return kernels.depthwise_conv3x3(x, weights, [f.dilation for f in self.fusions])
+        return [f.depthwise(x) for f in self.fusions]
