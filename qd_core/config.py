@@ -117,6 +117,8 @@ class InferenceConfig:
     mode: str = "slide"  # "whole" | "slide"
     window: list[int] = field(default_factory=lambda: [512, 512])  # (h, w)
     stride: list[int] = field(default_factory=lambda: [341, 341])  # (h, w)
+    # Slide mode: windows per forward pass (each holding the batch's images); lower it to save memory.
+    window_batch: int = 8
 
 
 DATASET_KINDS = ("synthetic", "cityscapes", "gta", "mapillary", "bdd", "acdc", "folder")
@@ -334,6 +336,8 @@ def validate(cfg: Config) -> Config:
          "[h, w], positive multiples of 32")
     need(len(inf.stride) == 2 and all(0 < s for s in inf.stride), "inference.stride", inf.stride,
          "[h, w], positive integers")
+    need(type(inf.window_batch) is int and inf.window_batch >= 1, "inference.window_batch", inf.window_batch,
+         "a positive integer")
     return cfg
 
 

@@ -54,18 +54,32 @@ def whole_inference(fn: LogitsFn, images: Tensor, multiple: int = 32) -> Tensor:
 
 
 def slide_inference(fn: LogitsFn, images: Tensor, window: tuple[int, int], stride: tuple[int, int],
-                    num_classes: int, multiple: int = 32) -> Tensor:
+                    num_classes: int, multiple: int = 32, window_batch: int = 8) -> Tensor:
     """images: (B, 3, H, W) normalised → logits (B, C, H, W), averaged over overlapping windows.
 
     A window cut at an image smaller than ``window`` is padded to the full window (the size the model was
-    trained on) and its logits are cropped back.
+    trained on) and its logits are cropped back. Up to ``window_batch`` windows of the B images go through ``fn``
+    together (as one batch of ≤ window_batch·B crops, windows of equal padded size only): one call per window
+    would run the model at batch B, where a GPU waits on the host and a CPU runs its small products slowly. The
+    result is the same whatever ``window_batch`` (the model treats every image of a batch on its own).
     """
+    if window_batch < 1:
+        raise ValueError(f"window_batch {window_batch}: expected a positive integer")
     b, _, h, w = images.shape
     logits = images.new_zeros((b, num_classes, h, w), dtype=torch.float32)
     count = images.new_zeros((1, 1, h, w), dtype=torch.float32)
+    # Windows grouped by the size run_padded would give them, in grid order within each size.
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
     for y1, y2, x1, x2 in window_grid((h, w), window, stride):
-        crop = images[:, :, y1:y2, x1:x2]
-        out = run_padded(fn, crop, multiple, min_size=tuple(window))
-        logits[:, :, y1:y2, x1:x2] += out.float()
-        count[:, :, y1:y2, x1:x2] += 1
+        size = (max(-(-(y2 - y1) // multiple) * multiple, window[0]), max(-(-(x2 - x1) // multiple) * multiple,
+                                                                          window[1]))
+        groups.setdefault(size, []).append((y1, y2, x1, x2))
+    for size, boxes in groups.items():
+        for start in range(0, len(boxes), window_batch):
+            chunk = boxes[start:start + window_batch]
+            crops = torch.cat([pad_to(images[:, :, y1:y2, x1:x2], size) for y1, y2, x1, x2 in chunk])
+            out = fn(crops).float()
+            for i, (y1, y2, x1, x2) in enumerate(chunk):
+                logits[:, :, y1:y2, x1:x2] += out[i * b:(i + 1) * b, :, :y2 - y1, :x2 - x1]
+                count[:, :, y1:y2, x1:x2] += 1
     return logits / count

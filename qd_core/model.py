@@ -138,7 +138,7 @@ class QueryDiffStudent(nn.Module):
             return whole_inference(self.window_logits, images, self.size_multiple)
         if mode == "slide":
             return slide_inference(self.window_logits, images, tuple(inf.window), tuple(inf.stride),
-                                   self.num_classes, self.size_multiple)
+                                   self.num_classes, self.size_multiple, inf.window_batch)
         raise ValueError(f"inference mode {mode!r}: expected 'whole' or 'slide'")
 
     @torch.no_grad()

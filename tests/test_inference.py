@@ -1,5 +1,7 @@
-"""Slide and whole inference (METHOD §6.4): window grid, averaging, small images."""
+"""Slide and whole inference (METHOD §6.4): window grid, averaging, window batches, small images."""
+import pytest
 import torch
+import torch.nn.functional as F
 
 from qd_core.inference import slide_inference, whole_inference, window_grid
 
@@ -38,7 +40,7 @@ def test_slide_average_equals_per_pixel_mean_of_window_outputs():
         k = float(len(calls))  # a different constant per window makes averaging visible
         return torch.full((x.shape[0], 2, *x.shape[-2:]), k) + x[:, :1]
 
-    out = slide_inference(fn, images, win, st, num_classes=2, multiple=32)
+    out = slide_inference(fn, images, win, st, num_classes=2, multiple=32, window_batch=1)
     # Independent accumulation.
     acc = torch.zeros(2, 2, h, w)
     cnt = torch.zeros(h, w)
@@ -47,6 +49,32 @@ def test_slide_average_equals_per_pixel_mean_of_window_outputs():
         cnt[y1:y2, x1:x2] += 1
     torch.testing.assert_close(out, acc / cnt)
     assert all(tuple(s) == (64, 64) for s in calls)
+
+
+@pytest.mark.parametrize("window_batch", [2, 4, 100])
+def test_windows_batched_together_give_the_one_at_a_time_result(window_batch):
+    """12 windows (3 × 4) of two images, in calls of up to window_batch windows × 2 images: same logits as one
+    window per call (fn depends on each crop only, as the model does)."""
+    h, w, win, st = 96, 160, (64, 64), (16, 32)
+    images = torch.randn(2, 3, h, w)
+    weight = torch.randn(5, 3, 3, 3)
+
+    def fn(x):
+        return F.conv2d(x, weight, padding=1).tanh()
+
+    calls = []
+    expected = slide_inference(fn, images, win, st, num_classes=5, multiple=32, window_batch=1)
+    out = slide_inference(lambda x: calls.append(x.shape[0]) or fn(x), images, win, st, num_classes=5,
+                          multiple=32, window_batch=window_batch)
+    boxes = len(window_grid((h, w), win, st))
+    assert boxes == 12 and sum(calls) == 2 * boxes and max(calls) == 2 * min(window_batch, boxes)
+    assert len(calls) == -(-boxes // window_batch)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_window_batch_must_be_positive():
+    with pytest.raises(ValueError, match="window_batch 0"):
+        slide_inference(lambda x: x, torch.zeros(1, 3, 64, 64), (64, 64), (32, 32), num_classes=3, window_batch=0)
 
 
 def test_image_smaller_than_window_is_padded_to_window_and_cropped_back():

@@ -46,6 +46,15 @@ def test_whole_and_slide_agree_on_one_window(tiny):
     torch.testing.assert_close(tiny.predict_logits(images, "whole"), tiny.predict_logits(images, "slide"))
 
 
+def test_slide_logits_do_not_depend_on_how_many_windows_share_a_forward(tiny, monkeypatch):
+    """inference.window_batch only groups windows into batches: every image of a batch is treated on its own."""
+    images = torch.randn(2, 3, 150, 260)  # 2 × 3 windows of 128² at stride 85, the last ones pushed back inside
+    monkeypatch.setattr(tiny.cfg.inference, "window_batch", 1)
+    one = tiny.predict_logits(images, "slide")
+    monkeypatch.setattr(tiny.cfg.inference, "window_batch", 3)
+    torch.testing.assert_close(tiny.predict_logits(images, "slide"), one, atol=1e-5, rtol=1e-5)
+
+
 def test_trainable_set_is_reins_agent_queries_link_and_head():
     student = QueryDiffStudent(load_config("tiny"))
     trainable = {n.split(".")[0] for n, p in student.named_parameters() if p.requires_grad}
