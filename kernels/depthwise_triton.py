@@ -6,7 +6,7 @@ convolutions, each reading the whole input from memory once more (4 × 268 MB at
 and which kernel runs them is PyTorch's and cuDNN's choice per layout (cuDNN for channels-last maps, PyTorch's own
 depthwise kernel for NCHW ones), made by heuristics. Here one program owns a tile of pixels × channels and writes
 its tile of every dilation's output: the input tile and its halo come from L1/L2 for all the dilations' taps, so
-the input is read from memory about once, and the work is a plain memory-bound loop whose cost does not depend on
+the input is read from memory about once, and the work is a plain memory-bound kernel whose cost does not depend on
 a library heuristic.
 
 Channels-last (NHWC) in and out: along a pixel's channels the loads and stores are contiguous. Products and sums
