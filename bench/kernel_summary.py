@@ -171,6 +171,20 @@ def render(rows: Sequence[Row], peak_tbs: float, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _timings(entry: dict[str, Any]) -> tuple[float, float | None]:
+    """(wall-clock median in s, GPU-only ms or None) of one benchmark entry."""
+    device_ms = entry.get("extra_info", {}).get("device_ms")
+    return float(entry["stats"]["median"]), None if device_ms is None else float(device_ms)
+
+
+def _table(caption: str, header: str, lines: list[str]) -> str:
+    """A captioned Markdown table of ``lines`` under ``header`` ('| a | b |'); '' when there are no lines."""
+    if not lines:
+        return ""
+    rule = "|" + "---|" * header.count(" | ") + "---|"
+    return "\n".join([caption, "", header, rule, *lines]) + "\n"
+
+
 def render_mask_paths(rows: Sequence[Row]) -> str:
     """Markdown table of the masked kernel's two mask paths, where the JSON times both: its default at that L
     (``triton``) against the other one, in wall-clock and GPU-only time; '' when it times only one."""
@@ -187,13 +201,10 @@ def render_mask_paths(rows: Sequence[Row]) -> str:
         else:
             gpu = "n/a"
         lines.append(f"| {r.case} | {r.mode} | {default} | {wall} | {gpu} |")
-    if not lines:
-        return ""
-    return "\n".join(["The masked kernel's mask paths: the default at each L (from the factors per key tile below "
-                      "BITS_MIN_KEYS keys, from the per-image bit mask from there on) against the other. Above 1× "
-                      "the default is faster.", "",
-                      "| case | mode | default path | wall ms default / other | GPU-only ms default / other (ratio) |",
-                      "|---|---|---|---|---|", *lines]) + "\n"
+    return _table("The masked kernel's mask paths: the default at each L (from the factors per key tile below "
+                  "BITS_MIN_KEYS keys, from the per-image bit mask from there on) against the other. Above 1× the "
+                  "default is faster.",
+                  "| case | mode | default path | wall ms default / other | GPU-only ms default / other (ratio) |", lines)
 
 
 def render_layouts(bench_json: dict[str, Any]) -> str:
@@ -204,9 +215,7 @@ def render_layouts(bench_json: dict[str, Any]) -> str:
         match = _LAYOUT_ID.fullmatch(entry["name"])
         if match:
             op, case, layout, mode = match.groups()
-            device_ms = entry.get("extra_info", {}).get("device_ms")
-            times.setdefault((op, case, mode), {})[layout] = (
-                float(entry["stats"]["median"]), None if device_ms is None else float(device_ms))
+            times.setdefault((op, case, mode), {})[layout] = _timings(entry)
 
     def pair(a: float | None, b: float | None, scale: float) -> str:
         if a is None or b is None:
@@ -216,13 +225,11 @@ def render_layouts(bench_json: dict[str, Any]) -> str:
     lines = [f"| {op} | {case} | {mode} | {pair(t['nchw'][0], t['channels-last'][0], 1e3)} | "
              f"{pair(t['nchw'][1], t['channels-last'][1], 1.0)} |"
              for (op, case, mode), t in times.items() if {"nchw", "channels-last"} <= set(t)]
-    if not lines:
-        return ""
-    return "\n".join(["Layouts: the student's resizes and depthwise convolutions as PyTorch lays them out by itself "
-                      "(nchw) against channels-last, as the model runs them (qd_core.layers). Above 1× channels-last "
-                      "is faster.", "",
-                      "| op | case | mode | wall ms nchw / channels-last (ratio) | GPU-only ms nchw / channels-last "
-                      "(ratio) |", "|---|---|---|---|---|", *lines]) + "\n"
+    return _table("Layouts: the student's resizes and depthwise convolutions as PyTorch lays them out by itself "
+                  "(nchw) against channels-last, as the model runs them (qd_core.layers). Above 1× channels-last is "
+                  "faster.",
+                  "| op | case | mode | wall ms nchw / channels-last (ratio) | GPU-only ms nchw / channels-last "
+                  "(ratio) |", lines)
 
 
 def render_refine_depthwise(bench_json: dict[str, Any]) -> str:
@@ -232,9 +239,8 @@ def render_refine_depthwise(bench_json: dict[str, Any]) -> str:
     for entry in bench_json["benchmarks"]:
         match = _REFINE_DW_ID.fullmatch(entry["name"])
         if match:
-            device_ms = entry.get("extra_info", {}).get("device_ms")
-            times.setdefault(match.group(1), {})[match.group(2)] = (
-                float(entry["stats"]["median"]) * 1e3, None if device_ms is None else float(device_ms))
+            median_s, device_ms = _timings(entry)
+            times.setdefault(match.group(1), {})[match.group(2)] = (median_s * 1e3, device_ms)
 
     def cells(t: dict[str, tuple[float, float | None]], which: int) -> str:
         values = {impl: t[impl][which] for impl in REFINE_DW_IMPLS if impl in t and t[impl][which] is not None}
@@ -245,13 +251,10 @@ def render_refine_depthwise(bench_json: dict[str, Any]) -> str:
         return text
 
     lines = [f"| {case} | {cells(t, 0)} | {cells(t, 1)} |" for case, t in times.items()]
-    if not lines:
-        return ""
-    return "\n".join(["Refinement depthwise convolutions (all four dilations, forward): four PyTorch convolutions "
-                      "in PyTorch's layout (nchw) and channels-last, against one Triton kernel "
-                      "(kernels.depthwise_conv3x3); the ratio is the faster PyTorch layout over Triton.", "",
-                      "| case | wall ms nchw / channels-last / triton | GPU-only ms nchw / channels-last / triton |",
-                      "|---|---|---|", *lines]) + "\n"
+    return _table("Refinement depthwise convolutions (all four dilations, forward): four PyTorch convolutions in "
+                  "PyTorch's layout (nchw) and channels-last, against one Triton kernel (kernels.depthwise_conv3x3); "
+                  "the ratio is the faster PyTorch layout over Triton.",
+                  "| case | wall ms nchw / channels-last / triton | GPU-only ms nchw / channels-last / triton |", lines)
 
 
 def render_autotuned(bench_json: dict[str, Any]) -> str:
@@ -262,11 +265,9 @@ def render_autotuned(bench_json: dict[str, Any]) -> str:
         for kernel, chosen in (entry.get("extra_info", {}).get("autotuned") or {}).items():
             lines += [f"| {kernel} | {key} | {config} | {entry['name'].removeprefix('test_')} |"
                       for key, config in chosen.items()]
-    if not lines:
-        return ""
-    return "\n".join(["Autotuned configs: what each kernel's autotuner chose, per tuning key (the key arguments' "
-                      "values, then the tensors' dtypes), and the benchmark that tuned it.", "",
-                      "| kernel | tuning key | config | tuned by |", "|---|---|---|---|", *lines]) + "\n"
+    return _table("Autotuned configs: what each kernel's autotuner chose, per tuning key (the key arguments' values, "
+                  "then the tensors' dtypes), and the benchmark that tuned it.",
+                  "| kernel | tuning key | config | tuned by |", lines)
 
 
 def _device(r: Row) -> str:

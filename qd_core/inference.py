@@ -40,12 +40,15 @@ def pad_to(images: Tensor, size: tuple[int, int]) -> Tensor:
     return F.pad(images, (0, size[1] - w, 0, size[0] - h)) if (h, w) != tuple(size) else images
 
 
+def padded_size(h: int, w: int, multiple: int, min_size: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """(h, w) rounded up to a multiple of ``multiple`` and to at least ``min_size``."""
+    return max(-(-h // multiple) * multiple, min_size[0]), max(-(-w // multiple) * multiple, min_size[1])
+
+
 def run_padded(fn: LogitsFn, images: Tensor, multiple: int, min_size: tuple[int, int] = (0, 0)) -> Tensor:
     """Pad to a multiple of ``multiple`` (and at least ``min_size``), run ``fn``, crop the logits back."""
     h, w = images.shape[-2:]
-    ph = max(-(-h // multiple) * multiple, min_size[0])
-    pw = max(-(-w // multiple) * multiple, min_size[1])
-    return fn(pad_to(images, (ph, pw)))[..., :h, :w]
+    return fn(pad_to(images, padded_size(h, w, multiple, min_size)))[..., :h, :w]
 
 
 def whole_inference(fn: LogitsFn, images: Tensor, multiple: int = 32) -> Tensor:
@@ -71,9 +74,7 @@ def slide_inference(fn: LogitsFn, images: Tensor, window: tuple[int, int], strid
     # Windows grouped by the size run_padded would give them, in grid order within each size.
     groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
     for y1, y2, x1, x2 in window_grid((h, w), window, stride):
-        size = (max(-(-(y2 - y1) // multiple) * multiple, window[0]), max(-(-(x2 - x1) // multiple) * multiple,
-                                                                          window[1]))
-        groups.setdefault(size, []).append((y1, y2, x1, x2))
+        groups.setdefault(padded_size(y2 - y1, x2 - x1, multiple, window), []).append((y1, y2, x1, x2))
     for size, boxes in groups.items():
         for start in range(0, len(boxes), window_batch):
             chunk = boxes[start:start + window_batch]
