@@ -60,6 +60,8 @@ BACKENDS = (
     BackendSpec("torch-compile", "fp32", "torch.compile (Inductor), fp32"),
     BackendSpec("torch-compile-bf16", "bf16", "torch.compile (Inductor) + CUDA graphs, the whole model in bf16",
                 cuda_only=True),
+    BackendSpec("torch-compile-triton-bf16", "bf16", "torch.compile (Inductor) + CUDA graphs with the Triton kernels "
+                "as custom operators, the whole model in bf16", cuda_only=True),
     BackendSpec("ort-fp32", "fp32", "ONNX Runtime, fp32 graph"),
     BackendSpec("ort-fp16", "fp16", "ONNX Runtime, strongly typed fp16 graph"),
     BackendSpec("aoti", "fp32", "torch.export + AOTInductor .pt2, fp32"),
@@ -73,7 +75,7 @@ FOREIGN_ALLOCATOR = ("ort-fp32", "ort-fp16", "trt-fp16", "qd-infer")
 # GraphedForward's capture happens in the first call of a batch size (so its peak is that call's); Inductor's
 # happens during compilation, whose own autotuning buffers would swamp the figure.
 CAPTURED_IN_FIRST_CALL = ("torch-triton-bf16-graphs",)
-CAPTURED_IN_COMPILE = ("torch-compile-bf16",)
+CAPTURED_IN_COMPILE = ("torch-compile-bf16", "torch-compile-triton-bf16")
 # Backends that run in another process and time themselves (``timed_passes``): see bench.native.
 EXTERNALLY_TIMED = ("qd-infer",)
 # Compiled ahead of the run (minutes of C++ compilation on a CPU): see selected_here.
@@ -135,6 +137,7 @@ def torch_recipe(spec: BackendSpec) -> dict[str, Any] | None:
         "torch-triton-bf16-graphs": {"dtype": lowp, "attention": "triton", "cuda_graphs": True},
         "torch-compile": {"attention": "torch", "compile": True},
         "torch-compile-bf16": {"dtype": lowp, "attention": "torch", "compile": True, "cuda_graphs": True},
+        "torch-compile-triton-bf16": {"dtype": lowp, "attention": "triton", "compile": True, "cuda_graphs": True},
     }
     return recipes.get(spec.name)
 
@@ -284,6 +287,8 @@ def unavailable_reason(spec: BackendSpec, settings: BenchSettings) -> str | None
             return "Triton kernels need CUDA"
         if spec.name == "torch-compile-bf16":
             return "CUDA graphs need CUDA (torch.compile on CPU is timed in fp32)"
+        if spec.name == "torch-compile-triton-bf16":
+            return "CUDA graphs and the Triton kernels need CUDA (torch.compile on CPU is timed in fp32)"
         if spec.name == "trt-fp16":
             return "TensorRT needs CUDA"
         return f"{spec.name} needs CUDA (autocast on CPU is timed in bf16)"

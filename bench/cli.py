@@ -114,7 +114,7 @@ def versions() -> dict[str, str]:
 
 # What --time-limit expects of a backend's first test before any has run: Inductor's compilation (and CUDA-graph
 # capture) of the ViT-L student took ~130 s per batch size on an H100 (and minutes of C++ on a CPU). Others: 0.
-FIRST_TEST_S = {"torch-compile": 150.0, "torch-compile-bf16": 150.0}
+FIRST_TEST_S = {"torch-compile": 150.0, "torch-compile-bf16": 150.0, "torch-compile-triton-bf16": 150.0}
 
 
 class OutcomeCollector:

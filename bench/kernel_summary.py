@@ -204,7 +204,8 @@ def render_mask_paths(rows: Sequence[Row]) -> str:
     return _table("The masked kernel's mask paths: the default at each L (from the factors per key tile below "
                   "BITS_MIN_KEYS keys, from the per-image bit mask from there on) against the other. Above 1× the "
                   "default is faster.",
-                  "| case | mode | default path | wall ms default / other | GPU-only ms default / other (ratio) |", lines)
+                  "| case | mode | default path | wall ms default / other | GPU-only ms default / other (ratio) |",
+                  lines)
 
 
 def render_layouts(bench_json: dict[str, Any]) -> str:

@@ -8,6 +8,10 @@ The Triton modules are imported on first call, not here: ``qd_core`` imports thi
 machines without Triton or a GPU, and Triton fixes at import (decoration) time whether a kernel is compiled or run
 by its interpreter. On a machine without CUDA the first call with CPU tensors therefore sets
 ``TRITON_INTERPRET=1`` before importing the kernels, so the same code runs (slowly) on CPU for tests.
+
+Under torch.compile each function calls its custom operator (``kernels.ops``, ``torch.ops.qd.*``) instead: the
+kernel becomes one opaque node of the compiled graph. The operators are forward only: a compiled call that needs
+gradients runs the kernel eagerly between two graphs (a graph break), with its autograd Function.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import importlib
 import os
 import sys
 from types import ModuleType
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -53,6 +58,19 @@ def _triton_module(name: str, t: Tensor, arg: str = "q") -> ModuleType:
     return importlib.import_module(f"kernels.{name}")
 
 
+def _wants_grad(*tensors: Tensor) -> bool:
+    """Whether a compiled call needs gradients: the ``kernels.ops`` operators have no autograd formula, so such a
+    call runs the kernel outside the graph (``_outside_graph``) instead of as its operator."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+@torch.compiler.disable
+def _outside_graph(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` run eagerly between two compiled graphs (a graph break): how a compiled call that
+    needs gradients runs a kernel, with its autograd Function."""
+    return fn(*args, **kwargs)
+
+
 def _offline() -> bool:
     """Whether ``kernels.offline_driver`` stands in for CUDA (CPU tensors then go to the compiled kernels)."""
     offline = sys.modules.get("kernels.offline_driver")
@@ -70,6 +88,10 @@ def agent_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
     Returns:
         (B, H, N, d) in q's dtype, differentiable in q, k and v. Same result as ``agent_attention_reference``.
     """
+    if torch.compiler.is_compiling():
+        if _wants_grad(q, k, v):
+            return _outside_graph(agent_attention, q, k, v, scale=scale)
+        return torch.ops.qd.agent_attention(q, k, v, scale)
     return _triton_module("agent_triton", q).agent_attention(q, k, v, scale=scale)
 
 
@@ -88,6 +110,10 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
     Returns:
         (B, H, Q, d) in q's dtype, differentiable in q, k and v. Same result as ``masked_attention_reference``.
     """
+    if torch.compiler.is_compiling():
+        if _wants_grad(q, k, v):
+            return _outside_graph(masked_attention, q, k, v, mask_embed, mask_feats, scale=scale)
+        return torch.ops.qd.masked_attention(q, k, v, mask_embed, mask_feats, scale)
     return _triton_module("masked_triton", q).masked_attention(q, k, v, mask_embed, mask_feats, scale=scale)
 
 
@@ -106,6 +132,12 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
         (B, Nq, H·dh) fp32, differentiable in value, sampling_locations and attention_weights. Same result as
         ``qd_core.head.msda.ms_deform_attn_core`` (bilinear, zero padding, ``align_corners=False``).
     """
+    if torch.compiler.is_compiling():
+        if _wants_grad(value, sampling_locations, attention_weights):
+            return _outside_graph(ms_deform_attn, value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights)
+        return torch.ops.qd.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                           attention_weights)
     return _triton_module("msda_triton", value, "value").ms_deform_attn(value, spatial_shapes, level_start_index,
                                                                sampling_locations, attention_weights)
 
@@ -120,6 +152,8 @@ def semantic_labels(class_probs: Tensor, mask_logits: Tensor, size: tuple[int, i
     Returns:
         (B, H, W) int32, as ``semantic_labels_reference`` (except where two classes tie to within rounding).
     """
+    if torch.compiler.is_compiling():  # labels: nothing to differentiate
+        return torch.ops.qd.semantic_labels(class_probs, mask_logits, [int(size[0]), int(size[1])])
     return _triton_module("labels_triton", mask_logits, "mask_logits").semantic_labels(class_probs, mask_logits,
                                                                                         size)
 
@@ -135,4 +169,14 @@ def depthwise_conv3x3(x: Tensor, weights: list[Tensor], dilations: list[int]) ->
         One (B, C, H, W) channels-last tensor in x's dtype per dilation, as ``depthwise_conv3x3_reference``. Not
         differentiable: raises when called with gradients enabled on inputs that require them.
     """
+    if torch.compiler.is_compiling():
+        if _wants_grad(x, *weights):  # the eager function refuses the call in one line
+            return _outside_graph(depthwise_conv3x3, x, weights, dilations)
+        # The operator returns the (K, B, H, W, C) tensor the outputs are views of (an operator's outputs may not
+        # share storage); the views are taken here, in the graph.
+        return _ops.unstack(torch.ops.qd.depthwise_conv3x3(x, list(weights), [int(d) for d in dilations]))
     return _triton_module("depthwise_triton", x, "x").depthwise_conv3x3(x, weights, dilations)
+
+
+# Registers the torch.ops.qd operators (torch.compile's path to the kernels); imports no Triton.
+from kernels import ops as _ops  # noqa: E402,F401

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._triton_utils import AUTOTUNE, INTERPRET, Launcher, autotune_bench, cdiv, check_float, checked_once
+from kernels.ops import unstack
 
 MAX_OUTPUTS = 4  # dilations per launch (one weight pointer each); more are done in further launches
 
@@ -113,6 +114,12 @@ def depthwise_conv3x3(x: Tensor, weights: Sequence[Tensor], dilations: Sequence[
     Returns:
         One (B, C, H, W) channels-last tensor in x's dtype per dilation.
     """
+    return unstack(depthwise_conv3x3_stacked(x, weights, dilations))
+
+
+def depthwise_conv3x3_stacked(x: Tensor, weights: Sequence[Tensor], dilations: Sequence[int]) -> Tensor:
+    """``depthwise_conv3x3``'s outputs as the one (K, B, H, W, C) tensor they are views of (what the custom
+    operator of ``kernels.ops`` returns: an operator's outputs may not share storage)."""
     _check_input(x)
     if len(weights) != len(dilations) or not weights:
         raise ValueError(f"weights and dilations: expected as many of each (≥ 1), got {len(weights)} and "
@@ -142,5 +149,4 @@ def depthwise_conv3x3(x: Tensor, weights: Sequence[Tensor], dilations: Sequence[
         ws += [ws[0]] * (MAX_OUTPUTS - n)
         ds += [ds[0]] * (MAX_OUTPUTS - n)
         _launch(grid, (x, *ws, out[start:start + n]), (npix, h, w, c, *ds), NUM_OUT=n)
-    # (K, B, H, W, C) → K × (B, C, H, W) views with channels-last strides.
-    return [y.permute(0, 3, 1, 2) for y in out.unbind(0)]
+    return out

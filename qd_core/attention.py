@@ -8,9 +8,12 @@ Three kinds of attention run in the student:
 Backend choice (``QD_ATTENTION`` overrides it): ``triton`` for CUDA tensors, ``torch`` elsewhere. ``sdpa`` uses
 ``F.scaled_dot_product_attention`` (with a materialised mask for the masked kind); ``xformers`` and ``flex`` are
 GPU-only options. While tracing for export (torch.jit / torch.onnx / torch.export) the ``torch`` path is always
-taken, so exported graphs never contain a Triton call. The pixel decoder's deformable attention
-(``qd_core.head.msda``) follows the same choice: its Triton sampling core wherever ``backend_for`` says ``triton``;
-so do the refinement's depthwise convolutions (``qd_core.head.refine``) where no gradient is wanted.
+taken, so exported graphs never contain a Triton call; so is it under torch.compile, unless ``QD_ATTENTION=triton``
+names the kernels and no gradient is wanted: they then enter the compiled graph as custom operators
+(``kernels.ops``, ``torch.ops.qd.*``), which Inductor calls between the kernels it fuses around them. The pixel
+decoder's deformable attention (``qd_core.head.msda``) follows the same choice: its Triton sampling core wherever
+``backend_for`` says ``triton``; so do the refinement's depthwise convolutions (``qd_core.head.refine``) where no
+gradient is wanted, and the full-size labels (``QueryDiffStudent.full_size_labels``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ def backend_for(t: Tensor) -> str:
     if forced and forced not in BACKENDS:
         raise ValueError(f"QD_ATTENTION={forced!r}: expected one of {', '.join(BACKENDS)}")
     if is_tracing():
+        # torch.compile (not an export) with the kernels named and no gradient wanted: they enter the graph as
+        # custom operators (kernels.ops, forward only); every other traced or compiled graph is plain PyTorch.
+        if (forced == "triton" and not torch.is_grad_enabled() and torch.compiler.is_compiling()
+                and not torch.compiler.is_exporting()):
+            return "triton"
         return "torch"
     if forced:
         if forced in ("xformers", "flex") and not t.is_cuda:

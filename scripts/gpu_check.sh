@@ -96,7 +96,8 @@ run op_profile 150 python3 -m bench.op_profile --device cuda --config vitl16_512
 # together (model build included) and torch-compile-bf16 ~130 s per batch size (Inductor + graph capture), so the
 # whole list does not fit 420 s: --time-limit skips the tests that would end past the step's limit, less 60 s for
 # the report, and the report lists them (a run stopped by signal during a compilation was killed before its report
-# was written).
+# was written). E2E_BACKENDS picks the backends (comma-separated) and E2E_BATCH the larger batch (default 8; 1 times
+# batch 1 only: both compiled backends then fit, ~130 s each).
 KERNEL_JSON=()
 KJ="${KERNELS_JSON:-$RESULTS/bench_kernels.json}"
 if [[ -f "$KJ" ]]; then
@@ -106,8 +107,9 @@ elif wanted bench_e2e; then
 fi
 run bench_e2e 420 bash -c 'python3 -m bench --time-limit $((STEP_SECONDS > 120 ? STEP_SECONDS - 60 : 60)) "$@"' e2e \
     --device cuda --config vitl16_512 --checkpoint none --quick --no-kernels \
-    --images 8 --batch 8 --backends "${E2E_BACKENDS:-torch-fp32,torch-bf16,torch-fp16,torch-bf16-pure,torch-triton-fp32,\
-torch-triton-bf16,torch-triton-bf16-graphs,torch-compile-bf16,ort-fp32,ort-fp16,trt-fp16}" "${KERNEL_JSON[@]}" \
+    --images 8 --batch "${E2E_BATCH:-8}" --backends "${E2E_BACKENDS:-torch-fp32,torch-bf16,torch-fp16,torch-bf16-pure,\
+torch-triton-fp32,torch-triton-bf16,torch-triton-bf16-graphs,torch-compile-bf16,torch-compile-triton-bf16,ort-fp32,ort-fp16,\
+trt-fp16}" "${KERNEL_JSON[@]}" \
     --out "$RESULTS" --overwrite
 run bench_flex 150 python3 -m pytest bench/test_kernels.py -k flex --benchmark-json="$RESULTS/bench_kernels_flex.json" \
     "${BENCH_OPTS[@]}"

@@ -40,7 +40,8 @@ def test_the_bf16_student_takes_fp32_images_and_stays_close_to_fp32():
 
 def test_the_backends_that_convert_the_model_do_not_also_autocast():
     converted = {b.name for b in BACKENDS if (torch_recipe(b) or {}).get("dtype") is not None}
-    assert converted == {"torch-bf16-pure", "torch-triton-bf16-graphs", "torch-compile-bf16"}
+    assert converted == {"torch-bf16-pure", "torch-triton-bf16-graphs", "torch-compile-bf16",
+                         "torch-compile-triton-bf16"}
     for b in BACKENDS:
         recipe = torch_recipe(b)
         assert recipe is None or recipe.get("autocast") is None or recipe.get("dtype") is None, b.name

@@ -880,6 +880,32 @@ def test_tiny_student_with_the_kernels_replays_from_a_cuda_graph_as_it_runs_eage
 
 @pytest.mark.gpu
 @needs_cuda
+def test_tiny_student_compiled_with_the_kernel_operators_replays_as_the_eager_kernels_run():
+    """The torch-compile-triton-bf16 benchmark backend: Inductor with the kernels as custom operators (kernels.ops)
+    and its CUDA graphs; a replay on new images gives the eager kernels' result."""
+    from bench.backends import TorchBackend
+    from qd_core import build_student, load_config
+
+    torch.manual_seed(23)
+    student = build_student(load_config("tiny")).eval().to("cuda").requires_grad_(False)
+    eager = TorchBackend(student, name="eager", dtype=torch.bfloat16, attention="triton")
+    compiled = TorchBackend(student, name="compiled", dtype=torch.bfloat16, attention="triton", compile=True,
+                            cuda_graphs=True)
+    first, second = (torch.rand(2, 3, 128, 128, device="cuda") * 255 for _ in range(2))
+    for _ in range(3):  # compilation, then Inductor's warm-up and recording
+        compiled.run(first)
+    for images in (second, first):
+        logits, labels = compiled.run(images)
+        expected_logits, expected_labels = eager.run(images)
+        # Same kernels; Inductor's fused kernels round once where eager bf16 rounds after every operation, so the
+        # two differ by the compounded bf16 roundings (tests/test_bench_pure.py's bound against fp32).
+        rel = ((logits - expected_logits).norm() / expected_logits.norm()).item()
+        assert rel <= 8 * 2.0 ** -8, f"relative error {rel:.3e}"
+        assert (labels == expected_labels).float().mean() >= 0.95
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_labels_with_nan_at_the_paper_shape_on_gpu():
     check_labels_with_nan(2, 128, 128, (512, 512), seed=45)
 
