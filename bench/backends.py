@@ -314,6 +314,11 @@ class BenchSession:
             # would blur the fp32 reference and the fp32 MFU peak alike.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
+            # Every timed shape is fixed, so cuDNN may time its algorithms once per convolution shape (in the
+            # warm-up calls) instead of taking its heuristic's pick, as a deployment at a fixed size would: its
+            # heuristics are least sure of themselves for the dilated, grouped and channels-last bf16
+            # convolutions this head has.
+            torch.backends.cudnn.benchmark = True
         self.model, self.cfg = load_model(settings)
         self.size = (int(self.cfg.inference.window[0]), int(self.cfg.inference.window[1]))
         self.eval_set: EvalSet = load_eval_set(settings.data, settings.images, self.size)
@@ -369,7 +374,14 @@ class BenchSession:
         return {"device": self.settings.device, "device_name": self.device_name, "config": self.cfg.name,
                 "model": self.settings.model_label, "eval_set": self.eval_set.description,
                 "height": self.size[0], "width": self.size[1], "flops_per_image": self.flops_per_image,
-                "torch": torch.__version__}
+                "torch": torch.__version__, "backend_settings": self.backend_settings}
+
+    @property
+    def backend_settings(self) -> str | None:
+        """The library settings every PyTorch backend of this session runs under (set in ``__init__``)."""
+        if self.settings.device != "cuda":
+            return None
+        return "TF32 off (matmuls and cuDNN), cuDNN autotuning on (torch.backends.cudnn.benchmark)"
 
     def inputs(self, batch: int) -> Tensor:
         """The first ``batch`` evaluation images (B, 3, H, W) on the session's device."""

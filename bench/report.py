@@ -136,7 +136,8 @@ def _kernel_row(entry: dict[str, Any]) -> KernelRow:
 
 def session_meta(benchmarks: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The session facts the suites record in every entry (device, config, model, images, FLOPs)."""
-    keys = ("device", "device_name", "config", "model", "eval_set", "height", "width", "flops_per_image", "torch")
+    keys = ("device", "device_name", "config", "model", "eval_set", "height", "width", "flops_per_image", "torch",
+            "backend_settings")
     for entry in benchmarks:
         info = entry.get("extra_info", {})
         if info.get("kind") in ("latency", "accuracy"):
@@ -207,6 +208,7 @@ def render_markdown(report: Report) -> str:
         ("weights", m.get("model")),
         ("images", m.get("eval_set")),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) or None),
+        ("settings", m.get("backend_settings")),
         ("stopped", m.get("stopped_note")),
         ("host load", m.get("load_note")),
         ("memory", m.get("memory_note")),

@@ -39,6 +39,16 @@ HAS_XFORMERS = CUDA and importlib.util.find_spec("xformers") is not None
 MODES = ("fwd", "fwd+bwd")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def cudnn_autotuning():
+    """The PyTorch convolutions timed here get cuDNN's autotuning (per shape, in the warm-up calls) as the Triton
+    kernels get theirs, and as ``python -m bench`` runs the model (bench.backends.BenchSession)."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = CUDA
+    yield
+    torch.backends.cudnn.benchmark = previous
+
+
 @dataclass(frozen=True)
 class AgentCase:
     """q (b, h, n, d) over keys (b or 1, h, m, d)."""

@@ -142,6 +142,13 @@ def test_markdown_lists_every_row_and_marks_the_failing_backend(bench_json):
     assert "## Kernel microbenchmarks" in text
 
 
+def test_markdown_names_the_library_settings_the_backends_ran_under(bench_json):
+    assert "**settings**" not in render_markdown(build_report(bench_json))  # a CPU session sets none
+    for entry in bench_json["benchmarks"]:
+        entry["extra_info"]["backend_settings"] = "TF32 off, cuDNN autotuning on"
+    assert "- **settings**: TF32 off, cuDNN autotuning on" in render_markdown(build_report(bench_json))
+
+
 def test_report_rejects_a_json_without_benchmarks():
     with pytest.raises(ValueError, match="benchmarks"):
         build_report({"machine_info": {}})
