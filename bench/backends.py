@@ -82,14 +82,15 @@ EXTERNALLY_TIMED = ("qd-infer",)
 CPU_COMPILED = ("torch-compile", "aoti", "qd-infer")
 
 
-def select_backends(names: tuple[str, ...] | None) -> list[BackendSpec]:
-    """The specs named in ``names`` (all when None), in the canonical order; unknown names are an error."""
+def select_backends(names: tuple[str, ...] | None, source: str = "QD_BENCH_BACKENDS") -> list[BackendSpec]:
+    """The specs named in ``names`` (all when None), in the canonical order; unknown names are an error that
+    names ``source``, where the names came from."""
     if names is None:
         return list(BACKENDS)
     known = {b.name for b in BACKENDS}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"QD_BENCH_BACKENDS: unknown backend(s) {', '.join(unknown)}; expected names from "
+        raise ValueError(f"{source}: unknown backend(s) {', '.join(unknown)}; expected names from "
                          f"{', '.join(b.name for b in BACKENDS)}")
     return [b for b in BACKENDS if b.name in names]
 

@@ -268,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--time-limit {args.time_limit:g}: expected a positive number of seconds")
         if batch > images:
             raise ValueError(f"--batch {batch}: expected at most --images {images} (batches are evaluation images)")
+        if args.backends:
+            from bench.backends import select_backends
+
+            select_backends(tuple(n.strip() for n in args.backends.split(",") if n.strip()), source="--backends")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -316,8 +316,10 @@ def save_student(model: nn.Module, cfg: Config, path: PathLike, *, include_froze
 
 def read_student_meta(path: PathLike) -> dict[str, Any]:
     """The ``.json`` of a student checkpoint (named by stem, ``.safetensors`` or ``.json``), format-checked."""
-    _, meta_path = student_paths(path)
+    weights_path, meta_path = student_paths(path)
     if not meta_path.is_file():
+        if not weights_path.is_file():  # nothing there at all: name what was asked for
+            raise CheckpointError(f"student checkpoint '{weights_path}' does not exist")
         raise CheckpointError(f"student checkpoint config '{meta_path}' does not exist")
     try:
         meta = json.loads(meta_path.read_text())

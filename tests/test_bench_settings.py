@@ -125,7 +125,9 @@ def test_cli_keeps_an_existing_report_without_overwrite(tmp_path: Path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [(["--images", "0"], "--images 0"),
-                                           (["--images", "2", "--batch", "4"], "--batch 4: expected at most")])
+                                           (["--images", "2", "--batch", "4"], "--batch 4: expected at most"),
+                                           (["--backends", "torch-fp32,torch-fp33"],
+                                            "--backends: unknown backend(s) torch-fp33; expected names from")])
 def test_cli_rejects_bad_image_and_batch_counts(args: list[str], message: str, capsys):
     assert main(["--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err

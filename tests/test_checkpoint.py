@@ -385,6 +385,16 @@ def test_student_extra_cannot_replace_format_keys(tmp_path):
         save_student(StandIn(cfg, seed=0), cfg, tmp_path / "s", extra={"version": 2})
 
 
+def test_missing_student_checkpoint_is_named_by_the_path_asked_for(tmp_path):
+    with pytest.raises(CheckpointError, match=r"student checkpoint '.*nope\.safetensors' does not exist"):
+        load_student(tmp_path / "nope.safetensors")
+    cfg = tiny_cfg()
+    path = save_student(StandIn(cfg, seed=0), cfg, tmp_path / "s")
+    path.with_suffix(".json").unlink()  # the weights without their config
+    with pytest.raises(CheckpointError, match=r"student checkpoint config '.*s\.json' does not exist"):
+        load_student(path)
+
+
 def test_load_student_rebuilds_the_tiny_student(tmp_path):
     from qd_core.model import build_student
 
