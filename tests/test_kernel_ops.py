@@ -174,3 +174,43 @@ def test_a_compiled_depthwise_call_that_needs_gradients_gets_the_kernels_one_lin
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="inference only"):
         torch.compile(lambda x, w: kernels.depthwise_conv3x3(x, w, [1]), backend="eager")(x, weights)
+
+
+def test_the_paper_student_compiles_to_one_graph_with_every_kernel_operator(monkeypatch):
+    """vitl16_512 in bf16 as torch-compile-triton-bf16 runs it, traced by Dynamo in one graph (fullgraph: a graph
+    break fails) and run on fake tensors (each operator's fake implementation; no kernel runs): one agent attention
+    per Rein layer and one for the refinement, one masked attention per decoder layer, one deformable sampling per
+    pixel-decoder layer, one depthwise call and one labels call."""
+    import copy
+    from collections import Counter
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from export.wrapper import ExportWrapper
+    from qd_core import build_student, load_config
+
+    cfg = copy.deepcopy(load_config("vitl16_512"))
+    cfg.model.backbone.checkpoint = ""  # random weights: no DINOv2 file needed
+    torch.manual_seed(53)
+    wrapper = ExportWrapper(build_student(cfg).eval().requires_grad_(False).to(torch.bfloat16)).eval()
+    seen: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "qd." in str(n.target))
+
+        def run(*args):
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                return gm(*args)
+        return run
+
+    monkeypatch.setenv("QD_ATTENTION", "triton")
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        logits, labels = torch.compile(wrapper, backend=backend, fullgraph=True, dynamic=False)(
+            torch.zeros(1, 3, 512, 512))
+    assert tuple(logits.shape) == (1, 19, 128, 128) and tuple(labels.shape) == (1, 512, 512)
+    assert labels.dtype == torch.int32
+    head = cfg.model.head
+    assert Counter(s.removeprefix("qd.").split(".")[0] for s in seen) == {
+        "agent_attention": cfg.model.backbone.depth + 1, "masked_attention": head.decoder_layers,
+        "ms_deform_attn": head.pixel_decoder_layers, "depthwise_conv3x3": 1, "semantic_labels": 1}
