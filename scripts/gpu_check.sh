@@ -10,6 +10,9 @@
 #   GPU_CHECK_SECONDS=360 bash scripts/gpu_check.sh env bench op_profile                 # kernels, profile
 #   (copy the first call's bench_kernels.json into the working tree: each call starts with an empty $OUT)
 #   KERNELS_JSON=<that copy> GPU_CHECK_SECONDS=330 bash scripts/gpu_check.sh bench_e2e   # end-to-end report
+# Each torch.compile backend takes ~130 s per batch size, so 330 s holds one of them at batch 1 beside the eager and
+# CUDA-graph backends: name the one wanted in E2E_BACKENDS (see bench_e2e below), or set E2E_BATCH=1 for both
+# compiled backends at batch 1 only.
 #
 # STEPs, run in this order: env gpu_tests bench host_profile op_profile bench_e2e bench_flex kernel_tests. The
 # default is the kernel check (all but bench_e2e, ~7 minutes on an H100); bench_e2e, the end-to-end benchmark of
