@@ -15,10 +15,13 @@ runs ``--iters`` forwards of each batch size under ``torch.profiler`` after two 
   many times over it the GPU time is: the modules far over it are the ones with slow kernels.
 - the kernels with the largest total GPU time (on CPU: the operators with the largest own host time).
 
-Only eager backends can be profiled this way (module hooks do not fire inside a replayed graph or a compiled
-one); their kernels are those a CUDA graph of the same backend replays, and ``torch-triton-bf16-graphs`` is
-profiled as exactly that: its model, precision and attention, run eagerly. ``--trace`` also writes the Chrome trace
-(chrome://tracing, Perfetto).
+Module rows need eager backends (module hooks do not fire inside a replayed graph or a compiled one); their kernels
+are those a CUDA graph of the same backend replays, and ``torch-triton-bf16-graphs`` is profiled as exactly that:
+its model, precision and attention, run eagerly. The torch.compile backends are profiled compiled, without their
+CUDA graphs (a replayed graph hides its kernels from the profiler) and without module ranges (a range opened inside
+the compiled code would break its graph): one row for the whole forward, beside the whole forward's ideal, and the
+table of the kernels Inductor generated and called (the first forward compiles: minutes for the ViT-L student).
+``--trace`` also writes the Chrome trace (chrome://tracing, Perfetto).
 """
 from __future__ import annotations
 
@@ -42,10 +45,11 @@ from bench.settings import BenchSettings
 from qd_core.checkpoint import atomic_write
 
 PROFILABLE = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-bf16-pure", "torch-triton-fp32", "torch-triton-bf16",
-              "torch-triton-bf16-graphs")
+              "torch-triton-bf16-graphs", "torch-compile", "torch-compile-bf16", "torch-compile-triton-bf16")
 RANGE_PREFIX = "qd::"
 WRAPPER = "(wrapper)"
 UNBOOKED = "(not booked)"
+COMPILED = "(whole forward, compiled)"
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,13 @@ def summarize(events: Sequence[Any], iters: int, top: int) -> tuple[list[ModuleT
     return modules, kernels, total_device / iters, total_host / iters
 
 
+def whole_forward(modules: Sequence[ModuleTime], device_ms: float, host_ms: float) -> ModuleTime:
+    """``summarize``'s rows as one row for the whole forward (a compiled backend, profiled without module ranges):
+    its GPU and host time, and its kernels (top-level rows, the wrapper's and unbooked ones; a nested row's kernels
+    are already in its parent's)."""
+    return ModuleTime(COMPILED, device_ms, host_ms, sum(m.kernels for m in modules if not m.inside), "")
+
+
 def render(modules: Sequence[ModuleTime], kernels: Sequence[KernelTime], device_ms: float, host_ms: float, *,
            title: str, gpu: bool, ideal: Roofline | None = None) -> str:
     """Markdown tables; with ``ideal`` (``bench.roofline`` of the same forward on this GPU) each module's GPU time
@@ -203,7 +214,7 @@ def render(modules: Sequence[ModuleTime], kernels: Sequence[KernelTime], device_
             where = f" (inside {m.inside})" if m.inside else ""
             cells = ""
             if ideal is not None:
-                row = ideal.modules.get(m.name)
+                row = ideal.total if m.name == COMPILED else ideal.modules.get(m.name)
                 cells = (f" {row['seconds'] * 1e3:.3f} | {m.device_ms / (row['seconds'] * 1e3):.1f}× |"
                          if row and row["seconds"] > 0 else " | |")
             lines.append(f"| {m.name}{where} | {m.device_ms:.3f} | {share:.1f} % | {m.kernels:.0f} | "
@@ -241,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", nargs="+", default=["torch-triton-bf16"], choices=PROFILABLE, metavar="B",
                     help="backends to profile, one after another on the same model and images: "
                          f"{', '.join(PROFILABLE)} (default torch-triton-bf16; torch-triton-bf16-graphs is "
-                         "profiled as its eager twin)")
+                         "profiled as its eager twin, the torch-compile ones compiled without CUDA graphs and "
+                         "without module rows)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1],
                     help="images per forward; several sizes are profiled one after another (default 1)")
     ap.add_argument("--iters", type=int, default=3, help="profiled forwards, after two untimed ones (default 3)")
@@ -264,14 +276,17 @@ def _profile(backend: TorchBackend, session: BenchSession, spec: BackendSpec, ba
         if gpu:
             torch.cuda.synchronize()
 
-    with module_ranges(backend.wrapper.model):
-        for _ in range(2):  # autotuning, allocator growth and lazy initialisation stay out of the profile
+    compiled = bool((torch_recipe(spec) or {}).get("compile"))
+    with contextlib.nullcontext() if compiled else module_ranges(backend.wrapper.model):
+        for _ in range(2):  # compilation, autotuning, allocator growth and lazy initialisation stay out of it
             forward()
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(args.iters):
                 forward()
     modules, kernels, device_ms, host_ms = summarize(prof.events(), args.iters, args.top)
+    if compiled:  # no module ranges: everything the forward did, in one row
+        modules = [whole_forward(modules, device_ms, host_ms)]
     h, w = session.size
     title = (f"Where one forward goes: {session.cfg.name}, {spec.name}, batch {batch} at {h}×{w}, "
              f"{session.device_name}, torch {torch.__version__}, mean of {args.iters}")
@@ -313,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu = device == "cuda"
     texts = []
     for spec in specs:
-        # The eager twin of a CUDA-graph backend: module hooks do not fire inside a replayed graph.
+        # Without CUDA graphs: a graph backend's eager twin (module hooks do not fire inside a replayed graph), a
+        # compiled backend's Inductor code launching its kernels one by one (a replay hides them).
         backend = TorchBackend(session.model, name=spec.name, **{**torch_recipe(spec), "cuda_graphs": False})
         for batch in args.batch:
             texts.append(_profile(backend, session, spec, batch, args, gpu))

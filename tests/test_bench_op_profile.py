@@ -8,7 +8,7 @@ import pytest
 
 from torch.autograd import DeviceType
 
-from bench.op_profile import UNBOOKED, WRAPPER, main, render, summarize
+from bench.op_profile import COMPILED, UNBOOKED, WRAPPER, main, render, summarize, whole_forward
 from bench.roofline import Roofline
 
 
@@ -119,3 +119,25 @@ def test_cli_bad_arguments_get_one_line(args: list[str], message: str, capsys):
     assert main(["--device", "cpu", "--config", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_compiled_backend_is_one_row_set_against_the_whole_forwards_ideal():
+    events = _forward()
+    modules, kernels, device_ms, host_ms = summarize(events, iters=1, top=10)
+    compiled = [whole_forward(modules, device_ms, host_ms)]  # 5 kernels: reins' one is in the backbone's 3
+    ideal = Roofline(config="tiny", gpu="H100", dtype="bfloat16", input=[1, 3, 128, 128],
+                     modules={"backbone": {"flops": 1.0, "bytes": 1.0, "kernels": 1, "seconds": 1e-4}},
+                     inside={"backbone": ""}, ops={}, total={"flops": 1.0, "bytes": 1.0, "kernels": 9,
+                                                            "seconds": 2.5e-4})
+    text = render(compiled, kernels, device_ms, host_ms, title="t", gpu=True, ideal=ideal)
+    assert f"| {COMPILED} | 1.000 | 100.0 % | 5 | 0.900 | 0.250 | 4.0× |" in text
+
+
+def test_cli_profiles_the_compiled_tiny_student_on_cpu(tmp_path: Path):
+    """torch.compile (Inductor on this CPU), no module ranges inside the compiled code: one row for the forward."""
+    out = tmp_path / "profile.md"
+    assert main(["--device", "cpu", "--config", "tiny", "--backend", "torch-compile", "--iters", "1", "--top", "5",
+                 "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "tiny, torch-compile, batch 1" in text and f"| {COMPILED} |" in text
+    assert "| backbone |" not in text
