@@ -150,9 +150,10 @@ def compile_options(cuda_graphs: bool) -> dict[str, Any]:
       cannot be given together) replay the whole forward as one launch: at batch 1 the student's few hundred small
       kernels are otherwise bound by launch latency, not by the GPU.
     - ``guard_filter_fn``: no guards on nn.Module attributes. Dynamo checks its guards on every call before
-      running the graph, and the ViT-L student's module guards are most of them: ~560-630 µs per call against
-      ~85-95 µs without them (Dynamo alone, its graph not run, this 2-core CPU), time the GPU waits at batch 1.
-      Sound here: a benchmarked model is built once and never changed (tensor, grad-mode and autocast guards stay).
+      running the graph, and the ViT-L student's module guards are most of them: a median 535 µs per call against
+      87 µs without them (``pytest bench/test_compile_overhead.py``: Dynamo alone, its graph not run; the 2-core
+      development CPU), time the GPU waits at batch 1. Sound here: a benchmarked model is built once and never
+      changed (tensor, grad-mode and autocast guards stay).
     """
     options: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if cuda_graphs:
