@@ -14,9 +14,10 @@
 # CUDA-graph backends: name the one wanted in E2E_BACKENDS (see bench_e2e below), or set E2E_BATCH=1 for both
 # compiled backends at batch 1 only.
 #
-# STEPs, run in this order: env gpu_tests bench host_profile op_profile bench_e2e bench_flex kernel_tests. The
-# default is the kernel check (all but bench_e2e, ~7 minutes on an H100); bench_e2e, the end-to-end benchmark of
-# the ViT-L student, takes up to 7 minutes more and is run by naming it. host_profile (~20 s)
+# STEPs, run in this order: env gpu_tests bench host_profile compile_overhead op_profile bench_e2e bench_flex
+# kernel_tests. The default is the kernel check (all but compile_overhead and bench_e2e, ~7 minutes on an H100);
+# bench_e2e, the end-to-end benchmark of the ViT-L student, takes up to 7 minutes more and is run by naming it.
+# host_profile (~20 s)
 # splits the host time of one kernel call (issue rate, synchronised rate, cProfile; direct launches beside Triton's
 # own dispatch and SDPA) into host_profile.md. op_profile (~2 minutes) books the GPU time of one ViT-L student
 # forward (Triton attention, bf16 autocast and the whole model in bf16, batch 1 and 8) to its modules and kernels,
@@ -88,6 +89,9 @@ run bench 240 python3 -m pytest bench/test_kernels.py -k "not flex" --benchmark-
     "${BENCH_OPTS[@]}"
 # Host cost does not depend on the tile config: one fixed config each, no autotuning to wait for.
 run host_profile 60 env QD_TRITON_AUTOTUNE=0 python3 -m bench.host_profile --calls 200 --out "$RESULTS/host_profile.md"
+# Dynamo's host cost per call of the compiled ViT-L student, with and without module guards (~30 s; run by naming it).
+run compile_overhead 60 python3 -m pytest bench/test_compile_overhead.py -p no:cacheprovider \
+    --benchmark-json="$RESULTS/bench_compile_overhead.json" "${BENCH_OPTS[@]}"
 # Where the student's forward spends its GPU time (random weights; carry data/bench-synthetic-2 or it is drawn).
 # Autocast (torch-triton-bf16) against the whole model in bf16 (the graphs backend's eager twin), each module beside
 # its ideal time on the GPU (bench.roofline).
