@@ -153,9 +153,12 @@ def compile_options(cuda_graphs: bool) -> dict[str, Any]:
       running the graph, and the ViT-L student's module guards are most of them: a median 535 µs per call against
       87 µs without them (``pytest bench/test_compile_overhead.py``: Dynamo alone, its graph not run; the 2-core
       development CPU), time the GPU waits at batch 1. Sound here: a benchmarked model is built once and never
-      changed (tensor, grad-mode and autocast guards stay).
+      changed (tensor, grad-mode and autocast guards stay). Left out by a torch without the filter.
     """
-    options: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    options: dict[str, Any] = {}
+    skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip_module_guards is not None:  # it came with the guard_filter_fn option
+        options["guard_filter_fn"] = skip_module_guards
     if cuda_graphs:
         options["triton.cudagraphs"] = True
     return options
