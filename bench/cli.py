@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import pytest
 
 from bench.report import NotRun, build_report, render_markdown, write_report
-from bench.settings import ENV_PREFIX, NO_CHECKPOINT, REPO_ROOT, newest_checkpoint
+from bench.settings import ENV_PREFIX, NO_CHECKPOINT, REPO_ROOT, backend_names, newest_checkpoint
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results"
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.backends:
             from bench.backends import select_backends
 
-            select_backends(tuple(n.strip() for n in args.backends.split(",") if n.strip()), source="--backends")
+            select_backends(backend_names(args.backends), source="--backends")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

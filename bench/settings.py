@@ -92,6 +92,13 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def backend_names(text: str) -> tuple[str, ...] | None:
+    """Comma-separated backend names (QD_BENCH_BACKENDS, ``python -m bench --backends``) → a tuple; None (all
+    backends) for an empty text."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return names or None
+
+
 def settings_from_env(env: Mapping[str, str] | None = None, cuda_available: bool | None = None) -> BenchSettings:
     """Read and validate the ``QD_BENCH_*`` variables (see the module docstring)."""
     env = os.environ if env is None else env
@@ -130,8 +137,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, cuda_available: bool
     if batch > images:
         raise ValueError(f"{ENV_PREFIX}BATCH={batch}: expected at most {ENV_PREFIX}IMAGES={images} (the timed "
                          f"batches are real evaluation images)")
-    names = env.get(ENV_PREFIX + "BACKENDS", "").strip()
-    backends = tuple(n.strip() for n in names.split(",") if n.strip()) if names else None
+    backends = backend_names(env.get(ENV_PREFIX + "BACKENDS", ""))
     cpu_compile = env.get(ENV_PREFIX + "CPU_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
     work_text = env.get(ENV_PREFIX + "WORK", "").strip()
     return BenchSettings(device=device, config=config, checkpoint=checkpoint, data=data, images=images,

@@ -45,8 +45,7 @@ def student() -> ExportWrapper:
 def test_dynamo_overhead_per_call(benchmark, student: ExportWrapper, guards: str):
     # The benchmarked backends' guard filter, or none. (Inductor's own options mean nothing to this backend.)
     filter_fn = compile_options(cuda_graphs=False).get("guard_filter_fn")
-    if filter_fn is None:
-        pytest.skip(f"torch {torch.__version__} has no guard filter (torch.compiler.skip_guard_on_all_nn_modules_unsafe)")
+    assert filter_fn is not None, f"torch {torch.__version__}: no torch.compiler.skip_guard_on_all_nn_modules_unsafe"
     options = {"guard_filter_fn": filter_fn} if guards != "all" else None
     images = torch.zeros(1, 3, 512, 512)
     torch._dynamo.reset()
