@@ -408,10 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
         "convert-dinov2", help="resize an official DINOv2 checkpoint's patch kernel and position grid",
         description="Convert an official DINOv2 checkpoint (patch 14, 37x37 position grid) to another patch size "
                     "and input size: bicubic resize of patch_embed.proj.weight and of the position grid.")
-    convert.add_argument("input", metavar="IN", help="official DINOv2 checkpoint, e.g. dinov2_vitl14_pretrain.pth "
-                                                     "(.pth/.pt read with weights_only=True, or .safetensors)")
-    convert.add_argument("output", metavar="OUT", help="converted checkpoint to write: .safetensors, or a torch file "
-                                                       "for any other suffix")
+    convert.add_argument("input", metavar="IN", nargs="?", help="official DINOv2 checkpoint, e.g. "
+                         "dinov2_vitl14_pretrain.pth (.pth/.pt read with weights_only=True, or .safetensors)")
+    convert.add_argument("output", metavar="OUT", nargs="?", help="converted checkpoint to write: .safetensors, or a "
+                                                                  "torch file for any other suffix")
+    # The reference tool's spelling (METHOD §2.2), so its documented command works unchanged.
+    convert.add_argument("--pretrained", metavar="IN", default=None, help="IN given as a flag")
+    convert.add_argument("--converted", metavar="OUT", default=None, help="OUT given as a flag")
     convert.add_argument("--height", type=int, default=512, help="input height the position grid is made for "
                                                                  "(grid rows = height / kernel; default 512)")
     convert.add_argument("--width", type=int, default=512, help="input width the position grid is made for "
@@ -436,7 +439,13 @@ def _convert_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, metavar, flag in (("input", "IN", "pretrained"), ("output", "OUT", "converted")):
+        given = [v for v in (getattr(args, name), getattr(args, flag)) if v is not None]
+        if len(given) != 1:
+            parser.error(f"{metavar}: expected it once, as an argument or as --{flag}; got it {len(given)} times")
+        setattr(args, name, given[0])
     try:
         _convert_command(args)
     except (CheckpointError, ValueError) as e:

@@ -204,6 +204,9 @@ class TrainConfig:
     warmup_ratio: float = 1e-6
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU) | "bf16" | "fp16" | "off"
+    # cuDNN times its convolution algorithms per input shape and keeps the fastest (METHOD §7: on); every
+    # training crop has one shape, so the timing is paid once. Off: cuDNN's heuristic choice.
+    cudnn_benchmark: bool = True
     seed: int = 42
     # Mask2Former loss (METHOD §6.3).
     num_points: int = 12544

@@ -242,6 +242,19 @@ def test_cli_refuses_to_overwrite_without_the_flag(tiny_official, tmp_path, caps
     assert load_torch_file(out)["pos_embed"].shape == (1, 5, 8)
 
 
+def test_cli_takes_the_reference_tools_flags(tiny_official, tmp_path, capsys):
+    out = tmp_path / "converted.safetensors"
+    assert main(["convert-dinov2", "--pretrained", str(tiny_official), "--converted", str(out), "--kernel", "16",
+                 "--height", "32", "--width", "32"]) == 0
+    assert load_file(str(out))["pos_embed"].shape == (1, 5, 8)
+    for argv, named in ((["--pretrained", str(tiny_official), str(tiny_official), str(out)], "IN"),
+                        ([str(tiny_official)], "OUT")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert-dinov2", *argv])
+        assert exit_info.value.code == 2
+        assert f"{named}: expected it once" in capsys.readouterr().err
+
+
 def test_cli_runs_as_a_module(tiny_official, tmp_path):
     out = tmp_path / "converted.safetensors"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

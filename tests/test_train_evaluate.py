@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,95 @@ def test_show_dir_writes_colour_predictions_and_overlays(checkpoint: Path, data_
                           "--show-dir", str(show)]) == 2  # not empty any more: needs --overwrite
 
 
+def _acdc_test_split(data_root: Path, root: Path) -> list[Path]:
+    """An ACDC-layout test split (fog, no gt folder at all) made of the synthetic val images; returns the images."""
+    images = []
+    for i, src in enumerate(sorted((data_root / "fog" / "leftImg8bit" / "val").rglob("*.png"))):
+        dst = root / "rgb_anon" / "fog" / "test" / "GOPR0475" / f"GOPR0475_frame_{i:06d}_rgb_anon.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+        images.append(dst)
+    return images
+
+
+def test_format_only_writes_label_id_pngs_and_a_zip_for_a_test_split_without_labels(
+        checkpoint: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from qd_core.data.labels import LABEL_ID_TO_TRAIN_ID
+
+    images = _acdc_test_split(data_root, tmp_path / "acdc")
+    out = tmp_path / "submit"
+    code = evaluate_main(["--checkpoint", str(checkpoint), "--data", f"acdc/fog:{tmp_path / 'acdc'}:test",
+                          "--mode", "whole", "--format-only", str(out), "--num-workers", "0"])
+    assert code == 0 and "wrote 2 predictions (Cityscapes label ids)" in capsys.readouterr().out
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == sorted(f"{p.stem}.png" for p in images)
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert sorted(zf.namelist()) == names
+        assert all(zf.read(n) == (out / n).read_bytes() for n in names)
+    assert set(np.unique(np.asarray(Image.open(out / names[0])))) <= set(LABEL_ID_TO_TRAIN_ID)  # label ids
+    # Train ids on request; a scored evaluation of the same split still needs its labels.
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--data", f"acdc/fog:{tmp_path / 'acdc'}:test",
+                          "--mode", "whole", "--format-only", str(out), "--format-ids", "train", "--overwrite"]) == 0
+    train_ids = np.asarray(Image.open(out / names[0]))
+    assert train_ids.max() < 19 and set(np.unique(train_ids)) <= set(LABEL_ID_TO_TRAIN_ID.values())
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--data", f"acdc/fog:{tmp_path / 'acdc'}:test"]) == 2
+    assert "label file not found" in capsys.readouterr().err
+
+
+class _IntensityClasses(torch.nn.Module):
+    """A stand-in student whose class map follows the image: logit_k = -(red - t_k)² for 19 thresholds t_k, so
+    the written predictions hold many classes (a random-weight student predicts one class everywhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("t", torch.linspace(-2.0, 2.0, 19).view(1, 19, 1, 1))
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def predict_logits(self, images: torch.Tensor, mode: str | None) -> torch.Tensor:
+        return -(images[:, :1] - self.t) ** 2
+
+
+def test_format_predictions_are_the_argmax_at_image_resolution_in_label_ids(data_root: Path, tmp_path: Path) -> None:
+    from qd_core.data.labels import LABEL_ID_TO_TRAIN_ID
+    from train.evaluate import format_predictions
+
+    _acdc_test_split(data_root, tmp_path / "acdc")
+    cfg = load_config("tiny")
+    spec = DatasetSpec(kind="acdc", root=str(tmp_path / "acdc"), split="test", domain="fog", test_size=[96, 48])
+    model = _IntensityClasses()
+    assert format_predictions(model, [spec], cfg, tmp_path / "out", ids="label") == 2
+    to_label = np.zeros(256, dtype=np.uint8)
+    for label_id, train_id in LABEL_ID_TO_TRAIN_ID.items():
+        to_label[train_id] = label_id
+    classes = set()
+    for sample in build_dataset(spec, cfg, eval_transform(spec, cfg), labels=False):
+        assert tuple(sample["image"].shape[-2:]) == (48, 96)  # the test box, then back to the image's 64 × 128
+        up = torch.nn.functional.interpolate(model.predict_logits(sample["image"][None], None), size=(64, 128),
+                                             mode="bilinear", align_corners=False)
+        expected = to_label[up.argmax(1)[0].numpy()]
+        written = np.asarray(Image.open(tmp_path / "out" / f"{Path(sample['path']).stem}.png"))
+        assert written.dtype == np.uint8 and np.array_equal(written, expected)
+        classes |= set(np.unique(written).tolist())
+    assert len(classes) >= 5
+
+
+def test_format_only_refuses_clashing_file_names_and_a_used_folder(checkpoint: Path, data_root: Path,
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "submit"
+    # The synthetic domains share their file names: two predictions would land on one file.
+    code = evaluate_main(["--checkpoint", str(checkpoint), "--data", f"synthetic/fog:{data_root}", "--data",
+                          f"synthetic/snow:{data_root}", "--format-only", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "would overwrite" in err[0] and "snow" in err[0]
+    assert list(out.iterdir()) == []  # refused before anything was predicted
+    (out / "old.png").write_bytes(b"x")
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--data", f"synthetic/fog:{data_root}",
+                          "--format-only", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
 def test_evaluate_reports_a_missing_dataset_in_one_line(checkpoint: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     code = evaluate_main(["--checkpoint", str(checkpoint), "--data", f"cityscapes:{tmp_path / 'nothing'}"])
@@ -109,6 +199,14 @@ def test_visualize_reports_an_empty_folder(checkpoint: Path, tmp_path: Path, cap
     code = visualize_main(["--checkpoint", str(checkpoint), "--images", str(tmp_path / "empty"), "--out",
                            str(tmp_path / "vis")])
     assert code == 2 and "no files" in capsys.readouterr().err
+
+
+def test_train_ids_map_back_to_the_cityscapes_label_ids() -> None:
+    from qd_core.data.labels import label_id_lut, train_id_to_label_id_lut
+
+    to_label, to_train = train_id_to_label_id_lut(), label_id_lut()
+    assert np.array_equal(to_train[to_label[np.arange(19)]], np.arange(19))
+    assert to_label[255] == 0 and to_label[19] == 0
 
 
 def test_miou_table_marks_targets_and_averages_them() -> None:

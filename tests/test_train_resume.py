@@ -55,6 +55,18 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root:
     assert read_student_meta(split.last)["step"] == 5
 
 
+@pytest.mark.parametrize("enabled", [False, True])
+def test_cudnn_benchmark_follows_the_config(tmp_path: Path, data_root: Path, enabled: bool) -> None:
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = not enabled
+        run_training(tiny_config(data_root, "train.iters=1", f"train.cudnn_benchmark={str(enabled).lower()}"),
+                     RunFiles(tmp_path / "run"), progress=False)
+        assert torch.backends.cudnn.benchmark is enabled
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def test_resume_drops_metrics_logged_after_the_last_checkpoint(tmp_path: Path, data_root: Path) -> None:
     cfg = tiny_config(data_root, "train.iters=3")
     files = RunFiles(tmp_path / "run")

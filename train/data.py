@@ -108,25 +108,28 @@ def parse_data_arg(text: str) -> list[DatasetSpec]:
     return [DatasetSpec(kind=kind, root=parts[1], split=split, domain=d) for d in domains]
 
 
-def build_dataset(spec: DatasetSpec, cfg: Config, transform: Transform | None, seed: int = 0) -> SegmentationDataset:
-    """The dataset a spec names, in its published layout (METHOD §8); bad folders raise naming the path."""
+def build_dataset(spec: DatasetSpec, cfg: Config, transform: Transform | None, seed: int = 0,
+                  labels: bool = True) -> SegmentationDataset:
+    """The dataset a spec names, in its published layout (METHOD §8); bad folders raise naming the path.
+    ``labels=False``: its images only, no label file looked for (a test split predicted for a benchmark server)."""
     root = Path(spec.root)
     if spec.kind != "synthetic" and not spec.root:
         raise ValueError(f"dataset {spec.display_name()!r}: 'root' is empty; expected the dataset folder")
     if spec.kind == "synthetic":
         domain = spec.domain or SOURCE_DOMAIN
-        return cityscapes_dataset(synthetic_root(cfg, spec) / domain, spec.split, transform, seed)
+        return cityscapes_dataset(synthetic_root(cfg, spec) / domain, spec.split, transform, seed, labels)
     if spec.kind == "cityscapes":
-        return cityscapes_dataset(root, spec.split, transform, seed)
+        return cityscapes_dataset(root, spec.split, transform, seed, labels)
     if spec.kind == "gta":
-        return gta_dataset(root, transform, seed)
+        return gta_dataset(root, transform, seed, labels)
     if spec.kind == "mapillary":
         # Validation is scored on the half-resolution copy (METHOD §8.2); training reads the full images.
-        return mapillary_dataset(root, spec.split, half=spec.split == "val", transform=transform, seed=seed)
+        return mapillary_dataset(root, spec.split, half=spec.split == "val", transform=transform, seed=seed,
+                                 labels=labels)
     if spec.kind == "bdd":
-        return bdd_dataset(root, spec.split, transform, seed)
+        return bdd_dataset(root, spec.split, transform, seed, labels)
     if spec.kind == "acdc":
-        return acdc_dataset(root, spec.domain or ACDC_CONDITIONS, spec.split, transform, seed)
+        return acdc_dataset(root, spec.domain or ACDC_CONDITIONS, spec.split, transform, seed, labels)
     if spec.kind == "folder":
         return folder_dataset(root, transform, seed)
     raise ValueError(f"dataset kind {spec.kind!r}: expected one of {', '.join(DATASET_KINDS)}")

@@ -3,17 +3,24 @@
     python -m train.evaluate --checkpoint runs/tiny/best.safetensors
     python -m train.evaluate --checkpoint C --data cityscapes:/data/cityscapes --data acdc:/data/acdc:val \\
         [--mode whole|slide] [--show-dir DIR] [--config F] [key=value ...]
+    python -m train.evaluate --checkpoint C --data acdc:/data/acdc:test --format-only DIR [--format-ids label|train]
 
 Images are resized for testing per ``DatasetSpec.test_size`` (keep ratio, fit into (long, short)); the logits
 are resized back bilinearly to the label's resolution before the argmax, so every dataset is scored at its
 original resolution. Under torchrun each rank scores every world_size-th image and the confusion matrices are
 summed over ranks.
+
+``--format-only`` scores nothing and reads no label: it writes each image's prediction at the image's resolution
+as a PNG of Cityscapes label ids, for a benchmark server that keeps its test labels (the Cityscapes and ACDC test
+sets; QueryDiff's 1024 configuration reports ACDC test this way, METHOD §8.1), and zips them.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -41,7 +48,10 @@ from train.data import (
     parse_data_arg,
     val_specs,
 )
-from train.distributed import DistEnv
+from train.distributed import DistEnv, barrier
+
+# --format-ids: what each PNG of --format-only holds.
+FORMAT_IDS = ("label", "train")
 
 
 @dataclass
@@ -162,6 +172,56 @@ def evaluate(model: nn.Module, specs: Sequence[DatasetSpec], cfg: Config, *, env
     return scores
 
 
+def format_predictions(model: nn.Module, specs: Sequence[DatasetSpec], cfg: Config, out_dir: Path, *,
+                       ids: str = "label", env: DistEnv | None = None, mode: str | None = None, batch_size: int = 1,
+                       num_workers: int = 0, show_dir: Path | None = None, progress: bool = False) -> int:
+    """Predict every image of ``specs`` without reading labels and write ``out_dir/<image file stem>.png`` for each:
+    uint8 at the image's resolution, Cityscapes label ids (``ids="label"``, what the Cityscapes and ACDC servers
+    score; train ids 0..18 with ``ids="train"``). One flat folder, as mmsegmentation's ``format_only`` writes it
+    and the servers take it: file stems must be unique over all specs, checked before anything is predicted.
+    Rank 0 then zips the folder's PNGs into ``out_dir/submission.zip`` (written whole, then renamed). Returns the
+    number of images."""
+    from qd_core.data.labels import train_id_to_label_id_lut
+
+    if ids not in FORMAT_IDS:
+        raise ValueError(f"--format-ids {ids!r}: expected one of {', '.join(FORMAT_IDS)}")
+    env = env or DistEnv(device=next(model.parameters()).device)
+    datasets = [(spec, build_dataset(spec, cfg, eval_transform(spec, cfg), labels=False)) for spec in specs]
+    seen: dict[str, Path] = {}
+    for _, dataset in datasets:
+        for sample in dataset.samples:
+            stem = sample.image.stem
+            if stem in seen:
+                raise ValueError(f"{sample.image}: its prediction would overwrite that of {seen[stem]} (same file "
+                                 f"name in one --format-only folder); format the two datasets into separate folders")
+            seen[stem] = sample.image
+    lut = train_id_to_label_id_lut() if ids == "label" else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for spec, dataset in datasets:
+            name = spec.display_name()
+            for pred in predict_dataset(model, dataset, device=env.device, mode=mode, batch_size=batch_size,
+                                        num_workers=num_workers, indices=range(env.rank, len(dataset), env.world_size),
+                                        progress=progress and env.is_main, desc=name):
+                save_png(pred.pred if lut is None else lut[pred.pred], out_dir / f"{Path(pred.image_path).stem}.png")
+                if show_dir is not None:
+                    save_visuals(pred, show_dir / name.replace("/", "_"),
+                                 output_name(pred.image_path, spec.root or None))
+    finally:
+        model.train(was_training)
+    barrier(env)
+    if env.is_main:
+        archive = out_dir / "submission.zip"
+        tmp = out_dir / ".submission.zip.tmp"
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
+            for stem in sorted(seen):
+                zf.write(out_dir / f"{stem}.png", arcname=f"{stem}.png")
+        os.replace(tmp, archive)
+    return len(seen)
+
+
 def target_mean(scores: Sequence[DatasetScore]) -> float:
     """Mean mIoU (percent) over the target datasets; NaN without targets."""
     values = [s.miou for s in scores if s.target and not math.isnan(s.miou)]
@@ -205,7 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference mode (default: the config's inference.mode)")
     p.add_argument("--show-dir", type=Path, default=None,
                    help="write colour-coded predictions and overlays here, one folder per dataset")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --show-dir")
+    p.add_argument("--format-only", type=Path, default=None, metavar="DIR",
+                   help="score nothing and read no labels: write each image's prediction as DIR/<image name>.png at "
+                        "the image's resolution, and DIR/submission.zip of them, for a benchmark server's test set "
+                        "(e.g. --data acdc:/data/acdc:test)")
+    p.add_argument("--format-ids", choices=FORMAT_IDS, default="label",
+                   help="what the --format-only PNGs hold: Cityscapes label ids (default; what the Cityscapes and ACDC "
+                        "servers score) or train ids 0..18")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing into a non-empty --show-dir or --format-only folder")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: data.num_workers)")
@@ -255,6 +323,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.show_dir is not None:
             main_first(env, lambda: check_output_dir(args.show_dir, args.overwrite, "--show-dir"))
         workers = data_cfg.data.num_workers if args.num_workers is None else args.num_workers
+        if args.format_only is not None:
+            main_first(env, lambda: check_output_dir(args.format_only, args.overwrite, "--format-only"))
+            count = format_predictions(model, specs, data_cfg, args.format_only, ids=args.format_ids, env=env,
+                                       mode=args.mode, batch_size=args.batch_size, num_workers=workers,
+                                       show_dir=args.show_dir, progress=True)
+            if env.is_main:
+                kind = "Cityscapes label ids" if args.format_ids == "label" else "train ids"
+                print(f"wrote {count} predictions ({kind}) to {args.format_only} and "
+                      f"{args.format_only / 'submission.zip'}")
+            return 0
         scores = evaluate(model, specs, data_cfg, env=env, mode=args.mode, batch_size=args.batch_size,
                           num_workers=workers, show_dir=args.show_dir, progress=True)
     except (OSError, ValueError) as err:

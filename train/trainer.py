@@ -102,6 +102,7 @@ class Trainer:
     def __init__(self, cfg: Config, files: RunFiles, env: DistEnv, *, progress: bool = True) -> None:
         self.cfg, self.files, self.env, self.progress = cfg, files, env, progress
         tr = cfg.train
+        torch.backends.cudnn.benchmark = tr.cudnn_benchmark  # read by cuDNN only: no effect on a CPU run
         torch.manual_seed(tr.seed)  # the same initial weights on every rank
         student = build_student(cfg).to(env.device)
         if env.distributed:

@@ -132,7 +132,11 @@ def _find(folder: Path, pattern: str, recursive: bool = False) -> list[Path]:
     return found
 
 
-def _pair(images: Iterable[Path], label_of: Callable[[Path], Path]) -> list[Sample]:
+def _pair(images: Iterable[Path], label_of: Callable[[Path], Path], labels: bool = True) -> list[Sample]:
+    """One sample per image with its label file, which must exist; ``labels=False``: images only (a test split
+    whose labels are withheld, predicted for a benchmark server), no label file looked for."""
+    if not labels:
+        return [Sample(image) for image in images]
     samples = []
     for image in images:
         label = label_of(image)
@@ -146,23 +150,24 @@ def _strip(name: str, suffix: str) -> str:
     return name[: -len(suffix)] if name.endswith(suffix) else name
 
 
-def cityscapes_samples(root: str | Path, split: str = "train") -> list[Sample]:
+def cityscapes_samples(root: str | Path, split: str = "train", labels: bool = True) -> list[Sample]:
     """Cityscapes: ``leftImg8bit/{split}/<city>/*_leftImg8bit.png`` with ``gtFine/{split}/<city>/
     *_gtFine_labelTrainIds.png`` (made by ``python -m qd_core.data.convert cityscapes``)."""
     root = Path(root)
     images = _find(root / "leftImg8bit" / split, "*/*_leftImg8bit.png")
     return _pair(images, lambda p: root / "gtFine" / split / p.parent.name /
-                 (_strip(p.name, "_leftImg8bit.png") + "_gtFine_labelTrainIds.png"))
+                 (_strip(p.name, "_leftImg8bit.png") + "_gtFine_labelTrainIds.png"), labels)
 
 
-def gta_samples(root: str | Path) -> list[Sample]:
+def gta_samples(root: str | Path, labels: bool = True) -> list[Sample]:
     """GTA5: ``images/*.png`` with ``labels/*_labelTrainIds.png`` (made by ``convert gta``)."""
     root = Path(root)
     images = _find(root / "images", "*.png")
-    return _pair(images, lambda p: root / "labels" / f"{p.stem}_labelTrainIds.png")
+    return _pair(images, lambda p: root / "labels" / f"{p.stem}_labelTrainIds.png", labels)
 
 
-def mapillary_samples(root: str | Path, split: str = "val", half: bool = True) -> list[Sample]:
+def mapillary_samples(root: str | Path, split: str = "val", half: bool = True,
+                      labels: bool = True) -> list[Sample]:
     """Mapillary Vistas v1.2 after conversion.
 
     ``half=True`` (val only): ``half/val_img/*.jpg`` with ``half/val_label/*.png`` (``convert mapillary-resize``).
@@ -176,21 +181,21 @@ def mapillary_samples(root: str | Path, split: str = "val", half: bool = True) -
         if split != "val":
             raise ValueError("mapillary half-resolution data exists for split 'val' only; pass half=False")
         images = _find(root / "half" / "val_img", "*.jpg")
-        return _pair(images, lambda p: root / "half" / "val_label" / f"{p.stem}.png")
+        return _pair(images, lambda p: root / "half" / "val_label" / f"{p.stem}.png", labels)
     folder = {"train": "training", "val": "validation"}[split]
     images = _find(root / folder / "images", "*.jpg")
-    return _pair(images, lambda p: root / "cityscapes_trainIdLabel" / split / "label" / f"{p.stem}.png")
+    return _pair(images, lambda p: root / "cityscapes_trainIdLabel" / split / "label" / f"{p.stem}.png", labels)
 
 
-def bdd_samples(root: str | Path, split: str = "val") -> list[Sample]:
+def bdd_samples(root: str | Path, split: str = "val", labels: bool = True) -> list[Sample]:
     """BDD100K: ``images/10k/{split}/*.jpg`` with ``labels/sem_seg/masks/{split}/*.png`` (already train ids)."""
     root = Path(root)
     images = _find(root / "images" / "10k" / split, "*.jpg")
-    return _pair(images, lambda p: root / "labels" / "sem_seg" / "masks" / split / f"{p.stem}.png")
+    return _pair(images, lambda p: root / "labels" / "sem_seg" / "masks" / split / f"{p.stem}.png", labels)
 
 
 def acdc_samples(root: str | Path, conditions: str | Sequence[str] = ACDC_CONDITIONS,
-                 split: str = "val") -> list[Sample]:
+                 split: str = "val", labels: bool = True) -> list[Sample]:
     """ACDC: ``rgb_anon/<cond>/{split}/**/*_rgb_anon.png`` with ``gt/<cond>/{split}/**/*_gt_labelTrainIds.png``."""
     root = Path(root)
     conds = [conditions] if isinstance(conditions, str) else list(conditions)
@@ -201,7 +206,7 @@ def acdc_samples(root: str | Path, conditions: str | Sequence[str] = ACDC_CONDIT
         image_root, label_root = root / "rgb_anon" / cond / split, root / "gt" / cond / split
         images = _find(image_root, "*_rgb_anon.png", recursive=True)
         samples += _pair(images, lambda p: label_root / p.parent.relative_to(image_root) /
-                         (_strip(p.name, "_rgb_anon.png") + "_gt_labelTrainIds.png"))
+                         (_strip(p.name, "_rgb_anon.png") + "_gt_labelTrainIds.png"), labels)
     return samples
 
 
@@ -226,33 +231,36 @@ def folder_samples(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSION
 
 
 def cityscapes_dataset(root: str | Path, split: str = "train", transform: Transform | None = None,
-                       seed: int = 0) -> SegmentationDataset:
+                       seed: int = 0, labels: bool = True) -> SegmentationDataset:
     """Cityscapes (or the synthetic scenes, which use its layout); see ``cityscapes_samples``."""
-    return SegmentationDataset(cityscapes_samples(root, split), transform, seed, name=f"cityscapes/{split}")
+    return SegmentationDataset(cityscapes_samples(root, split, labels), transform, seed, name=f"cityscapes/{split}")
 
 
-def gta_dataset(root: str | Path, transform: Transform | None = None, seed: int = 0) -> SegmentationDataset:
+def gta_dataset(root: str | Path, transform: Transform | None = None, seed: int = 0,
+                labels: bool = True) -> SegmentationDataset:
     """GTA5; see ``gta_samples``."""
-    return SegmentationDataset(gta_samples(root), transform, seed, name="gta")
+    return SegmentationDataset(gta_samples(root, labels), transform, seed, name="gta")
 
 
 def mapillary_dataset(root: str | Path, split: str = "val", half: bool = True, transform: Transform | None = None,
-                      seed: int = 0) -> SegmentationDataset:
+                      seed: int = 0, labels: bool = True) -> SegmentationDataset:
     """Mapillary Vistas v1.2; see ``mapillary_samples``."""
-    return SegmentationDataset(mapillary_samples(root, split, half), transform, seed, name=f"mapillary/{split}")
+    return SegmentationDataset(mapillary_samples(root, split, half, labels), transform, seed,
+                               name=f"mapillary/{split}")
 
 
 def bdd_dataset(root: str | Path, split: str = "val", transform: Transform | None = None,
-                seed: int = 0) -> SegmentationDataset:
+                seed: int = 0, labels: bool = True) -> SegmentationDataset:
     """BDD100K 10k semantic segmentation; see ``bdd_samples``."""
-    return SegmentationDataset(bdd_samples(root, split), transform, seed, name=f"bdd/{split}")
+    return SegmentationDataset(bdd_samples(root, split, labels), transform, seed, name=f"bdd/{split}")
 
 
 def acdc_dataset(root: str | Path, conditions: str | Sequence[str] = ACDC_CONDITIONS, split: str = "val",
-                 transform: Transform | None = None, seed: int = 0) -> SegmentationDataset:
+                 transform: Transform | None = None, seed: int = 0, labels: bool = True) -> SegmentationDataset:
     """ACDC, one or several adverse conditions; see ``acdc_samples``."""
     conds = conditions if isinstance(conditions, str) else "+".join(conditions)
-    return SegmentationDataset(acdc_samples(root, conditions, split), transform, seed, name=f"acdc/{conds}/{split}")
+    return SegmentationDataset(acdc_samples(root, conditions, split, labels), transform, seed,
+                               name=f"acdc/{conds}/{split}")
 
 
 def folder_dataset(root: str | Path, transform: Transform | None = None, seed: int = 0) -> SegmentationDataset:

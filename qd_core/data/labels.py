@@ -30,6 +30,15 @@ def label_id_lut() -> np.ndarray:
     return lut
 
 
+def train_id_to_label_id_lut() -> np.ndarray:
+    """A (256,) uint8 lookup table from train ids 0..18 to Cityscapes label ids (what the Cityscapes and ACDC
+    benchmark servers score), 0 ("unlabeled") for every other value."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for label_id, train_id in LABEL_ID_TO_TRAIN_ID.items():
+        lut[train_id] = label_id
+    return lut
+
+
 def check_train_ids(label: np.ndarray, path: str | Path) -> None:
     """Raise ValueError naming ``path`` if ``label`` (H, W) holds a value outside 0..18 ∪ {255}."""
     bad = (label >= NUM_CLASSES) & (label != IGNORE_INDEX)
