@@ -300,6 +300,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     command = trtexec_command(fp16_path if fp16 else exported.path, engine_path, batch=args.batch, height=height,
                               width=width, strongly_typed=fp16, timing_cache=cache_path)
     report["engine"] = {"built": False, "trtexec": command}
+    if not fp16:
+        report["engine"]["trtexec_note"] = ("TensorRT 10 only (weakly typed, --fp16 flag): TensorRT 11 builds "
+                                            "strongly typed networks; export with --fp16 for its FP16 ONNX")
     if args.engine:
         t = begin(f"building TensorRT engine → {engine_path}")
         reason = tensorrt_status()

@@ -15,6 +15,7 @@ message instead of a deserialisation failure deep inside TensorRT.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -75,7 +76,8 @@ def profile_shapes(batch: tuple[int, int, int], height: int, width: int) -> dict
 def trtexec_command(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], *,
                     batch: tuple[int, int, int], height: int, width: int, strongly_typed: bool = True,
                     timing_cache: str | os.PathLike[str] | None = None) -> str:
-    """The ``trtexec`` command line that builds the same engine as ``build_engine``."""
+    """The ``trtexec`` command line that builds the same engine as ``build_engine``. ``strongly_typed=False``
+    (the fp32 ONNX with ``--fp16``) is a TensorRT 10 command: TensorRT 11 removed the precision flags."""
     shapes = profile_shapes(batch, height, width)
 
     def dims(key: str) -> str:
@@ -157,8 +159,15 @@ def check_input_shape(meta: dict[str, Any], shape: tuple[int, ...] | torch.Size,
                          f"(batch {lo[0]}..{hi[0]}); split the batch or rebuild with --batch MIN:OPT:MAX")
 
 
+@functools.lru_cache(maxsize=None)
 def _trt_logger(trt: Any) -> Any:
-    return trt.Logger(trt.Logger.WARNING)
+    """The process's one TensorRT logger, with TensorRT's plugin library (MultiscaleDeformableAttnPlugin_TRT & co)
+    registered against it. One, made once: ``init_libnvinfer_plugins`` keeps the logger's address for the rest of
+    the process (it is meant to be called once), so a logger made per build or per engine would be freed while
+    the plugins still log through it."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    return logger
 
 
 def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], *,
@@ -182,7 +191,6 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     shapes = profile_shapes(batch, height, width)
     logger = _trt_logger(trt)
-    trt.init_libnvinfer_plugins(logger, "")  # registers MultiscaleDeformableAttnPlugin_TRT & co
     builder = trt.Builder(logger)
     flags = 0
     if strongly_typed:
@@ -206,7 +214,7 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     cache_path = Path(timing_cache) if timing_cache is not None else None
     if cache_path is not None:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
             # Made by another GPU or TensorRT version: start an empty one (it replaces the file after the build).
             log(f"  timing cache '{cache_path}' does not match this GPU / TensorRT {trt.__version__}; starting a "
                 f"new one")
@@ -279,7 +287,6 @@ class EngineRunner:
                                        engine_path=self.path)
         self.trt = trt
         logger = _trt_logger(trt)
-        trt.init_libnvinfer_plugins(logger, "")
         with torch.cuda.device(self.device):
             self.engine = trt.Runtime(logger).deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
@@ -302,7 +309,9 @@ class EngineRunner:
         check_input_shape(self.meta, tuple(images.shape), self.path)
         with torch.cuda.device(self.device):
             x = images.to(self.device, self.input_dtype).contiguous()
-            self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+            if not self.context.set_input_shape(INPUT_NAME, tuple(x.shape)):
+                raise ValueError(f"images: TensorRT rejected shape {tuple(x.shape)} for engine '{self.path}' (see the "
+                                 f"TensorRT log)")
             self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
             results: dict[str, Tensor] = {}
             for name in self.outputs:

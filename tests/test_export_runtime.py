@@ -160,6 +160,31 @@ def test_trtexec_command_describes_the_same_build():
         assert part in cmd.split()
 
 
+def test_one_tensorrt_logger_outlives_every_build_and_engine():
+    """The plugin library keeps the logger it is initialised with: every build and engine must share one, made and
+    registered once (a stand-in for the tensorrt module records the calls)."""
+    from export.tensorrt import _trt_logger
+
+    class StandInTensorRT:
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, severity: int) -> None:
+                self.severity = severity
+
+        def __init__(self) -> None:
+            self.plugin_inits: list[tuple[object, str]] = []
+
+        def init_libnvinfer_plugins(self, logger: object, namespace: str) -> bool:
+            self.plugin_inits.append((logger, namespace))
+            return True
+
+    trt = StandInTensorRT()
+    first, second = _trt_logger(trt), _trt_logger(trt)
+    assert first is second and first.severity == StandInTensorRT.Logger.WARNING
+    assert trt.plugin_inits == [(first, "")]
+
+
 def test_engine_backend_says_why_it_cannot_run_without_tensorrt(tmp_path):
     reason = tensorrt_status()
     if reason is None:

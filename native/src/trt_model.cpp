@@ -38,6 +38,16 @@ class Logger final : public nvinfer1::ILogger {
   std::string last_error_;
 };
 
+#if defined(QD_WITH_TRT_PLUGINS)
+// initLibNvInferPlugins keeps the logger's address for the rest of the process and is meant to be called once, so
+// the plugins get a logger that lives as long as the process (not a model's, which dies with it), registered once.
+void init_plugins_once() {
+  static Logger plugin_logger;
+  static const bool registered = initLibNvInferPlugins(&plugin_logger, "");
+  (void)registered;
+}
+#endif
+
 void check_cuda(cudaError_t status, const std::string& what) {
   if (status != cudaSuccess) throw ModelError(what + ": " + cudaGetErrorString(status));
 }
@@ -129,7 +139,7 @@ class TrtModel final : public Model {
     if (!in.good() && !in.eof()) throw ModelError("cannot read " + quoted(path));
 #if defined(QD_WITH_TRT_PLUGINS)
     // Engines exported with --msda plugin hold MultiscaleDeformableAttnPlugin_TRT layers from this library.
-    initLibNvInferPlugins(&logger_, "");
+    init_plugins_once();
 #endif
     runtime_.reset(nvinfer1::createInferRuntime(logger_));
     if (!runtime_) throw ModelError("cannot create the TensorRT runtime: " + logger_.take_error());
