@@ -316,6 +316,9 @@ def save_student(model: nn.Module, cfg: Config, path: PathLike, *, include_froze
 
 def read_student_meta(path: PathLike) -> dict[str, Any]:
     """The ``.json`` of a student checkpoint (named by stem, ``.safetensors`` or ``.json``), format-checked."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"student checkpoint '{path}' is a folder: expected a .safetensors file (with its .json "
+                              f"beside it), e.g. runs/tiny/best.safetensors")
     weights_path, meta_path = student_paths(path)
     if not meta_path.is_file():
         if not weights_path.is_file():  # nothing there at all: name what was asked for
@@ -425,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _convert_command(args: argparse.Namespace) -> None:
+    # The flags are checked under their own names before the (large) input is read.
+    for flag in ("kernel", "height", "width"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive integer")
+    if args.height % args.kernel or args.width % args.kernel:
+        raise ValueError(f"--height {args.height} --width {args.width}: expected multiples of --kernel {args.kernel}")
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"'{out}' already exists: pass --overwrite to replace it")
@@ -450,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _convert_command(args)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -8,6 +8,7 @@ Shipped configs live in ``configs/<name>.yaml`` at the top of the repository and
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -443,8 +444,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings (values parsed as YAML) onto a nested dict."""
-    data = _merge({}, data)
+    """Apply `a.b.c=value` strings (values parsed as YAML) onto a copy of a nested dict (``data`` is left as it
+    was: callers compare the two)."""
+    data = copy.deepcopy(data)
     for text in overrides:
         parts, value = _parse_override(text)
         node = data
@@ -461,6 +463,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
+        if p.is_dir():
+            raise ConfigError(f"config '{p}' is a folder: expected a YAML file or a shipped config name")
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         return p
@@ -502,6 +506,13 @@ def load_config(name_or_path: str | os.PathLike[str] = "tiny", overrides: Sequen
     try:
         return config_from_dict(apply_overrides(data, overrides))
     except ConfigError as e:
+        if overrides:
+            try:
+                config_from_dict(data)
+            except ConfigError:
+                pass  # the file itself is wrong: name it
+            else:
+                raise ConfigError(f"key=value override: {e}") from None
         raise ConfigError(f"{path}: {e}") from None
 
 

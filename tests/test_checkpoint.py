@@ -235,7 +235,7 @@ def test_cli_converts_and_reports_what_changed(tiny_official, tmp_path, capsys):
 def test_cli_refuses_to_overwrite_without_the_flag(tiny_official, tmp_path, capsys):
     out = tmp_path / "converted.pth"
     out.write_bytes(b"keep me")
-    assert main(["convert-dinov2", str(tiny_official), str(out)]) == 1
+    assert main(["convert-dinov2", str(tiny_official), str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
     assert main(["convert-dinov2", str(tiny_official), str(out), "--overwrite", "--height", "32", "--width", "32"]) == 0
@@ -253,6 +253,22 @@ def test_cli_takes_the_reference_tools_flags(tiny_official, tmp_path, capsys):
             main(["convert-dinov2", *argv])
         assert exit_info.value.code == 2
         assert f"{named}: expected it once" in capsys.readouterr().err
+
+
+def test_cli_names_a_bad_size_flag_before_reading_the_input(tmp_path, capsys):
+    missing = str(tmp_path / "not_read.pth")
+    for flags, named in ((["--kernel", "0"], "--kernel 0"), (["--height", "-16"], "--height -16"),
+                         (["--height", "100"], "multiples of --kernel 16")):
+        assert main(["convert-dinov2", missing, str(tmp_path / "o.safetensors"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0]
+
+
+def test_a_folder_given_as_a_student_checkpoint_is_named_as_such(tmp_path):
+    from qd_core.checkpoint import read_student_meta
+
+    with pytest.raises(CheckpointError, match=r"is a folder: expected a \.safetensors file"):
+        read_student_meta(tmp_path)
 
 
 def test_cli_runs_as_a_module(tiny_official, tmp_path):

@@ -75,6 +75,24 @@ def test_bad_yaml_file_is_named(tmp_path):
         load_config(p)
 
 
+def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"^key=value override: config key 'train.iters' = 'abc'"):
+        load_config("tiny", ["train.iters=abc"])
+    p = tmp_path / "mine.yaml"
+    p.write_text("base: tiny\ntrain: {iters: abc}\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: config key 'train.iters' = 'abc'"):
+        load_config(p, ["train.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"is a folder: expected a YAML file"):
+        load_config(tmp_path)
+
+
+def test_overrides_leave_the_given_dict_as_it_was():
+    stored = {"model": {"head": {"dim": 64}}, "train": {"iters": 5}}
+    merged = apply_overrides(stored, ["model.head.dim=32", "train.iters=9"])
+    assert merged == {"model": {"head": {"dim": 32}}, "train": {"iters": 9}}
+    assert stored == {"model": {"head": {"dim": 64}}, "train": {"iters": 5}}
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides({}, ["model.head.dim"])

@@ -52,7 +52,7 @@ def test_gta_rerun_skips_existing_outputs_unless_overwrite(tmp_path: Path, capsy
 
 
 def test_gta_missing_labels_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert convert.main(["gta", str(tmp_path)]) == 1
+    assert convert.main(["gta", str(tmp_path)]) == 2
     assert f"{tmp_path / 'labels'}: GTA5 labels folder not found" in capsys.readouterr().err
 
 
@@ -85,7 +85,7 @@ def test_cityscapes_polygons_become_train_ids(tmp_path: Path) -> None:
 def test_cityscapes_unknown_label_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "gtFine/train/bonn/bonn_000000_000019_gtFine_polygons.json"
     _polygons(src, [{"label": "spaceship", "polygon": [[0, 0], [3, 0], [3, 3]]}])
-    assert convert.main(["cityscapes", str(tmp_path)]) == 1
+    assert convert.main(["cityscapes", str(tmp_path)]) == 2
     assert f"{src}: unknown Cityscapes label 'spaceship'" in capsys.readouterr().err
     assert not list(src.parent.glob("*.png"))
 
@@ -151,7 +151,7 @@ def test_mapillary_index_beyond_the_config_names_the_file(mapillary_root: Path, 
                                                           capsys: pytest.CaptureFixture) -> None:
     bad = mapillary_root / "training/v1.2/labels/t1.png"
     _palette_png(bad, np.full((2, 2), 40))
-    assert convert.main(["mapillary", str(mapillary_root), str(tmp_path / "o"), "--train_id"]) == 1
+    assert convert.main(["mapillary", str(mapillary_root), str(tmp_path / "o"), "--train_id"]) == 2
     assert f"{bad}: label index 40 is beyond the 12 labels" in capsys.readouterr().err
 
 
@@ -179,7 +179,7 @@ def test_mapillary_resize_missing_label_is_named(tmp_path: Path, capsys: pytest.
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "img/b.jpg")
     (tmp_path / "lbl").mkdir()
     args = ["mapillary-resize", *(str(tmp_path / d) for d in ("img", "lbl", "o1", "o2"))]
-    assert convert.main(args) == 1
+    assert convert.main(args) == 2
     assert f"{tmp_path / 'lbl/b.png'}: label file not found" in capsys.readouterr().err
 
 

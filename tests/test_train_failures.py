@@ -147,5 +147,51 @@ def test_resume_without_a_run_is_an_error(tmp_path: Path, data_root: Path, capsy
 def test_resume_refuses_model_changes(tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     run_training(copy.deepcopy(tiny_config(data_root, "train.iters=2")), RunFiles(out), stop_at=1, progress=False)
-    assert main(["--out", str(out), "--resume", "--no-progress", "model.head.decoder_layers=2"]) == 2
-    assert "model" in capsys.readouterr().err
+    capsys.readouterr()
+    for change in ("model.head.decoder_layers=2", "model.head.dim=32", "model.reins.lora_dim=4"):
+        assert main(["--out", str(out), "--resume", "--no-progress", change]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["error: --resume: model.* overrides would change the model of the run; start a new run "
+                       "instead"], change
+
+
+def test_a_start_that_fails_leaves_nothing_that_blocks_the_corrected_command(
+        tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    missing = tmp_path / "no_backbone.safetensors"
+    assert main(["--out", str(out), "--no-progress",
+                 *overrides(data_root, "train.iters=1", f"model.backbone.checkpoint={missing}")]) == 2
+    assert missing.name in capsys.readouterr().err
+    assert not (out / "config.yaml").exists()
+    assert main(["--out", str(out), "--no-progress", *overrides(data_root, "train.iters=1")]) == 0
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_to_start_over(
+        tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("name: tiny\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    for extra in ([], ["--resume"]):
+        assert main(["--out", str(out), "--no-progress", *extra, *overrides(data_root, "train.iters=1")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "before its first checkpoint" in err[0] and "--overwrite" in err[0]
+
+
+def test_resume_overrides_become_the_runs_config_and_a_finished_run_is_not_logged_twice(
+        tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture) -> None:
+    from qd_core.config import read_yaml
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--no-progress", "--stop-at", "1", *overrides(data_root, "train.iters=2")]) == 0
+    assert "stopped at step 1 of 2 (--stop-at)" in capsys.readouterr().out
+    assert main(["--out", str(out), "--resume", "--no-progress", "train.iters=3"]) == 0
+    assert read_yaml(out / "config.yaml")["train"]["iters"] == 3
+    assert "step 3/3" in capsys.readouterr().out
+    for _ in range(2):  # a finished run resumed: scored again, shown, not logged again
+        assert main(["--out", str(out), "--resume", "--no-progress"]) == 0
+        assert "step 3/3" in capsys.readouterr().out
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval" in r]
+    assert [r["step"] for r in evals] == [3]
+    assert main(["--out", str(out), "--resume", "--no-progress", "train.iters=2"]) == 0
+    assert "already at step 3, past train.iters=2: nothing trained" in capsys.readouterr().out

@@ -71,10 +71,16 @@ def prepare_run_dir(files: RunFiles, *, resume: bool, overwrite: bool) -> None:
         raise ValueError(f"run folder '{root}' exists and is not a folder")
     if resume:
         if not files.state.is_file():
-            raise ValueError(f"--resume: '{files.state}' does not exist (nothing to resume in '{root}')")
+            raise ValueError(f"--resume: '{files.state}' does not exist (nothing to resume in '{root}'"
+                             + ("; its run stopped before its first checkpoint: pass --overwrite instead of --resume "
+                                "to start it over)" if root.is_dir() and any(root.iterdir()) else ")"))
         return
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
+            if files.config.is_file() and not files.state.is_file():
+                raise ValueError(f"run folder '{root}' holds a run that stopped before its first checkpoint (no "
+                                 f"{files.state.name} to resume): pass --overwrite to start it over, or --out to "
+                                 f"use another folder")
             raise ValueError(f"run folder '{root}' is not empty: pass --resume to continue it, --overwrite to "
                              f"start over, or --out to use another folder")
         for path in files.owned():
@@ -83,6 +89,19 @@ def prepare_run_dir(files: RunFiles, *, resume: bool, overwrite: bool) -> None:
             else:
                 path.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
+
+
+def forget_failed_start(files: RunFiles) -> None:
+    """Remove what a fresh start wrote (its config.yaml, metrics) when it failed before its first checkpoint, so
+    that the corrected command can run in the same folder without --overwrite. A folder with a training state
+    is left alone (it is a run to resume)."""
+    if files.state.is_file():
+        return
+    for path in files.owned():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -137,5 +156,5 @@ def load_training_state(path: Path) -> dict[str, Any]:
     return state
 
 
-__all__ = ["RunFiles", "atomic_torch_save", "capture_rng", "load_training_state", "prepare_run_dir",
-           "restore_rng", "save_training_state"]
+__all__ = ["RunFiles", "atomic_torch_save", "capture_rng", "forget_failed_start", "load_training_state",
+           "prepare_run_dir", "restore_rng", "save_training_state"]

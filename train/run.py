@@ -20,7 +20,8 @@ from typing import Sequence
 from qd_core.checkpoint import CheckpointError
 from qd_core.config import (Config, ConfigError, DatasetSpec, apply_overrides, config_from_dict, dump_config,
                             load_config, read_yaml)
-from train.checkpointing import RunFiles, prepare_run_dir
+from qd_core.checkpoint import atomic_write
+from train.checkpointing import RunFiles, forget_failed_start, prepare_run_dir
 from train.data import DataError, synthetic_root, val_specs
 from train.distributed import DistEnv, barrier, init_distributed, main_first, shutdown_distributed
 from train.evaluate import miou_table
@@ -121,8 +122,9 @@ def run_training(cfg: Config, files: RunFiles, env: DistEnv | None = None, *, re
     def prepare() -> Config:
         prepare_run_dir(files, resume=resume, overwrite=overwrite)
         prepare_inputs(cfg, progress)
-        if not resume:
-            files.config.write_text(dump_config(cfg))
+        # On a resume too: the overrides given then (e.g. a longer train.iters) are the run's config from now on.
+        text = dump_config(cfg)
+        atomic_write(files.config, lambda tmp: tmp.write_text(text))
         return cfg
 
     main_first(env, prepare)
@@ -131,9 +133,16 @@ def run_training(cfg: Config, files: RunFiles, env: DistEnv | None = None, *, re
     if env.distributed and cfg.model.backbone.pretrain and not cfg.model.backbone.checkpoint:
         cfg.model.backbone.checkpoint = read_yaml(files.config)["model"]["backbone"]["checkpoint"]  # likewise
     barrier(env)
-    trainer = Trainer(cfg, files, env, progress=progress)
-    if resume:
-        trainer.load()
+    try:
+        trainer = Trainer(cfg, files, env, progress=progress)
+        if resume:
+            trainer.load()
+    except BaseException:
+        # A fresh start that cannot begin (a missing backbone file, unreadable data, ...) leaves nothing behind
+        # that would make the corrected command ask for --overwrite.
+        if not resume and env.is_main:
+            forget_failed_start(files)
+        raise
     return trainer.fit(stop_at)
 
 
@@ -163,12 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutdown_distributed()
     if env.is_main:
+        if result.step > cfg.train.iters:
+            print(f"the run was already at step {result.step}, past train.iters={cfg.train.iters}: nothing trained")
         if result.scores:
             print(f"\nstep {result.step}/{cfg.train.iters}, run folder {files.root}")
             print(miou_table(result.scores))
         print(f"wall time {time.perf_counter() - start:.0f} s")
         if result.stop_signal is not None:
             print(f"stopped by signal {result.stop_signal} at step {result.step}; `last` saved in {files.root} "
+                  f"(continue with --resume)")
+        elif result.step < cfg.train.iters:
+            print(f"stopped at step {result.step} of {cfg.train.iters} (--stop-at); `last` saved in {files.root} "
                   f"(continue with --resume)")
     return 128 + result.stop_signal if result.stop_signal is not None else 0
 

@@ -225,8 +225,9 @@ class Trainer:
         return reduced
 
     # ----------------------------------------------------------------------------------------------------------
-    def evaluate(self) -> list[DatasetScore]:
-        """Score the student on the validation datasets, log it, and keep ``best`` by the mean mIoU."""
+    def evaluate(self, log: bool = True) -> list[DatasetScore]:
+        """Score the student on the validation datasets, log it (unless ``log`` is off), and keep ``best`` by the
+        mean mIoU."""
         scores = evaluate(self.student, self.val_specs, self.cfg, env=self.env,
                           batch_size=self.cfg.train.batch_size, num_workers=self.cfg.data.num_workers,
                           progress=self.progress)
@@ -235,7 +236,8 @@ class Trainer:
         record: dict[str, Any] = {"step": self.step, "eval": {s.name: s.miou for s in scores}, "miou_mean": mean}
         if any(s.target for s in scores):
             record["miou_target_mean"] = target_mean(scores)
-        self.logger.log(record)
+        if log:
+            self.logger.log(record)
         if scores and math.isfinite(mean) and mean > self.best:
             self.best = mean
             if self.env.is_main:
@@ -314,7 +316,9 @@ class Trainer:
         tr, env = self.cfg.train, self.env
         end = tr.iters if stop_at is None else min(stop_at, tr.iters)
         if self.step >= tr.iters and self.scores_step != self.step:
-            return TrainResult(self.step, self.evaluate())
+            # A finished run, resumed: its scores at this step are in metrics.jsonl already (every run evaluates
+            # at its last step), so they are shown, not logged a second time.
+            return TrainResult(self.step, self.evaluate(log=False))
         if env.is_main:
             truncate_after(self.files.metrics, self.step)  # records of steps this run is about to redo
         self.model.train()

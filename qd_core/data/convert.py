@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "mapillary-resize")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"{args.command}: converted {done}, skipped {skipped} existing (use --overwrite to redo)")
     return 0
 
