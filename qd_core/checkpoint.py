@@ -34,6 +34,10 @@ from qd_core.config import Config, ConfigError, apply_overrides, config_from_dic
 
 PathLike = str | os.PathLike[str]
 
+# The process's umask, read once at import (reading it means setting it, which is not thread-safe later on).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 STUDENT_FORMAT = "querydiff-student"
 STUDENT_VERSION = 1
 # Student-meta key of the SHA-256 of the backbone file a student without frozen weights was trained with.
@@ -218,6 +222,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # The mode a plain open() would give (safetensors creates its files 0600): checkpoints are shared.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -325,6 +325,14 @@ def test_student_round_trip_with_a_random_backbone(tmp_path):
     assert_same_state(fresh, model)
 
 
+def test_student_weights_get_the_same_file_mode_as_their_json(tmp_path):
+    cfg = tiny_cfg()
+    path = save_student(StandIn(cfg, seed=0), cfg, tmp_path / "student")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (tmp_path / "student.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def saved_without_backbone(tmp_path):
     """A stand-in student saved without its backbone, whose backbone file the config names: (model, cfg, path)."""
     reference = StandIn(tiny_cfg(), seed=0)
