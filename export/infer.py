@@ -12,6 +12,7 @@ written. Exit codes: 0 all written, 1 some images failed, 2 bad arguments (one `
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?|auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the *_mask.png and *_overlay.png files")
     p.add_argument("--batch", type=int, default=1, help="images per model call (default 1)")
     p.add_argument("--device", default=None,
-                   help="cpu / cuda / auto (default: auto for .onnx, cuda for .engine, cpu for a checkpoint)")
-    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay")
+                   help="cpu / cuda / cuda:N / auto (default: auto for .onnx, cuda for .engine, the package's "
+                        "device for .pt2, cpu for a checkpoint; ONNX Runtime takes no cuda:N)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="opacity of the class colours in the overlay, in [0, 1] (default 0.5)")
     return p
 
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively, sorted); ValueError if the folder is missing or has none."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--images '{folder}': is a file; expected a folder of images (searched recursively)")
     if not folder.is_dir():
         raise ValueError(f"--images '{folder}': folder not found")
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -46,6 +52,48 @@ def list_images(folder: Path) -> list[Path]:
         raise ValueError(f"--images '{folder}': no images ({', '.join(IMAGE_EXTENSIONS)}) found (searched "
                          f"recursively)")
     return found
+
+
+def resolve_device(device: str | None, model: Path) -> str | None:
+    """``--device`` as ``load_segmenter`` takes it for ``model``'s backend, checked before anything is loaded (a bad
+    name would otherwise surface as a backend's load failure). "auto" is ONNX Runtime's own choice; for the other
+    backends it means: an engine's CUDA device, a .pt2 package's compiled device, CUDA for a checkpoint when this
+    machine has it."""
+    if device is None:
+        return None
+    if not DEVICE.fullmatch(device):
+        raise ValueError(f"--device '{device}': expected cpu, cuda, cuda:N or auto")
+    if model.suffix.lower() == ".onnx":
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device '{device}': ONNX Runtime takes cpu, cuda or auto")
+        return device  # ONNX Runtime reports a missing CUDA provider itself
+    if device == "auto":
+        return _auto_device(model)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device '{device}': this machine has no CUDA device; use --device cpu")
+    return device
+
+
+def _auto_device(model: Path) -> str | None:
+    """What "auto" means for a backend other than ONNX Runtime."""
+    suffix = model.suffix.lower()
+    if suffix == ".engine":
+        return "cuda"  # an engine runs nowhere else; the backend says so when CUDA is missing
+    if suffix == ".pt2":
+        return None  # the device the package was compiled for
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for each value that can be refused before the model is loaded."""
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: expected a positive number of images")
+    if not 0 <= args.alpha <= 1:  # also refuses NaN
+        raise ValueError(f"--alpha {args.alpha}: expected an opacity in [0, 1] (0: the photo alone, 1: the class "
+                         f"colours alone)")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out '{args.out}': exists and is not a folder; expected an output folder (created if "
+                         f"missing)")
 
 
 def model_input_size(segmenter: object) -> tuple[int, int]:
@@ -75,10 +123,10 @@ def run(args: argparse.Namespace) -> int:
 
     from export.runtime import load_segmenter
 
-    if args.batch < 1:
-        raise ValueError(f"--batch {args.batch}: expected a positive number of images")
+    check_args(args)
+    device = resolve_device(args.device, args.model)
     images = list_images(args.images)
-    segmenter = load_segmenter(args.model, device=args.device)
+    segmenter = load_segmenter(args.model, device=device)
     height, width = model_input_size(segmenter)
     args.out.mkdir(parents=True, exist_ok=True)
 

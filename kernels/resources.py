@@ -18,6 +18,7 @@ machine. Must run without ``TRITON_INTERPRET`` (Triton fixes compiled or interpr
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -236,11 +237,48 @@ def _nvidia_tool(name: str) -> Path:
     return Path(nvidia.__file__).parent / "bin" / name
 
 
+def _ptxas(arch: int) -> Path:
+    """The ptxas Triton assembles ``arch`` with: its wheel bundles a newer one for sm_100 and up, whose PTX the
+    other cannot read."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return Path(get_ptxas(arch).path)
+
+
+@functools.cache
+def _listed_values(tool: Path) -> frozenset[str]:
+    """The quoted option values ``tool --help`` lists, its architectures among them ('sm_90a' for ptxas, 'SM90'
+    for nvdisasm); empty when the tool cannot be run."""
+    try:
+        done = subprocess.run([str(tool), "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(re.findall(r"'(\w+)'", done.stdout))
+
+
+def arch_supported(arch: int) -> bool:
+    """Whether ``arch`` (compute capability × 10) can be compiled and read here: Triton's ptxas for it knows its GPU
+    name and the bundled nvdisasm reads its cubins. Checked before compiling because for a GPU name its LLVM does
+    not know, Triton aborts the whole process (``LLVM ERROR: Cannot select``), with no exception to catch."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    return (sm_arch_from_capability(arch) in _listed_values(_ptxas(arch))
+            and f"SM{arch}" in _listed_values(_nvidia_tool("nvdisasm")))
+
+
+def supported_archs() -> list[int]:
+    """Every compute capability × 10 that ``arch_supported`` accepts (for the error message)."""
+    listed = _listed_values(_nvidia_tool("nvdisasm"))
+    return sorted(a for a in {int(v[2:]) for v in listed if re.fullmatch(r"SM\d+", v)} if arch_supported(a))
+
+
 def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
     """(registers per thread, spill store + load bytes per thread) from ``ptxas -v`` on the kernel's PTX, with the
-    ptxas the Triton wheel bundles (cuobjdump's resource summary leaves spills out)."""
-    ptxas = _nvidia_tool("ptxas")
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # as Triton assembles: sm_90a for wgmma
+    ptxas Triton itself uses for ``arch`` (cuobjdump's resource summary leaves spills out)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    ptxas = _ptxas(arch)
+    gpu = sm_arch_from_capability(arch)  # as Triton assembles: sm_90a for wgmma
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
@@ -344,6 +382,37 @@ def render(results: Sequence[Result], arch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, in one line naming the flag, or None. Checked before the first compile:
+    a bad --arch would abort the process there, a bad --out fail only after every kernel has compiled."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
+        return "TRITON_INTERPRET is set: the kernels would be built for the interpreter; unset it"
+    if args.max_configs is not None and args.max_configs < 1:
+        return f"--max-configs {args.max_configs}: expected a positive integer"
+    unknown = sorted(set(args.kernel or ()) - set(KERNELS))
+    if unknown:
+        return f"--kernel {', '.join(unknown)}: no such kernel; expected one of {', '.join(KERNELS)}"
+    if args.out is not None and args.out.is_dir():
+        return f"--out '{args.out}': is a directory; expected the path of the Markdown file to write"
+    if args.out is not None and not args.out.parent.is_dir():
+        return f"--out '{args.out}': folder '{args.out.parent}' not found"
+    if not arch_supported(args.arch):
+        return (f"--arch {args.arch}: not a compute capability × 10 that Triton's bundled ptxas and nvdisasm "
+                f"support; expected one of {', '.join(map(str, supported_archs()))}")
+    return None
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temp file and a rename, the temp file removed if either step fails."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernels.resources", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability ×10 (default 90: H100/H200)")
@@ -354,13 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-configs", type=int, default=None, help="only the first N autotune configs of each")
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
-        ap.error("TRITON_INTERPRET is set: the kernels would be built for the interpreter; unset it")
-    if args.max_configs is not None and args.max_configs < 1:
-        ap.error(f"--max-configs {args.max_configs}: expected a positive integer")
-    unknown = sorted(set(args.kernel or ()) - set(KERNELS))
-    if unknown:
-        ap.error(f"--kernel {', '.join(unknown)}: no such kernel; expected one of {', '.join(KERNELS)}")
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     results: list[Result] = []
     for dtype in args.dtype or ["bf16", "fp16", "fp32"]:
         for variant in variants(dtype):
@@ -375,9 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(results, args.arch)
     sys.stdout.write(text)
     if args.out is not None:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        try:
+            write_text(args.out, text)
+        except OSError as e:  # checked up front, but the folder may change during the compiles
+            print(f"error: --out '{args.out}': cannot write: {e.strerror or e}", file=sys.stderr)
+            return 2
     return 0
 
 

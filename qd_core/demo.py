@@ -27,6 +27,34 @@ def load_rgb(path: Path) -> np.ndarray:
     return read_image(path)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for inputs that would otherwise fail only after the model is built (or as a
+    traceback from deep inside it)."""
+    from qd_core.data.scenes import MIN_SIZE
+
+    if min(args.size) < MIN_SIZE:
+        raise ValueError(f"--size {args.size[0]} {args.size[1]}: expected a height and width of at least {MIN_SIZE} "
+                         f"pixels each")
+    if args.image is not None and args.image.is_dir():
+        raise ValueError(f"--image '{args.image}': is a directory; expected an image file")
+    if args.image is not None and not args.image.exists():
+        raise ValueError(f"--image '{args.image}': no such file; expected an image file")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out '{args.out}': exists and is not a folder; expected an output folder (created if "
+                         f"missing)")
+
+
+def write_pictures(out: Path, pictures: dict[str, np.ndarray]) -> None:
+    """Each array as the PNG ``out/<name>`` (atomically, nothing half-written on failure); an OSError carries the
+    path that could not be written."""
+    for name, array in pictures.items():
+        try:
+            save_png(array, out / name)
+        except OSError as e:
+            e.filename = str(out / name)  # the temp file's name would mean nothing to the user
+            raise
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qd_core.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="tiny", help="shipped config name or YAML path (default: tiny)")
@@ -43,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     try:
+        check_args(args)
         if args.checkpoint is not None:
             from qd_core.checkpoint import load_student
 
@@ -76,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
     pred_rgb = colorize(labels)
     parts = [image, pred_rgb] + ([colorize(truth)] if truth is not None else [])
-    save_png(image, args.out / "input.png")
-    save_png(pred_rgb, args.out / "prediction.png")
-    save_png(labels, args.out / "labels.png")
-    save_png(overlay(image, labels), args.out / "overlay.png")
-    save_png(panel(*parts), args.out / "panel.png")
+    try:
+        write_pictures(args.out, {"input.png": image, "prediction.png": pred_rgb, "labels.png": labels,
+                                  "overlay.png": overlay(image, labels), "panel.png": panel(*parts)})
+    except OSError as e:  # a read-only folder, a full disk: one line, not a traceback
+        print(f"error: --out '{args.out}': cannot write {e.filename or 'the pictures'}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
 
     weights = str(args.checkpoint) if args.checkpoint else "random init (no checkpoint)"
     print(f"config {cfg.name}, weights: {weights}, image {image.shape[1]}x{image.shape[0]}, "

@@ -32,6 +32,11 @@ from qd_core.reins import LoRAReins
 SIZE_MULTIPLE = 32
 
 
+def input_size_multiple(cfg: Config) -> int:
+    """What the student's input H and W must be multiples of (its forward pads to it; 32 for patch 16)."""
+    return max(SIZE_MULTIPLE, 2 * cfg.model.backbone.patch_size)
+
+
 @dataclass
 class StudentOutput:
     """The decoder outputs (prediction before layer 0 and after each layer; only the last with
@@ -49,7 +54,7 @@ class QueryDiffStudent(nn.Module):
         m = cfg.model
         b, h = m.backbone, m.head
         self.num_classes = h.num_classes
-        self.size_multiple = max(SIZE_MULTIPLE, 2 * b.patch_size)
+        self.size_multiple = input_size_multiple(cfg)
         self.backbone = DinoVisionTransformer(b)
         self.reins = LoRAReins(b.depth, b.embed_dim, m.reins, patch_size=b.patch_size) if m.reins.enabled else None
         aq = m.agent_queries

@@ -116,9 +116,23 @@ def build_meta_student(cfg: Config) -> nn.Module:
         return QueryDiffStudent(cfg).eval()
 
 
+def check_input_size(cfg: Config, height: int, width: int) -> None:
+    """ValueError naming the flag when an input side is not one the forward accepts: counting is done on the
+    unpadded forward (what the FLOPs of a (1, 3, H, W) input mean), which takes no other size."""
+    from qd_core.model import input_size_multiple
+
+    k = input_size_multiple(cfg)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value <= 0 or value % k:
+            raise ValueError(f"{flag} {value}: expected a positive multiple of {k} (the '{cfg.name}' student's "
+                             f"input size multiple)")
+
+
 def summarize(cfg: Config, height: int | None = None, width: int | None = None) -> dict:
-    height = height or cfg.inference.window[0]
-    width = width or cfg.inference.window[1]
+    # ``is None``, not ``or``: an explicit 0 is a bad size, not a request for the default.
+    height = cfg.inference.window[0] if height is None else height
+    width = cfg.inference.window[1] if width is None else width
+    check_input_size(cfg, height, width)
     model = build_meta_student(cfg)
     rows = parameter_counts(model)
     # FlopCounterMode's module tracker hooks autograd on parameters that require grad; counting needs none.
@@ -163,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        s = summarize(cfg, args.height, args.width)
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = summarize(cfg, args.height, args.width)
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
     return 0
 

@@ -275,3 +275,62 @@ def test_engine_calls_split_and_pad_batches_into_the_profile():
     Runner.calls.clear()
     seg.run(x[:2])
     assert Runner.calls == [2]
+
+
+def _infer_error(argv: list[str], capsys) -> str:
+    """Run the infer CLI, assert it refused with exit code 2, return its single stderr line."""
+    assert infer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_infer_says_images_is_a_file_and_a_folder_is_expected(exported, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    write_scene(photo, SIZE, SIZE, 5)
+    err = _infer_error(["--model", str(exported[2]), "--images", str(photo), "--out", str(tmp_path / "out")], capsys)
+    assert f"--images '{photo}': is a file; expected a folder of images" in err and "not found" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("alpha", ["5", "-0.1", "nan"])
+def test_infer_refuses_an_overlay_opacity_outside_0_1(exported, tmp_path, capsys, alpha):
+    write_scene(tmp_path / "images" / "a.png", SIZE, SIZE, 6)
+    err = _infer_error(["--model", str(exported[2]), "--images", str(tmp_path / "images"), "--out",
+                        str(tmp_path / "out"), "--alpha", alpha], capsys)
+    assert f"--alpha {float(alpha)}: expected an opacity in [0, 1]" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model, device, expected", [
+    ("onnx", "foo", "--device 'foo': expected cpu, cuda, cuda:N or auto"),
+    ("onnx", "cuda:1", "--device 'cuda:1': ONNX Runtime takes cpu, cuda or auto"),
+    ("checkpoint", "gpu", "--device 'gpu': expected cpu, cuda, cuda:N or auto"),
+])
+def test_infer_checks_the_device_before_loading_the_model(exported, tmp_path, capsys, monkeypatch, model, device,
+                                                          expected):
+    def no_loading(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded before --device was checked")
+
+    monkeypatch.setattr("export.runtime.load_segmenter", no_loading)
+    write_scene(tmp_path / "images" / "a.png", SIZE, SIZE, 7)
+    path = exported[2] if model == "onnx" else exported[1]
+    err = _infer_error(["--model", str(path), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
+                        "--device", device], capsys)
+    assert err == f"error: {expected}\n"
+
+
+def test_infer_auto_device_runs_a_checkpoint(exported, tmp_path):
+    """'auto' is ONNX Runtime's word; for a checkpoint it is CUDA when present, else the CPU (not torch.device)."""
+    write_scene(tmp_path / "images" / "a.png", SIZE, SIZE, 8)
+    assert infer.main(["--model", str(exported[1]), "--images", str(tmp_path / "images"), "--out",
+                       str(tmp_path / "out"), "--device", "auto"]) == 0
+    assert (tmp_path / "out" / "a_mask.png").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_infer_refuses_cuda_for_a_checkpoint_on_a_machine_without_it(exported, tmp_path, capsys):
+    write_scene(tmp_path / "images" / "a.png", SIZE, SIZE, 9)
+    err = _infer_error(["--model", str(exported[1]), "--images", str(tmp_path / "images"), "--out",
+                        str(tmp_path / "out"), "--device", "cuda"], capsys)
+    assert err == "error: --device 'cuda': this machine has no CUDA device; use --device cpu\n"

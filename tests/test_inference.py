@@ -1,4 +1,5 @@
 """Slide and whole inference (METHOD §6.4): window grid, averaging, window batches, small images."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +102,54 @@ def test_whole_pads_to_multiple_and_crops():
     out = whole_inference(fn, images, multiple=32)
     assert seen == [(64, 96)]
     torch.testing.assert_close(out, images + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m qd_core.demo: bad arguments are one "error:" line and exit code 2, before the model is built
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _demo_error(argv, capsys) -> str:
+    """Run the demo's main, assert it refused with exit code 2, return its single stderr line."""
+    from qd_core.demo import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_demo_refuses_a_generated_scene_smaller_than_32_pixels(tmp_path, capsys):
+    err = _demo_error(["--size", "0", "0", "--out", str(tmp_path / "out")], capsys)
+    assert "--size 0 0" in err and "at least 32" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    taken = tmp_path / "weights.safetensors"
+    taken.write_bytes(b"keep me")
+    err = _demo_error(["--size", "64", "64", "--out", str(taken)], capsys)
+    assert str(taken) in err and "not a folder" in err
+    assert taken.read_bytes() == b"keep me"
+
+
+def test_demo_says_an_image_path_is_a_directory(tmp_path, capsys):
+    err = _demo_error(["--image", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
+    assert f"--image '{tmp_path}': is a directory" in err and "not found" not in err
+
+
+def test_demo_leaves_no_temp_file_when_a_picture_cannot_be_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "input.png").mkdir(parents=True)  # a folder where the first picture goes: its rename fails
+    err = _demo_error(["--size", "64", "64", "--out", str(out)], capsys)
+    assert str(out / "input.png") in err
+    assert sorted(p.name for p in out.iterdir()) == ["input.png"]  # no .input.png.*.tmp left behind
+
+
+def test_save_png_leaves_no_temp_file_when_the_rename_fails(tmp_path):
+    from qd_core.visualize import save_png
+
+    (tmp_path / "taken.png").mkdir()  # a folder where the file should go: the rename fails
+    with pytest.raises(OSError):
+        save_png(np.zeros((4, 4), dtype=np.uint8), tmp_path / "taken.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -141,3 +143,52 @@ def test_sass_counts_find_the_longest_loop_body():
         "        /*10000*/                  EXIT ;",               # five hex digits past 64 KiB of code
     ])
     assert sass_counts(listing) == (8, 5)
+
+
+def test_an_arch_the_toolchain_does_not_know_is_one_error_line_not_an_llvm_abort(tmp_path: Path):
+    """--arch 0 used to reach Triton's LLVM, which aborts the process (rc 134); a subprocess, so a regression
+    cannot take the test runner down with it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "resources.md"
+    done = subprocess.run([sys.executable, "-m", "kernels.resources", "--arch", "0", "--kernel", "labels", "--dtype",
+                           "fp32", "--max-configs", "1", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("error: --arch 0: ") and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "expected one of " in done.stderr and "90" in done.stderr.split("expected one of ")[1].split(", ")
+    assert done.stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_supported_archs_are_what_the_bundled_tools_take():
+    from kernels.resources import arch_supported, supported_archs
+
+    archs = supported_archs()
+    assert 90 in archs and 80 in archs and archs == sorted(archs)
+    assert all(arch_supported(a) for a in archs)
+    assert not any(arch_supported(a) for a in (0, -90, 9, 900))
+
+
+def test_an_out_that_is_a_directory_is_refused_before_compiling(tmp_path: Path, monkeypatch, capsys):
+    from kernels import resources
+
+    def no_compiling(*_args: object) -> None:
+        raise AssertionError("compiled before --out was checked")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # checked first; the --out check comes after it
+    monkeypatch.setattr(resources, "compile_variant", no_compiling)
+    assert resources.main(["--kernel", "labels", "--dtype", "fp32", "--max-configs", "1", "--out",
+                           str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out '{tmp_path}': is a directory; expected the path of the Markdown file to write\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_table_is_written_atomically_and_a_failed_write_leaves_no_temp_file(tmp_path: Path):
+    from kernels.resources import write_text
+
+    write_text(tmp_path / "table.md", "| a |\n")
+    assert (tmp_path / "table.md").read_text() == "| a |\n"
+    (tmp_path / "taken.md").mkdir()  # the rename onto a folder fails
+    with pytest.raises(OSError):
+        write_text(tmp_path / "taken.md", "| b |\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md", "taken.md"]

@@ -1,4 +1,8 @@
 """Parameter and FLOP summary (used by the benchmarks for MFU)."""
+import json
+
+import pytest
+
 from qd_core import load_config
 from qd_core.summary import main, summarize
 
@@ -37,3 +41,22 @@ def test_cli_prints_table(capsys):
 def test_module_rows_add_up_to_the_total():
     s = summarize(load_config("tiny"))
     assert abs(sum(m["gflops"] for m in s["modules"]) - s["gflops"]) < 1e-6 * max(s["gflops"], 1)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--height", "100", "--width", "100"], "--height 100"),
+    (["--height", "-32", "--width", "64"], "--height -32"),
+    (["--height", "0"], "--height 0"),  # an explicit 0 is a bad size, not the default
+    (["--height", "64", "--width", "48"], "--width 48"),
+])
+def test_cli_refuses_an_input_size_the_forward_does_not_take(flags, named, capsys):
+    assert main(["--config", "tiny", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: {named}: ") and captured.err.count("\n") == 1
+    assert "positive multiple of 32" in captured.err
+
+
+def test_cli_takes_a_non_square_multiple_of_32(capsys):
+    assert main(["--config", "tiny", "--height", "64", "--width", "96", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input"] == [1, 3, 64, 96]

@@ -254,3 +254,40 @@ def test_figure_names_a_scene_index_out_of_range(checkpoint: Path, tmp_path: Pat
     assert figure.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "f.png"), "--index", "5",
                         "--device", "cpu"]) == 2
     assert "--index 5: synthetic/source" in capsys.readouterr().err and not (tmp_path / "f.png").exists()
+
+
+def test_figure_refuses_an_out_that_is_a_directory_before_predicting(checkpoint: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from train import figure
+
+    def no_loading(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr("qd_core.checkpoint.load_student", no_loading)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert figure.main(["--checkpoint", str(checkpoint), "--out", str(folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out '{folder}': is a directory; expected the path of the PNG file to write\n"
+    assert sorted(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())  # no .pictures.tmp beside it
+
+
+def test_figure_write_leaves_no_temp_file_when_the_rename_fails(tmp_path: Path) -> None:
+    from train import figure
+
+    (tmp_path / "fig.png").mkdir()  # appears after the up-front check: the final rename onto it fails
+    with pytest.raises(ValueError, match="--out .*fig.png.*: cannot write the picture"):
+        figure.write_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "fig.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+
+
+def test_figure_names_the_valid_domains(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from train import figure
+
+    assert figure.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "f.png"), "--domains", "source",
+                        "nope", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --domains nope: no such synthetic domain; expected some of source ")
+    assert all(domain in err for domain in TARGET_DOMAINS) and err.count("\n") == 1
+    assert not (tmp_path / "f.png").exists()

@@ -77,6 +77,39 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarr
     return np.asarray(Image.fromarray(array).resize(size[::-1], resample))
 
 
+def synthetic_domains() -> tuple[str, ...]:
+    """The domains the synthetic generator writes: the source and its shifted copies."""
+    from qd_core.data.corruptions import TARGET_DOMAINS
+    from qd_core.data.synthetic import SOURCE_DOMAIN
+
+    return (SOURCE_DOMAIN, *TARGET_DOMAINS)
+
+
+def check_request(out: Path, domains: Sequence[str], scale: float) -> None:
+    """ValueError naming the flag for what can be refused before the checkpoint is loaded and the scenes are
+    predicted (the expensive part): a picture could never be written to a folder, nor read from an unknown domain."""
+    if not domains:
+        raise ValueError("--domains: expected at least one domain")
+    unknown = [d for d in domains if d not in synthetic_domains()]
+    if unknown:
+        raise ValueError(f"--domains {' '.join(unknown)}: no such synthetic domain; expected some of "
+                         f"{' '.join(synthetic_domains())}")
+    if not 0.05 <= scale <= 4:
+        raise ValueError(f"--scale {scale}: expected a factor in [0.05, 4]")
+    if out.is_dir():
+        raise ValueError(f"--out '{out}': is a directory; expected the path of the PNG file to write")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out '{out}': '{out.parent}' is not a folder")
+
+
+def write_png(picture: np.ndarray, out: Path) -> Path:
+    """``picture`` as the PNG ``out`` (atomically, nothing half-written on failure); ValueError naming --out."""
+    try:
+        return save_png(picture, out)
+    except OSError as e:
+        raise ValueError(f"--out '{out}': cannot write the picture: {e.strerror or e}") from None
+
+
 def make_figure(checkpoint: Path, out: Path, *, data: str | None = None, index: int = 0,
                 domains: Sequence[str] = ("source", "fog", "night", "art"), scale: float = 1.0,
                 device: str | None = None) -> Path:
@@ -88,10 +121,7 @@ def make_figure(checkpoint: Path, out: Path, *, data: str | None = None, index: 
     from train.distributed import resolve_device
     from train.evaluate import predict_dataset
 
-    if not domains:
-        raise ValueError("--domains: expected at least one domain")
-    if not 0.05 <= scale <= 4:
-        raise ValueError(f"--scale {scale}: expected a factor in [0.05, 4]")
+    check_request(out, domains, scale)
     dev = resolve_device(device)
     model, cfg = load_student(checkpoint, device=dev)
     root = data or cfg.data.synthetic.root
@@ -112,7 +142,7 @@ def make_figure(checkpoint: Path, out: Path, *, data: str | None = None, index: 
                               pixel_accuracy(pred.label, pred.pred)))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, GAP), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return save_png(np.concatenate([*rows, legend(width)]), out)
+    return write_png(np.concatenate([*rows, legend(width)]), out)
 
 
 def build_parser() -> argparse.ArgumentParser:
