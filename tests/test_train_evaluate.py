@@ -291,3 +291,20 @@ def test_figure_names_the_valid_domains(checkpoint: Path, tmp_path: Path, capsys
     assert err.startswith("error: --domains nope: no such synthetic domain; expected some of source ")
     assert all(domain in err for domain in TARGET_DOMAINS) and err.count("\n") == 1
     assert not (tmp_path / "f.png").exists()
+
+
+def test_visualize_skips_an_unreadable_image_and_writes_the_others(checkpoint: Path, data_root: Path,
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    source = sorted((data_root / "source" / "leftImg8bit" / "val").rglob("*.png"))
+    shutil.copy(source[0], images / "a.png")
+    (images / "b.png").write_bytes(b"\x89PNG but not really")
+    out = tmp_path / "vis"
+    assert visualize_main(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(out),
+                           "--mode", "whole"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped:" in captured.err and "b.png" in captured.err
+    assert "1 unreadable image(s) skipped" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["a_overlay.png", "a_pred.png"]

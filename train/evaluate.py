@@ -23,7 +23,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -86,17 +86,23 @@ def _image_size(path: str) -> tuple[int, int]:
 
 def predict_dataset(model: nn.Module, dataset: Any, *, device: torch.device, mode: str | None,
                     batch_size: int = 1, num_workers: int = 0, indices: Sequence[int] | None = None,
-                    progress: bool = False, desc: str = "") -> Iterator[Prediction]:
+                    progress: bool = False, desc: str = "",
+                    on_error: Callable[[str], None] | None = None) -> Iterator[Prediction]:
     """Predict every image (or ``indices``) of a dataset whose transform gives normalised (3, h, w) images.
 
     ``model`` is a student in eval mode with ``predict_logits(images (B, 3, h, w), mode) → (B, K, h, w)``.
-    Predictions are resized to the label's resolution, or to the original image size without labels.
+    Predictions are resized to the label's resolution, or to the original image size without labels. A file that
+    cannot be loaded raises a DataError naming it, or with ``on_error`` is handed to it and its batch skipped.
     """
     subset = Subset(SafeDataset(dataset), list(indices) if indices is not None else range(len(dataset)))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_safe)
     with tqdm(total=len(subset), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for batch in loader:
+            if on_error is not None and "error" in batch:
+                on_error(batch["error"])
+                bar.update(len(batch.get("path", [])) or batch_size)
+                continue
             batch = check_batch(batch)
             images = batch["image"]
             labels = batch.get("label")

@@ -4,7 +4,8 @@
 
 For each image ``a/b.jpg`` below --images: ``a__b_pred.png`` (classes in the Cityscapes colours) and
 ``a__b_overlay.png`` (the prediction blended over the image), at the image's own size. Images are resized for
-inference like a test set (keep ratio into --size, default the config's window ×(2, 1)).
+inference like a test set (keep ratio into --size, default the config's window ×(2, 1)). An unreadable image is
+reported and skipped, the others are still written (exit code 1).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from tqdm import tqdm
 
 from qd_core.config import DatasetSpec
 from train.data import build_dataset, default_test_size, eval_transform
@@ -54,16 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = DatasetSpec(kind="folder", root=str(args.images), test_size=size)
         dataset = build_dataset(spec, cfg, eval_transform(spec, cfg))
         check_output_dir(args.out, args.overwrite, "--out")
-        count = 0
+        count, skipped = 0, []
+
+        def skip(message: str) -> None:
+            tqdm.write(f"skipped: {message}", file=sys.stderr)
+            skipped.append(message)
+
         for pred in predict_dataset(model, dataset, device=device, mode=args.mode, num_workers=args.num_workers,
-                                    progress=True, desc="visualize"):
+                                    progress=True, desc="visualize", on_error=skip):
             save_visuals(pred, args.out, output_name(pred.image_path, args.images), args.alpha)
             count += 1
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote predictions and overlays of {count} images to {args.out}")
-    return 0
+    print(f"wrote predictions and overlays of {count} images to {args.out}"
+          + (f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""))
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":
