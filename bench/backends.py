@@ -274,8 +274,9 @@ def load_model(settings: BenchSettings) -> tuple[nn.Module, Config]:
 
         model, cfg = load_student(settings.checkpoint)
         if Path(settings.config).stem != cfg.name:
-            raise ValueError(f"QD_BENCH_CONFIG={settings.config!r}: the checkpoint {settings.checkpoint} was "
-                             f"trained with config {cfg.name!r}")
+            # Named for both ways in: python -m bench / op_profile's --config, plain pytest's variable.
+            raise ValueError(f"config {settings.config!r} (--config, QD_BENCH_CONFIG): the checkpoint "
+                             f"{settings.checkpoint} was trained with config {cfg.name!r}; expected that config")
     else:
         cfg = load_config(settings.config)
         # Random weights: a DINOv2 file named by the config is neither needed nor loaded.

@@ -5,7 +5,9 @@
 The suites run in this process through ``pytest.main`` with ``--benchmark-json``; the settings reach them as
 ``QD_BENCH_*`` environment variables (``bench.settings``). Without ``--checkpoint`` the newest
 ``runs/*/best.safetensors`` (of ``--config``, when given) is used, else a randomly initialised student, which the
-report labels as such: its latency is meaningful, its mIoU is not. The exit status is pytest's (1 when a backend
+report labels as such: its latency is meaningful, its mIoU is not. The arguments, the config, the checkpoint and
+the data folder are checked (the model and the images loaded) before any suite runs: one that cannot be used is one
+``error:`` line and exit status 2, with nothing written. Otherwise the exit status is pytest's (1 when a backend
 fails its accuracy tolerance, 2 when interrupted); the report is written either way. Ctrl-C or SIGTERM (a time
 limit such as ``timeout``) stops the suites after the test in progress and still writes the report of what ran,
 marked as stopped. ``--time-limit S`` is the gentler stop: tests that would start after S seconds are skipped
@@ -33,8 +35,9 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 
+from bench.arguments import output_folder, positive, read_benchmark_json
 from bench.report import NotRun, build_report, render_markdown, write_report
-from bench.settings import ENV_PREFIX, NO_CHECKPOINT, REPO_ROOT, backend_names, newest_checkpoint
+from bench.settings import ENV_PREFIX, NO_CHECKPOINT, REPO_ROOT, backend_names, newest_checkpoint, settings_from_env
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results"
@@ -127,7 +130,7 @@ class OutcomeCollector:
     exceeds the limit. A limit the run respects is what lets it write its report; a stop by signal in the middle of
     a compilation or a CUDA-graph capture may leave the process unable to."""
 
-    def __init__(self, time_limit: float | None = None, progress: Any = None) -> None:
+    def __init__(self, time_limit: float | None = None, progress: Any = None, start: float | None = None) -> None:
         self.not_run: list[NotRun] = []
         self.passed = 0
         self.interrupted = False
@@ -135,7 +138,7 @@ class OutcomeCollector:
         self.stop_timer: threading.Timer | None = None  # armed by stop_on_signals
         self.time_limit = time_limit
         self.progress = progress
-        self.start = time.monotonic()
+        self.start = time.monotonic() if start is None else start  # time.monotonic() when the run began
         self._longest: dict[str, float] = {}  # backend -> longest setup + call seconds of its tests so far
         self._durations: dict[str, float] = {}  # nodeid -> its setup + call seconds so far
 
@@ -244,35 +247,62 @@ def stop_on_signals(collector: OutcomeCollector) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def check_arguments(args: argparse.Namespace, images: int, batch: int) -> tuple[str, list[dict[str, Any]]]:
+    """Every check that needs no model, before anything runs: ValueError naming the flag and value. Returns the
+    checkpoint to pass on (``resolve_checkpoint``) and the entries of the ``--kernels-json`` files, read now so
+    that a broken one is not found after the suites ran."""
+    if args.config:
+        from qd_core.config import load_config
+
+        load_config(args.config)  # cheap, and a name that does not resolve is the likeliest bad input
+    checkpoint = resolve_checkpoint(args.checkpoint, args.config)
+    if args.data is not None and not args.data.is_dir():
+        raise ValueError(f"--data {args.data}: no such folder")
+    output_folder("--out", args.out)
+    kernel_entries = []
+    for path in args.kernels_json:
+        if not path.is_file():
+            raise ValueError(f"--kernels-json {path}: no such file")
+        kernel_entries += read_benchmark_json(path, "--kernels-json")["benchmarks"]
+    for flag, value in (("--images", images), ("--batch", batch)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: expected a positive integer")
+    positive("--time-limit", args.time_limit, "number of seconds")
+    positive("--peak-tflops", args.peak_tflops, "peak in TFLOP/s")
+    if batch > images:
+        raise ValueError(f"--batch {batch}: expected at most --images {images} (batches are evaluation images)")
+    if args.backends:
+        from bench.backends import select_backends
+
+        select_backends(backend_names(args.backends), source="--backends")
+    return checkpoint, kernel_entries
+
+
+def build_session(env: dict[str, str]) -> None:
+    """Load the model and the evaluation images now, as the suites' ``session`` fixture would: a config that does
+    not resolve, a checkpoint that does not load or a data folder in neither layout is then one error (ValueError,
+    OSError) instead of one failed setup per test and a report of nothing. ``get_session`` keeps the session, and
+    the suites read the same settings from the same variables, so nothing is loaded twice."""
+    from bench.backends import get_session
+
+    get_session(settings_from_env({**os.environ, **env}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    start = time.monotonic()  # --time-limit counts the loading of the model and the images too
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    images, batch, min_rounds, max_time, warmup = PRESETS[(device, args.quick)]
-    images = args.images if args.images is not None else images
-    batch = args.batch if args.batch is not None else batch
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint, args.config)
-        if args.data is not None and not args.data.is_dir():
-            raise ValueError(f"--data {args.data}: no such folder")
-        for path in args.kernels_json:
-            if not path.is_file():
-                raise ValueError(f"--kernels-json {path}: no such file")
-        for flag, value in (("--images", images), ("--batch", batch)):
-            if value < 1:
-                raise ValueError(f"{flag} {value}: expected a positive integer")
-        if args.time_limit is not None and args.time_limit <= 0:
-            raise ValueError(f"--time-limit {args.time_limit:g}: expected a positive number of seconds")
-        if batch > images:
-            raise ValueError(f"--batch {batch}: expected at most --images {images} (batches are evaluation images)")
-        if args.backends:
-            from bench.backends import select_backends
-
-            select_backends(backend_names(args.backends), source="--backends")
-    except ValueError as e:
+        images, batch, min_rounds, max_time, warmup = PRESETS[(device, args.quick)]
+        images = args.images if args.images is not None else images
+        batch = args.batch if args.batch is not None else batch
+        checkpoint, kernel_entries = check_arguments(args, images, batch)
+        env = {ENV_PREFIX + key: value for key, value in (
+            ("DEVICE", device), ("CONFIG", args.config or ""), ("CHECKPOINT", checkpoint),
+            ("DATA", str(args.data.resolve()) if args.data else ""), ("IMAGES", str(images)),
+            ("BATCH", str(batch)), ("BACKENDS", args.backends or ""),
+            ("CPU_COMPILE", "0" if args.no_compile else "1"))}
+    except (ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     today = dt.date.today().isoformat()
@@ -281,16 +311,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if existing and not args.overwrite:
         print(f"error: {existing[0]}: exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    env = {"DEVICE": device, "CONFIG": args.config or "", "CHECKPOINT": checkpoint,
-           "DATA": str(args.data.resolve()) if args.data else "", "IMAGES": str(images),
-           "BATCH": str(batch), "BACKENDS": args.backends or "",
-           "CPU_COMPILE": "0" if args.no_compile else "1"}
-    for key, value in env.items():
-        os.environ[ENV_PREFIX + key] = value
+    try:  # after the cheap checks: loading a ViT-L takes a while
+        build_session(env)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted while loading the model and the images; nothing ran, nothing written",
+              file=sys.stderr)
+        return 2
+    os.environ.update(env)
 
     run_kernels = args.kernels if args.kernels is not None else device == "cuda"
     suites = [str(BENCH_DIR / "test_backends.py")] + ([str(BENCH_DIR / "test_kernels.py")] if run_kernels else [])
-    collector = OutcomeCollector(args.time_limit, progress=sys.stderr)
+    collector = OutcomeCollector(args.time_limit, progress=sys.stderr, start=start)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="qd-bench-json-") as tmp, stop_on_signals(collector):
         json_path = Path(tmp) / "benchmark.json"
@@ -307,8 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: no benchmark finished ({why}); the report lists the tests that did not run",
                   file=sys.stderr)
             bench_json = {"benchmarks": []}
-    for extra in args.kernels_json:
-        bench_json["benchmarks"] += json.loads(extra.read_text()).get("benchmarks", [])
+    bench_json["benchmarks"] += kernel_entries
 
     methods = sorted({str(b["extra_info"]["memory_method"]) for b in bench_json["benchmarks"]
                       if "memory_method" in b.get("extra_info", {})})

@@ -69,9 +69,15 @@ def _stack(pairs: list[tuple[np.ndarray, np.ndarray]], description: str) -> Eval
 
 def synthetic_domains(root: Path) -> list[str]:
     """The domains a synthetic root holds, source first, read from its manifest."""
-    manifest = json.loads((root / "manifest.json").read_text())
-    targets = [d for d in manifest.get("target_domains", []) if d != SOURCE_DOMAIN]
-    return [SOURCE_DOMAIN, *targets]
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the synthetic set's manifest ({e})") from None
+    targets = manifest.get("target_domains", []) if isinstance(manifest, dict) else None
+    if not isinstance(targets, list):
+        raise ValueError(f"{path}: expected a JSON object whose 'target_domains' is a list of domain folders")
+    return [SOURCE_DOMAIN, *(str(d) for d in targets if d != SOURCE_DOMAIN)]
 
 
 def load_synthetic(root: Path, count: int, size: tuple[int, int]) -> EvalSet:
@@ -124,4 +130,9 @@ def load_eval_set(data: Path | None, count: int, size: tuple[int, int]) -> EvalS
         return load_synthetic(ensure_default_root(count), count, size)
     if (data / "manifest.json").is_file():
         return load_synthetic(data, count, size)
-    return load_cityscapes_layout(data, count, size)
+    try:
+        return load_cityscapes_layout(data, count, size)
+    except FileNotFoundError as e:
+        # Neither layout: say both, not only the Cityscapes folder that was looked for last.
+        raise FileNotFoundError(f"{data}: expected a synthetic root (manifest.json) or a Cityscapes-layout folder "
+                                f"(leftImg8bit/val + gtFine/val); {e}") from None

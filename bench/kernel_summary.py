@@ -22,11 +22,12 @@ autotuner chose per shape.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from bench.arguments import description, output_file, positive, read_benchmark_json
 
 H100_BANDWIDTH_TBS = 3.35  # H100 SXM5 HBM3 peak, TB/s
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -278,25 +279,50 @@ def _device(r: Row) -> str:
     return " / ".join(f"{r.device_ms[i]:.3f}" if i in r.device_ms else "n/a" for i in ("triton", "reference", "sdpa"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.kernel_summary", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.kernel_summary", description=description(__doc__))
     ap.add_argument("json", type=Path, help="pytest-benchmark JSON of bench/test_kernels.py")
     ap.add_argument("--out", type=Path, default=None, help="write the Markdown here (default: print it)")
     ap.add_argument("--bandwidth-tbs", type=float, default=H100_BANDWIDTH_TBS,
                     help=f"peak memory bandwidth in TB/s (default {H100_BANDWIDTH_TBS}, an H100 SXM)")
+    return ap
+
+
+def summary(data: dict[str, Any], peak_tbs: float) -> str:
+    """The Markdown of a benchmark JSON (``bench.arguments.read_benchmark_json``'s shape); ValueError when it has
+    no Triton kernel benchmark with a PyTorch counterpart, or an entry is not as ``bench/test_kernels.py`` writes
+    it."""
+    try:
+        rows = collect(data)
+        if not rows:
+            raise ValueError("no Triton kernel benchmark with a PyTorch counterpart in it")
+        device = next((b["extra_info"].get("device") for b in data["benchmarks"] if "extra_info" in b), "unknown")
+        text = render(rows, peak_tbs, f"Kernel microbenchmarks on {device}")
+        for extra in (render_mask_paths(rows), render_layouts(data), render_refine_depthwise(data),
+                      render_autotuned(data)):
+            text += ("\n" + extra) if extra else ""
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        # An entry without the stats or extra_info its name promises (a hand-edited or foreign JSON): say what is
+        # missing instead of a traceback.
+        raise ValueError(f"a benchmark entry is not as bench/test_kernels.py writes it ({type(e).__name__}: {e})"
+                         ) from None
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        data = json.loads(args.json.read_text())
-    except (OSError, ValueError) as e:
-        ap.error(f"{args.json}: cannot read a benchmark JSON ({e})")
-    rows = collect(data)
-    if not rows:
-        ap.error(f"{args.json}: no Triton kernel benchmark with a PyTorch counterpart in it")
-    device = next((b["extra_info"].get("device") for b in data["benchmarks"] if "extra_info" in b), "unknown")
-    text = render(rows, args.bandwidth_tbs, f"Kernel microbenchmarks on {device}")
-    for extra in (render_mask_paths(rows), render_layouts(data), render_refine_depthwise(data),
-                  render_autotuned(data)):
-        text += ("\n" + extra) if extra else ""
+        positive("--bandwidth-tbs", args.bandwidth_tbs, "bandwidth in TB/s")
+        output_file("--out", args.out)
+        data = read_benchmark_json(args.json)
+        try:
+            text = summary(data, args.bandwidth_tbs)
+        except ValueError as e:
+            raise ValueError(f"{args.json}: {e}") from None
+    except ValueError as e:
+        # Like argparse's own errors: exit status 2 through SystemExit, but one line, without the usage.
+        ap.exit(2, f"error: {e}\n")
     if args.out is not None:
         from qd_core.checkpoint import atomic_write  # torch comes with it; only needed here
 

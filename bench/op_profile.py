@@ -37,13 +37,18 @@ import torch
 from torch import nn
 from torch.autograd import DeviceType
 
-from bench.backends import (BackendSpec, BenchSession, TorchBackend, select_backends, torch_recipe,
+from bench.arguments import description, output_file
+from bench.backends import (REFERENCE, BackendSpec, BenchSession, TorchBackend, select_backends, torch_recipe,
                             unavailable_reason)
 from bench.cli import resolve_device
 from bench.roofline import Roofline
-from bench.settings import BenchSettings
+from bench.settings import BenchSettings, checkpoint_config_name
 from qd_core.checkpoint import atomic_write
 
+DEFAULT_CONFIG = "vitl16_512"
+# What is profiled without --backend: the Triton path on CUDA; on a CPU, where the Triton kernels and autocast
+# to fp16 need CUDA (BackendSpec.cuda_only), the fp32 reference, which reports host time per module and operator.
+DEFAULT_BACKEND = {"cuda": "torch-triton-bf16", "cpu": REFERENCE.name}
 PROFILABLE = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-bf16-pure", "torch-triton-fp32", "torch-triton-bf16",
               "torch-triton-bf16-graphs", "torch-compile", "torch-compile-bf16", "torch-compile-triton-bf16")
 RANGE_PREFIX = "qd::"
@@ -243,17 +248,19 @@ def _short(name: str, width: int = 110) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m bench.op_profile", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.op_profile", description=description(__doc__))
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where to run (default: cuda when available, else cpu)")
-    ap.add_argument("--config", default="vitl16_512", help="config name or YAML (default vitl16_512)")
+    ap.add_argument("--config", default=None,
+                    help=f"config name or YAML (default: the checkpoint's, else {DEFAULT_CONFIG})")
     ap.add_argument("--checkpoint", default=None, help="student .safetensors (default: random weights)")
     ap.add_argument("--data", type=Path, default=None, help="evaluation data, as for python -m bench")
-    ap.add_argument("--backend", nargs="+", default=["torch-triton-bf16"], choices=PROFILABLE, metavar="B",
+    ap.add_argument("--backend", nargs="+", default=None, choices=PROFILABLE, metavar="B",
                     help="backends to profile, one after another on the same model and images: "
-                         f"{', '.join(PROFILABLE)} (default torch-triton-bf16; torch-triton-bf16-graphs is "
-                         "profiled as its eager twin, the torch-compile ones compiled without CUDA graphs and "
-                         "without module rows)")
+                         f"{', '.join(PROFILABLE)} (default: {DEFAULT_BACKEND['cuda']} on CUDA, "
+                         f"{DEFAULT_BACKEND['cpu']} on a CPU, where the Triton kernels cannot run; "
+                         "torch-triton-bf16-graphs is profiled as its eager twin, the torch-compile ones compiled "
+                         "without CUDA graphs and without module rows)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1],
                     help="images per forward; several sizes are profiled one after another (default 1)")
     ap.add_argument("--iters", type=int, default=3, help="profiled forwards, after two untimed ones (default 3)")
@@ -299,32 +306,43 @@ def _profile(backend: TorchBackend, session: BenchSession, spec: BackendSpec, ba
     return text
 
 
+def check_arguments(args: argparse.Namespace, device: str) -> tuple[BenchSettings, list[BackendSpec]]:
+    """The settings and backends of the run, every argument checked before anything is loaded or profiled
+    (ValueError naming the flag and value); fills in ``args.backend`` and ``args.config`` where not given."""
+    for flag, value in (("--batch", min(args.batch)), ("--iters", args.iters), ("--top", args.top)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: expected a positive integer")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.data is not None and not args.data.is_dir():
+        raise ValueError(f"--data {args.data}: no such folder")
+    output_file("--out", args.out)
+    output_file("--trace", args.trace)
+    args.backend = args.backend or [DEFAULT_BACKEND[device]]
+    if args.config is None:  # a checkpoint brings its own config: the default would be refused against another
+        args.config = (checkpoint_config_name(checkpoint) if checkpoint is not None else "") or DEFAULT_CONFIG
+    settings = BenchSettings(device=device, config=args.config, checkpoint=checkpoint, data=args.data,
+                             images=max(args.batch), batch=max(args.batch), backends=tuple(args.backend),
+                             cpu_compile=False, work=None)
+    specs = select_backends(tuple(args.backend))
+    for spec in specs:
+        reason = unavailable_reason(spec, settings)
+        if reason is not None:
+            raise ValueError(f"--backend {spec.name}: {reason}")
+    return settings, specs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
-    except ValueError as e:
+        settings, specs = check_arguments(args, device)
+        # The config, the checkpoint and the evaluation images are loaded here, before any profiling.
+        session = BenchSession(settings)
+    except (ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for flag, value in (("--batch", min(args.batch)), ("--iters", args.iters), ("--top", args.top)):
-        if value < 1:
-            print(f"error: {flag} {value}: expected a positive integer", file=sys.stderr)
-            return 2
-    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        print(f"error: --checkpoint {args.checkpoint}: no such file", file=sys.stderr)
-        return 2
-    settings = BenchSettings(device=device, config=args.config,
-                             checkpoint=Path(args.checkpoint) if args.checkpoint else None, data=args.data,
-                             images=max(args.batch), batch=max(args.batch), backends=tuple(args.backend),
-                             cpu_compile=False,
-                             work=None)
-    specs: list[BackendSpec] = select_backends(tuple(args.backend))
-    for spec in specs:
-        reason = unavailable_reason(spec, settings)
-        if reason is not None:
-            print(f"error: --backend {spec.name}: {reason}", file=sys.stderr)
-            return 2
-    session = BenchSession(settings)
     gpu = device == "cuda"
     texts = []
     for spec in specs:

@@ -296,7 +296,7 @@ def write_png(report: Report, path: Path) -> Path:
         title += "\nrandom weights: mIoU not meaningful"
     ax_acc.set_title(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # the format is named: write_report saves to a temporary name
     plt.close(fig)
     return path
 
@@ -304,16 +304,20 @@ def write_png(report: Report, path: Path) -> Path:
 def write_report(report: Report, out_dir: Path, stem: str, overwrite: bool = False) -> list[Path]:
     """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``out_dir``; returns their paths.
 
-    Existing files are kept (FileExistsError naming the first) unless ``overwrite``. The PNG is written last, so
-    without matplotlib (ImportError) the Markdown and JSON are still there.
+    Existing files are kept (FileExistsError naming the first) unless ``overwrite``. Each file is written to a
+    temporary name and renamed, so an interrupted write leaves the old file or the new one, never half of one. The
+    PNG is written last, so without matplotlib (ImportError) the Markdown and JSON are still there.
     """
+    from qd_core.checkpoint import atomic_write  # torch comes with it; the report itself needs none
+
     paths = [out_dir / f"{stem}.{ext}" for ext in ("md", "json", "png")]
     if not overwrite:
         for p in paths:
             if p.exists():
                 raise FileExistsError(f"{p}: exists; pass --overwrite to replace it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths[0].write_text(render_markdown(report))
-    paths[1].write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
-    write_png(report, paths[2])
+    markdown, data = render_markdown(report), json.dumps(report.to_json(), indent=2, default=str) + "\n"
+    atomic_write(paths[0], lambda tmp: tmp.write_text(markdown))
+    atomic_write(paths[1], lambda tmp: tmp.write_text(data))
+    atomic_write(paths[2], lambda tmp: write_png(report, tmp))
     return paths

@@ -38,9 +38,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from bench.arguments import description, positive
 from bench.backends import attention_backend
 from bench.metrics import GPUS, GpuSpec
-from qd_core.config import ConfigError, load_config
+from qd_core.config import load_config
 
 WRAPPER = "(wrapper)"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -263,7 +264,7 @@ def render(r: Roofline, top: int = 15) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m bench.roofline", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.roofline", description=description(__doc__))
     ap.add_argument("--config", default="vitl16_512", help="config name or YAML (default vitl16_512)")
     ap.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -283,14 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qd_core.summary import build_meta_student
 
     args = build_parser().parse_args(argv)
-    for flag, value in (("--batch", args.batch), ("--top", args.top), ("--peak-tflops", args.peak_tflops),
-                        ("--bandwidth-tbs", args.bandwidth_tbs)):
-        if value is not None and value <= 0:
-            print(f"error: {flag} {value}: expected a positive number", file=sys.stderr)
-            return 2
     try:
+        for flag, value in (("--batch", args.batch), ("--top", args.top), ("--peak-tflops", args.peak_tflops),
+                            ("--bandwidth-tbs", args.bandwidth_tbs)):
+            positive(flag, value)
         cfg = load_config(args.config)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError is one
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]

@@ -141,3 +141,45 @@ def test_cli_profiles_the_compiled_tiny_student_on_cpu(tmp_path: Path):
     text = out.read_text()
     assert "tiny, torch-compile, batch 1" in text and f"| {COMPILED} |" in text
     assert "| backbone |" not in text
+
+
+def test_the_default_backend_follows_the_device(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch):
+    """Without --backend a CPU profiles the fp32 reference (the Triton kernels need CUDA), and --help says so."""
+    import torch
+
+    from bench import op_profile
+    from bench.backends import BACKENDS
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "profile.md"
+    assert main(["--config", "tiny", "--iters", "1", "--top", "2", "--out", str(out)]) == 0
+    assert "# Where one forward goes: tiny, torch-fp32, batch 1" in out.read_text()
+    specs = {b.name: b for b in BACKENDS}
+    default = op_profile.DEFAULT_BACKEND
+    assert specs[default["cuda"]].cuda_only and not specs[default["cpu"]].cuda_only
+    helptext = " ".join(op_profile.build_parser().format_help().split())
+    assert "default: torch-triton-bf16 on CUDA, torch-fp32 on a CPU" in helptext
+
+
+@pytest.mark.parametrize("kind", ["config", "checkpoint", "data", "out", "trace"])
+def test_cli_unusable_inputs_get_one_line_before_any_profiling(kind: str, tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    from bench import op_profile
+
+    profiled: list = []
+    monkeypatch.setattr(op_profile, "_profile", lambda *a: profiled.append(a) or "")
+    (tmp_path / "folder").mkdir()
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_text("garbage\n")
+    args, needle = {
+        "config": (["--config", "no-such-config"], "'no-such-config'"),
+        "checkpoint": (["--checkpoint", str(garbage)], str(tmp_path / "garbage")),
+        "data": (["--data", str(tmp_path / "folder")], f"{tmp_path / 'folder'}: expected a synthetic root"),
+        "out": (["--out", str(tmp_path / "folder")], f"--out {tmp_path / 'folder'}: is a folder"),
+        "trace": (["--trace", str(tmp_path / "folder")], f"--trace {tmp_path / 'folder'}: is a folder"),
+    }[kind]
+    config = [] if kind in ("config", "checkpoint") else ["--config", "tiny"]
+    assert main(["--device", "cpu", "--backend", "torch-fp32", *config, *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+    assert profiled == [] and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "garbage.safetensors"]

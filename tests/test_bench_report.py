@@ -186,3 +186,23 @@ def test_a_backend_without_logits_reads_n_a_in_the_accuracy_table(bench_json):
     bench_json["benchmarks"].append(accuracy_entry("qd-infer", "fp32", 0.5, 0.5, True))
     text = render_markdown(build_report(bench_json, meta={"date": "2025-01-01"}))
     assert "| qd-infer | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | n/a | pass |" in text
+
+
+def test_a_write_that_fails_midway_leaves_the_earlier_report_whole(bench_json, tmp_path: Path, monkeypatch):
+    """Each file is written to a temporary name and renamed: a PNG that fails half-written keeps the old one and
+    leaves no stray file."""
+    import bench.report
+
+    report = build_report(bench_json)
+    paths = write_report(report, tmp_path, "cpu-2025-01-01")
+    old_png = paths[2].read_bytes()
+
+    def half_written(report, path: Path) -> Path:
+        path.write_bytes(old_png[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench.report, "write_png", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(report, tmp_path, "cpu-2025-01-01", overwrite=True)
+    assert paths[2].read_bytes() == old_png
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)

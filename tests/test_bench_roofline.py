@@ -133,3 +133,12 @@ def test_the_bench_session_sets_gpu_latency_against_its_ideal_and_nothing_on_a_c
     assert r is not None and r.gpu == GPUS["h100-sxm"].name and r.input == [2, 3, *session.size]
     assert session.roofline(2, "bf16") is r  # made once
     assert session.ideal_ms(2, "fp32") > session.ideal_ms(2, "bf16") == pytest.approx(r.total["seconds"] * 1e3)
+
+
+def test_help_describes_the_tool_in_whole_sentences():
+    """The description is the docstring's whole first paragraph, not its first line cut off mid-sentence."""
+    from bench.roofline import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert ("The ideal time of one predict on a given GPU: what the op graph would cost if every kernel ran at the "
+            "GPU's peak arithmetic rate or its memory bandwidth, whichever binds.") in text

@@ -239,3 +239,103 @@ def test_cli_writes_the_report_when_no_benchmark_ran(tmp_path: Path):
     text = next(out.glob("cpu-*.md")).read_text()
     assert "`test_latency[torch-fp32-b1]` | skipped | --time-limit 1e-06 s" in text
     assert "`test_accuracy[torch-fp32]` | skipped" in text
+
+
+def _no_suite(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Make ``pytest.main`` (how the CLI starts the suites) record its calls instead of running anything."""
+    import bench.cli
+
+    calls: list = []
+    monkeypatch.setattr(bench.cli.pytest, "main", lambda *a, **k: calls.append(a) or 0)
+    return calls
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _bad_input(tmp_path: Path, kind: str) -> tuple[list[str], str]:
+    """(arguments, what the error line must name) of one unusable input."""
+    if kind == "config":
+        return ["--config", "no-such-config"], "'no-such-config'"
+    if kind == "checkpoint":
+        garbage = tmp_path / "garbage.safetensors"
+        garbage.write_text("garbage\n")
+        return ["--checkpoint", str(garbage)], str(tmp_path / "garbage")
+    if kind == "data":
+        (tmp_path / "empty").mkdir()
+        return ["--data", str(tmp_path / "empty")], f"{tmp_path / 'empty'}: expected a synthetic root"
+    if kind == "peak":
+        return ["--peak-tflops", "-1"], "--peak-tflops -1: expected a positive"
+    if kind == "out":
+        (tmp_path / "file.safetensors").write_text("keep me")
+        return ["--out", str(tmp_path / "file.safetensors")], f"--out {tmp_path / 'file.safetensors'}: exists and is"
+    (tmp_path / "k.json").write_text('{"machine_info": {}}')
+    return ["--kernels-json", str(tmp_path / "k.json")], f"--kernels-json {tmp_path / 'k.json'}: expected a"
+
+
+@pytest.mark.parametrize("kind", ["config", "checkpoint", "data", "peak", "out", "kernels-json"])
+def test_cli_refuses_unusable_inputs_in_one_line_before_any_suite_runs(kind: str, tmp_path: Path, capsys,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    """A config that does not resolve, a checkpoint that does not load, a data folder in neither layout or a bad
+    argument: exit 2 with one line naming it, no suite started, no report written, the environment untouched."""
+    suites = _no_suite(monkeypatch)
+    args, needle = _bad_input(tmp_path, kind)
+    out = tmp_path / "report"
+    argv = ["--device", "cpu", "--quick", "--out", str(out), "--no-kernels"]
+    if kind != "checkpoint":
+        argv += ["--checkpoint", "none"]
+    before = {k: v for k, v in os.environ.items() if k.startswith("QD_BENCH_")}
+    assert main(argv + args) == 2
+    assert needle in _one_error_line(capsys)
+    assert suites == [] and not out.exists()
+    assert {k: v for k, v in os.environ.items() if k.startswith("QD_BENCH_")} == before
+    if kind == "out":
+        assert (tmp_path / "file.safetensors").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kind", ["config", "peak"])
+def test_cli_names_a_bad_input_before_an_existing_report(kind: str, tmp_path: Path, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """'pass --overwrite' must not hide a bad argument: passing it would only lead to that error next."""
+    suites = _no_suite(monkeypatch)
+    existing = tmp_path / f"cpu-{dt.date.today().isoformat()}.md"
+    existing.write_text("earlier run")
+    args, needle = _bad_input(tmp_path, kind)
+    assert main(["--device", "cpu", "--quick", "--checkpoint", "none", "--out", str(tmp_path), *args]) == 2
+    line = _one_error_line(capsys)
+    assert needle in line and "--overwrite" not in line
+    assert suites == [] and existing.read_text() == "earlier run"
+
+
+def test_cli_loads_the_model_once_for_its_checks_and_the_suites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The up-front check builds the session the suites then use (the same settings from the same variables):
+    the model and the images are loaded once, not once for the check and again for the tests."""
+    import sys
+
+    from bench import backends
+    from qd_core.data import ensure_synthetic
+
+    built: list = []
+
+    class CountedSession(backends.BenchSession):
+        def __init__(self, settings) -> None:
+            built.append(settings)
+            super().__init__(settings)
+
+    monkeypatch.setattr(backends, "BenchSession", CountedSession)
+    monkeypatch.setattr(backends, "_SESSIONS", {})
+    # The suite module reads its settings when imported: import it afresh, and put the variables back afterwards.
+    monkeypatch.delitem(sys.modules, "bench.test_backends", raising=False)
+    for name in ("DEVICE", "CONFIG", "CHECKPOINT", "DATA", "IMAGES", "BATCH", "BACKENDS", "CPU_COMPILE", "WORK"):
+        monkeypatch.setenv(f"QD_BENCH_{name}", os.environ.get(f"QD_BENCH_{name}", ""))
+    root = ensure_synthetic(tmp_path / "synth", num_train=1, num_val=1, size=(64, 128), progress=False)
+    out = tmp_path / "report"
+    assert main(["--device", "cpu", "--quick", "--checkpoint", "none", "--no-kernels", "--backends", "torch-fp32",
+                 "--images", "1", "--batch", "1", "--data", str(root), "--out", str(out)]) == 0
+    report = json.loads(next(out.glob("cpu-*.json")).read_text())
+    assert [r["backend"] for r in report["latency"]] == ["torch-fp32"] and len(report["accuracy"]) == 1
+    assert len(built) == 1, built
