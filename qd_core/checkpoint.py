@@ -366,10 +366,27 @@ def load_student_weights(model: nn.Module, path: PathLike, *, backbone_checkpoin
         _check_backbone_file(Path(backbone_checkpoint), meta.get(BACKBONE_HASH_KEY), weights_path)
         load_backbone_checkpoint(model.backbone, backbone_checkpoint)
         expected = {k: v for k, v in expected.items() if k not in backbone_keys}
+    state = with_zero_biases_added(expected, state)
     problem = state_dict_mismatch(expected, state)
     if problem:
         raise CheckpointError(f"student weights '{weights_path}' do not fit the model: {problem}")
     model.load_state_dict(state, strict=False)
+
+
+# Tensors the student gained after checkpoints without them were written, each of which computes exactly what its
+# absence did when zero: the pixel decoder's input-projection biases (mmdet builds those convs with a bias).
+_ZERO_IF_ABSENT = ("pixel_decoder.input_convs.", ".conv.bias")
+
+
+def with_zero_biases_added(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` plus zeros for each ``_ZERO_IF_ABSENT`` key of ``expected`` it lacks, so that a student saved
+    before those tensors existed loads and predicts as it did."""
+    start, end = _ZERO_IF_ABSENT
+    out = dict(state)
+    for key, value in expected.items():
+        if key not in out and key.startswith(start) and key.endswith(end):
+            out[key] = torch.zeros_like(value, device="cpu")
+    return out
 
 
 def _check_backbone_file(path: Path, recorded: str | None, student: Path) -> None:

@@ -124,3 +124,36 @@ def test_size_constants_are_bounded_in_bytes_and_keep_the_recent_ones(monkeypatc
         assert sine_position_encoding(1, 8, 8, 8).data_ptr() == first.data_ptr()  # used again: kept
     held = sum(t.numel() * t.element_size() for t in constants._CACHE.values())
     assert held <= constants._CACHE_BYTES and len(constants._CACHE) == 2
+
+
+def test_only_the_input_projections_have_a_conv_bias_and_it_starts_at_zero() -> None:
+    """mmdet's MSDeformAttnPixelDecoder: ConvModule(..., bias=True) for the input convs, no bias (GroupNorm
+    follows) for the lateral and output convs."""
+    decoder = make_decoder()
+    for conv_norm in decoder.input_convs:
+        assert conv_norm.conv.bias is not None and torch.count_nonzero(conv_norm.conv.bias) == 0
+    assert decoder.lateral_conv.conv.bias is None and decoder.output_conv.conv.bias is None
+
+
+def test_a_student_saved_without_the_input_biases_loads_and_predicts_as_before(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from qd_core.checkpoint import CheckpointError, load_student, save_student
+    from qd_core.model import build_student
+
+    cfg = load_config("tiny", ["model.backbone.pretrain=false"])
+    torch.manual_seed(0)
+    model = build_student(cfg).eval()
+    path = save_student(model, cfg, tmp_path / "student")
+    state = load_file(str(path))
+    old = {k: v for k, v in state.items() if not (k.startswith("pixel_decoder.input_convs.") and k.endswith(".conv.bias"))}
+    assert len(state) - len(old) == 3
+    save_file(old, str(path))
+    loaded, _ = load_student(path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.predict_logits(x, "whole"), model.predict_logits(x, "whole"))
+    del old["pixel_decoder.lateral_conv.norm.weight"]  # any other missing tensor is still refused
+    save_file(old, str(path))
+    with pytest.raises(CheckpointError, match="lateral_conv.norm.weight"):
+        load_student(path)

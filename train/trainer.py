@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from qd_core.checkpoint import save_student
+from qd_core.checkpoint import save_student, with_zero_biases_added
 from qd_core.config import Config
 from qd_core.data import TrainTransform
 from qd_core.losses import HungarianMatcher, Mask2FormerLoss
@@ -279,7 +279,8 @@ class Trainer:
         if (state["guidance"] is None) != (self.guidance is None):
             raise ValueError(f"--resume: the run was trained with teacher.enabled="
                              f"{state['guidance'] is not None}, the config now says {self.guidance is not None}")
-        missing, unexpected = self.student.load_state_dict(state["model"], strict=False)
+        model_state = with_zero_biases_added(self.student.state_dict(), state["model"])
+        missing, unexpected = self.student.load_state_dict(model_state, strict=False)
         missing = [k for k in missing if not (self.cfg.model.backbone.checkpoint and k.startswith("backbone."))]
         if missing or unexpected:
             raise ValueError(f"--resume: '{self.files.state}' does not fit the model (missing {missing[:5]}, "

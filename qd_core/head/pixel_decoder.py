@@ -21,11 +21,13 @@ NUM_LEVELS = 3  # encoder levels: strides 32, 16, 8
 
 
 class ConvNorm(nn.Sequential):
-    """Conv2d (no bias: the GroupNorm that follows has its own) → GroupNorm(32) → optional ReLU."""
+    """Conv2d → GroupNorm(32) → optional ReLU. The conv has no bias unless asked (the GroupNorm has its own, which
+    absorbs a bias shared by a group, not one per channel)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, relu: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, relu: bool = False,
+                 bias: bool = False) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            conv=nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias),
             norm=nn.GroupNorm(32, out_channels),
         )
         if relu:
@@ -106,7 +108,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             raise ValueError(f"cfg.num_heads={cfg.num_heads}: expected a divisor of cfg.dim={dim}")
         self.in_channels, self.dim = in_channels, dim
         # input_convs[i] projects the encoder level of stride (32, 16, 8)[i].
-        self.input_convs = nn.ModuleList(ConvNorm(in_channels, dim, 1) for _ in range(NUM_LEVELS))
+        # With a bias, as mmdet's MSDeformAttnPixelDecoder builds them (its lateral and output convs have none).
+        self.input_convs = nn.ModuleList(ConvNorm(in_channels, dim, 1, bias=True) for _ in range(NUM_LEVELS))
         self.level_embed = nn.Parameter(torch.empty(NUM_LEVELS, dim))
         self.encoder = DeformableEncoder(dim, cfg.num_heads, cfg.msda_points, cfg.pixel_decoder_ffn,
                                          cfg.pixel_decoder_layers)
@@ -119,6 +122,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """mmdet's init: xavier on the input projections and encoder matrices, caffe2-xavier on the FPN convs."""
         for conv_norm in self.input_convs:
             nn.init.xavier_uniform_(conv_norm.conv.weight)
+            nn.init.zeros_(conv_norm.conv.bias)
         for p in self.encoder.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
