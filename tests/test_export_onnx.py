@@ -202,6 +202,7 @@ def test_fully_blocked_query_is_unblocked_inside_the_graph(tmp_path):
         norm.weight[0], norm.bias[0] = 0.0, 1.0
     offset = torch.zeros(nq, d)
     offset[blocked_query, 0] = -1e4
+    offset[blocked_query + 1, 0] = 1e4  # and one query open everywhere, whatever the random weights give the rest
     model.decoder.mask_embed = nn.Sequential(model.decoder.mask_embed, QueryOffset(offset))
     images = scene_batch(2, seed=7)
     with torch.no_grad():

@@ -146,7 +146,8 @@ def test_a_student_saved_without_the_input_biases_loads_and_predicts_as_before(t
     model = build_student(cfg).eval()
     path = save_student(model, cfg, tmp_path / "student")
     state = load_file(str(path))
-    old = {k: v for k, v in state.items() if not (k.startswith("pixel_decoder.input_convs.") and k.endswith(".conv.bias"))}
+    old = {k: v for k, v in state.items()
+           if not (k.startswith("pixel_decoder.input_convs.") and k.endswith(".conv.bias"))}
     assert len(state) - len(old) == 3
     save_file(old, str(path))
     loaded, _ = load_student(path)
