@@ -26,8 +26,13 @@ class ConvNorm(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, relu: bool = False,
                  bias: bool = False) -> None:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        if bias:
+            # Zeros, added after construction: a bias drawn by Conv2d would consume the random stream and change
+            # the initial weights of every module built after this one (the pixel decoder resets it to 0 anyway).
+            conv.bias = nn.Parameter(torch.zeros(out_channels))
         layers: OrderedDict[str, nn.Module] = OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias),
+            conv=conv,
             norm=nn.GroupNorm(32, out_channels),
         )
         if relu:
