@@ -151,6 +151,22 @@ def profile_text(run: Callable[[], None], calls: int, top: int) -> str:
     return text[text.find("   ncalls"):].rstrip() if "   ncalls" in text else text.rstrip()
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, in one line naming the flag, or None."""
+    if args.calls < 1 or args.top < 1:
+        return f"--calls {args.calls} / --top {args.top}: expected positive integers"
+    if args.out is not None and args.out.is_dir():
+        return f"--out '{args.out}': is a folder; expected the path of the text file to write"
+    if args.offline:
+        if CUDA:
+            return "--offline: this machine has CUDA; run without --offline to time the real launches"
+        if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
+            return "--offline: unset TRITON_INTERPRET (the offline driver compiles the kernels)"
+        if "kernels._triton_utils" in sys.modules:
+            return "--offline: the Triton kernels were already imported in this process"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.host_profile", description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=300, help="timed calls per measurement (default 300)")
@@ -159,15 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--offline", action="store_true",
                     help="no GPU: kernels compiled for sm_90, launches recorded instead of run (host cost only)")
     args = ap.parse_args(argv)
-    if args.calls < 1 or args.top < 1:
-        ap.error(f"--calls {args.calls} / --top {args.top}: expected positive integers")
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.offline:
-        if CUDA:
-            ap.error("--offline: this machine has CUDA; run without --offline to time the real launches")
-        if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
-            ap.error("--offline: unset TRITON_INTERPRET (the offline driver compiles the kernels)")
-        if "kernels._triton_utils" in sys.modules:
-            ap.error("--offline: the Triton kernels were already imported in this process")
         os.environ["QD_TRITON_AUTOTUNE"] = "0"  # nothing to time configs with
         from kernels.offline_driver import install
 

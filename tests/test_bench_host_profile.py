@@ -47,4 +47,14 @@ def test_offline_profile_refuses_the_interpreter_in_one_line():
     env = _offline_env() | {"TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-m", "bench.host_profile", "--offline"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr.strip().splitlines()[-1]
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and "unset TRITON_INTERPRET" in err[0]
+
+
+def test_bad_arguments_are_one_line_before_any_work(tmp_path: Path, capsys):
+    from bench.host_profile import main
+
+    for argv, named in ((["--calls", "0"], "--calls 0"), (["--out", str(tmp_path)], "is a folder")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and named in err[0]
