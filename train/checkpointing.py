@@ -83,11 +83,7 @@ def prepare_run_dir(files: RunFiles, *, resume: bool, overwrite: bool) -> None:
                                  f"use another folder")
             raise ValueError(f"run folder '{root}' is not empty: pass --resume to continue it, --overwrite to "
                              f"start over, or --out to use another folder")
-        for path in files.owned():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        remove_run_files(files)
     root.mkdir(parents=True, exist_ok=True)
 
 
@@ -95,11 +91,15 @@ def forget_failed_start(files: RunFiles) -> None:
     """Remove what a fresh start wrote (its config.yaml, metrics) when it failed before its first checkpoint, so
     that the corrected command can run in the same folder without --overwrite. A folder with a training state
     is left alone (it is a run to resume)."""
-    if files.state.is_file():
-        return
+    if not files.state.is_file():
+        remove_run_files(files)
+
+
+def remove_run_files(files: RunFiles) -> None:
+    """Delete every file and folder a run writes in its folder (``RunFiles.owned``); anything else stays."""
     for path in files.owned():
         if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
 
@@ -157,4 +157,4 @@ def load_training_state(path: Path) -> dict[str, Any]:
 
 
 __all__ = ["RunFiles", "atomic_torch_save", "capture_rng", "forget_failed_start", "load_training_state",
-           "prepare_run_dir", "restore_rng", "save_training_state"]
+           "prepare_run_dir", "remove_run_files", "restore_rng", "save_training_state"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -101,7 +100,7 @@ def predict_dataset(model: nn.Module, dataset: Any, *, device: torch.device, mod
         for batch in loader:
             if on_error is not None and "error" in batch:
                 on_error(batch["error"])
-                bar.update(len(batch.get("path", [])) or batch_size)
+                bar.update(min(batch_size, bar.total - bar.n))  # the batch's images, all skipped with it
                 continue
             batch = check_batch(batch)
             images = batch["image"]
@@ -219,12 +218,14 @@ def format_predictions(model: nn.Module, specs: Sequence[DatasetSpec], cfg: Conf
         model.train(was_training)
     barrier(env)
     if env.is_main:
-        archive = out_dir / "submission.zip"
-        tmp = out_dir / ".submission.zip.tmp"
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
-            for stem in sorted(seen):
-                zf.write(out_dir / f"{stem}.png", arcname=f"{stem}.png")
-        os.replace(tmp, archive)
+        from qd_core.checkpoint import atomic_write
+
+        def write_zip(tmp: Path) -> None:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed already
+                for stem in sorted(seen):
+                    zf.write(out_dir / f"{stem}.png", arcname=f"{stem}.png")
+
+        atomic_write(out_dir / "submission.zip", write_zip)
     return len(seen)
 
 

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from qd_core.checkpoint import CheckpointError
+from qd_core.checkpoint import CheckpointError, atomic_write
 from qd_core.config import (Config, ConfigError, DatasetSpec, apply_overrides, config_from_dict, dump_config,
                             load_config, read_yaml)
-from qd_core.checkpoint import atomic_write
 from train.checkpointing import RunFiles, forget_failed_start, prepare_run_dir
 from train.data import DataError, synthetic_root, val_specs
 from train.distributed import DistEnv, barrier, init_distributed, main_first, shutdown_distributed
