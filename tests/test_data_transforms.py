@@ -19,6 +19,8 @@ from qd_core.data.transforms import (
     photometric_distortion,
     random_crop,
     random_flip,
+    resize_image,
+    resize_label,
     rgb_to_hsv,
     scale_choices,
     short_edge_size,
@@ -55,6 +57,38 @@ def test_test_time_resize_fits_the_long_short_box() -> None:
     assert fit_size(1080, 1920, (960, 540)) == (540, 960)          # ACDC, 512 config
     assert fit_size(720, 1280, (1280, 720)) == (720, 1280)         # BDD: already fits
     assert fit_size(1000, 1000, (1024, 512)) == (512, 512)         # the short side binds
+
+
+# (in_h, in_w, out_h, out_w): the 2x test-time downscale (OpenCV takes its area path there), up- and downscales of
+# a GTA-shaped image as the training scales make them, and ragged sizes both ways.
+RESIZES = [(128, 256, 64, 128), (105, 191, 256, 466), (105, 191, 51, 93), (61, 97, 100, 173), (97, 131, 40, 55)]
+
+
+@pytest.mark.parametrize("in_h,in_w,out_h,out_w", RESIZES)
+def test_resizing_matches_opencv_as_the_reference_pipeline_uses_it(in_h: int, in_w: int, out_h: int,
+                                                                   out_w: int) -> None:
+    # mmseg resizes with cv2: INTER_LINEAR for images (no anti-aliasing), INTER_NEAREST for labels.
+    import cv2
+
+    rng = np.random.default_rng(in_h * out_w)
+    image = rng.integers(0, 256, size=(in_h, in_w, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, size=(in_h, in_w), dtype=np.uint8)
+    label[rng.random((in_h, in_w)) < 0.1] = 255
+    ours = resize_image(image, (out_h, out_w))
+    ref = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    assert ours.shape == ref.shape and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(np.int16) - ref)
+    # Both interpolate in fixed point and round differently: never more than one level apart, most pixels equal.
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.5
+    wide = label.astype(np.int64)
+    assert np.array_equal(resize_label(label, (out_h, out_w)), cv2.resize(label, (out_w, out_h),
+                                                                          interpolation=cv2.INTER_NEAREST))
+    assert resize_label(wide, (out_h, out_w)).dtype == np.int64
+
+
+def test_resizing_to_the_same_size_returns_the_input() -> None:
+    image, label = _scene(20, 30)
+    assert resize_image(image, (20, 30)) is image and resize_label(label, (20, 30)) is label
 
 
 def test_train_transform_outputs_crop_sized_tensors() -> None:
