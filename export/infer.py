@@ -6,7 +6,8 @@
 checkpoint (``.safetensors``). Every image is resized to the model's input size (the export size; for a checkpoint, its
 config's inference window), segmented, and the label map is resized back (nearest) to the image. For each
 ``photos/a/b.jpg`` the output holds ``masks/a/b_mask.png`` (colour-coded classes) and ``masks/a/b_overlay.png``
-(the colours blended over the photo). An unreadable image is reported and skipped; the others are still
+(the colours blended over the photo). A non-empty ``--out`` is refused unless ``--overwrite`` is given; an ``--out``
+inside ``--images`` is not searched for images. An unreadable image is reported and skipped; the others are still
 written. Exit codes: 0 all written, 1 some images failed, 2 bad arguments (one ``error:`` line).
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from qd_core.data.files import refuse_non_empty_dir
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?|auto")
 
@@ -31,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .onnx file, a TensorRT .engine, an AOTInductor .pt2, or a student checkpoint "
                         "(.safetensors)")
     p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the *_mask.png and *_overlay.png files")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the *_mask.png and *_overlay.png files, mirroring the layout under --images "
+                        "(created; refused when not empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--batch", type=int, default=1, help="images per model call (default 1)")
     p.add_argument("--device", default=None,
                    help="cpu / cuda / cuda:N / auto (default: auto for .onnx, cuda for .engine, the package's "
@@ -41,13 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted); ValueError if the folder is missing or has none."""
+def list_images(folder: Path, out: Path | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted), leaving out those under the output folder ``out`` (an
+    --out inside --images would otherwise have its masks segmented on the next run); ValueError if the folder is
+    missing or has none."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--images '{folder}': is a file; expected a folder of images (searched recursively)")
     if not folder.is_dir():
         raise ValueError(f"--images '{folder}': folder not found")
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    skip = out.resolve() if out is not None else None
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not (skip is not None and p.resolve().is_relative_to(skip)))
     if not found:
         raise ValueError(f"--images '{folder}': no images ({', '.join(IMAGE_EXTENSIONS)}) found (searched "
                          f"recursively)")
@@ -94,6 +104,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out '{args.out}': exists and is not a folder; expected an output folder (created if "
                          f"missing)")
+    refuse_non_empty_dir(args.out, args.overwrite, "--out")
 
 
 def model_input_size(segmenter: object) -> tuple[int, int]:
@@ -114,6 +125,18 @@ def _outputs(out: Path, images_root: Path, image: Path) -> tuple[Path, Path]:
     return base.with_name(base.name + "_mask.png"), base.with_name(base.name + "_overlay.png")
 
 
+def check_output_clashes(images: Sequence[Path], images_root: Path) -> None:
+    """ValueError naming two images that would write the same mask (same folder and stem, e.g. a.png and a.jpg):
+    the second would silently replace the first."""
+    seen: dict[Path, Path] = {}
+    for image in images:
+        key = _outputs(Path(), images_root, image)[0]
+        if key in seen:
+            raise ValueError(f"--images: '{seen[key]}' and '{image}' would both write '{key}' under --out; rename "
+                             f"one of them")
+        seen[key] = image
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -125,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     device = resolve_device(args.device, args.model)
-    images = list_images(args.images)
+    images = list_images(args.images, args.out)
+    check_output_clashes(images, args.images)
     segmenter = load_segmenter(args.model, device=device)
     height, width = model_input_size(segmenter)
     args.out.mkdir(parents=True, exist_ok=True)

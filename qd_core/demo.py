@@ -4,7 +4,8 @@
     python -m qd_core.demo --checkpoint runs/x/best.safetensors --image photo.png
 
 Writes into --out: input.png, prediction.png (colour-coded classes), overlay.png, panel.png (side by side;
-with the scene's ground truth when the scene was generated), labels.png (raw train ids).
+with the scene's ground truth when the scene was generated), labels.png (raw train ids), each written whole.
+A folder already holding any of these five is refused unless --overwrite is given; other files are left alone.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def load_rgb(path: Path) -> np.ndarray:
     return read_image(path)
 
 
+# What one run writes into --out (the names check_args looks for before anything is replaced).
+PICTURES = ("input.png", "prediction.png", "labels.png", "overlay.png", "panel.png")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """ValueError naming the flag for inputs that would otherwise fail only after the model is built (or as a
     traceback from deep inside it)."""
@@ -42,6 +47,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out '{args.out}': exists and is not a folder; expected an output folder (created if "
                          f"missing)")
+    earlier = [name for name in PICTURES if (args.out / name).exists()]
+    if earlier and not args.overwrite:
+        raise ValueError(f"--out '{args.out}': holds {', '.join(earlier)} from an earlier run; pass --overwrite to "
+                         f"replace them")
 
 
 def write_pictures(out: Path, pictures: dict[str, np.ndarray]) -> None:
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["whole", "slide"], default=None, help="inference mode (default: config's)")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights and the generated scene (default 0)")
     ap.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the pictures of an earlier run in --out")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. inference.mode=whole")
     args = ap.parse_args(argv)
 
@@ -106,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     pred_rgb = colorize(labels)
     parts = [image, pred_rgb] + ([colorize(truth)] if truth is not None else [])
     try:
-        write_pictures(args.out, {"input.png": image, "prediction.png": pred_rgb, "labels.png": labels,
-                                  "overlay.png": overlay(image, labels), "panel.png": panel(*parts)})
+        pictures = {"input.png": image, "prediction.png": pred_rgb, "labels.png": labels,
+                    "overlay.png": overlay(image, labels), "panel.png": panel(*parts)}
+        write_pictures(args.out, pictures)
     except OSError as e:  # a read-only folder, a full disk: one line, not a traceback
         print(f"error: --out '{args.out}': cannot write {e.filename or 'the pictures'}: {e.strerror or e}",
               file=sys.stderr)

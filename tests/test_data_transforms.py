@@ -91,6 +91,17 @@ def test_resizing_to_the_same_size_returns_the_input() -> None:
     assert resize_image(image, (20, 30)) is image and resize_label(label, (20, 30)) is label
 
 
+def test_resizing_takes_read_only_arrays_and_leaves_them_alone() -> None:
+    # Decoded images arrive read-only (np.asarray of a Pillow image); torch cannot share their memory.
+    image, label = _scene(20, 30)
+    label = label.astype(np.uint8)
+    frozen_image, frozen_label = image.copy(), label.copy()
+    frozen_image.flags.writeable = frozen_label.flags.writeable = False
+    assert np.array_equal(resize_image(frozen_image, (40, 60)), resize_image(image, (40, 60)))
+    assert np.array_equal(resize_label(frozen_label, (40, 60)), resize_label(label, (40, 60)))
+    assert np.array_equal(frozen_image, image) and np.array_equal(frozen_label, label)
+
+
 def test_train_transform_outputs_crop_sized_tensors() -> None:
     image, label = _scene(60, 90)
     out_image, out_label = TrainTransform(crop=32)(image, label, np.random.default_rng(0))

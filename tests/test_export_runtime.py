@@ -334,3 +334,34 @@ def test_infer_refuses_cuda_for_a_checkpoint_on_a_machine_without_it(exported, t
     err = _infer_error(["--model", str(exported[1]), "--images", str(tmp_path / "images"), "--out",
                         str(tmp_path / "out"), "--device", "cuda"], capsys)
     assert err == "error: --device 'cuda': this machine has no CUDA device; use --device cpu\n"
+
+
+def test_infer_refuses_a_non_empty_out_unless_overwrite_and_never_reads_its_own_outputs(exported, tmp_path, capsys):
+    images = tmp_path / "images"
+    write_scene(images / "a.png", SIZE, SIZE, 10)
+    out = images / "masks"  # inside --images: its masks must not be taken for photos on the next run
+    argv = ["--model", str(exported[2]), "--images", str(images), "--out", str(out), "--device", "cpu"]
+    assert infer.main(argv) == 0
+    first = (out / "a_mask.png").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png"]
+    capsys.readouterr()
+    err = _infer_error(argv, capsys)
+    assert err == f"error: --out '{out}' is not empty: pass --overwrite to write into it\n"
+    assert infer.main(argv + ["--overwrite"]) == 0
+    assert "wrote 1 mask/overlay pairs" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png"]
+    assert (out / "a_mask.png").read_bytes() == first
+
+
+def test_infer_refuses_two_images_that_would_write_the_same_mask(exported, tmp_path, capsys, monkeypatch):
+    def no_loading(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the clash was found")
+
+    monkeypatch.setattr("export.runtime.load_segmenter", no_loading)
+    images = tmp_path / "images"
+    write_scene(images / "sub" / "a.png", SIZE, SIZE, 11)
+    write_scene(images / "sub" / "a.jpg", SIZE, SIZE, 12)
+    err = _infer_error(["--model", str(exported[2]), "--images", str(images), "--out", str(tmp_path / "out")],
+                       capsys)
+    assert f"'{images / 'sub' / 'a.jpg'}' and '{images / 'sub' / 'a.png'}' would both write 'sub/a_mask.png'" in err
+    assert not (tmp_path / "out").exists()

@@ -141,9 +141,28 @@ def test_demo_says_an_image_path_is_a_directory(tmp_path, capsys):
 def test_demo_leaves_no_temp_file_when_a_picture_cannot_be_written(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "input.png").mkdir(parents=True)  # a folder where the first picture goes: its rename fails
-    err = _demo_error(["--size", "64", "64", "--out", str(out)], capsys)
+    err = _demo_error(["--size", "64", "64", "--out", str(out), "--overwrite"], capsys)
     assert str(out / "input.png") in err
     assert sorted(p.name for p in out.iterdir()) == ["input.png"]  # no .input.png.*.tmp left behind
+
+
+def test_demo_replaces_an_earlier_runs_pictures_only_with_overwrite(tmp_path, capsys):
+    from qd_core.demo import PICTURES, main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # another file in the folder: neither refused nor touched
+    argv = ["--size", "64", "64", "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*PICTURES, "notes.txt"])
+    (out / "panel.png").write_bytes(b"edited")
+    capsys.readouterr()
+    err = _demo_error(argv, capsys)
+    assert err == (f"error: --out '{out}': holds input.png, prediction.png, labels.png, overlay.png, panel.png from "
+                   f"an earlier run; pass --overwrite to replace them\n")
+    assert (out / "panel.png").read_bytes() == b"edited"
+    assert main(argv + ["--overwrite"]) == 0
+    assert (out / "panel.png").read_bytes().startswith(b"\x89PNG") and (out / "notes.txt").read_text() == "mine"
 
 
 def test_save_png_leaves_no_temp_file_when_the_rename_fails(tmp_path):

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from qd_core.config import Config, DatasetSpec
+from qd_core.data.files import refuse_non_empty_dir
 from qd_core.layers import class_argmax
 from qd_core.metrics import ConfusionMatrix
 from qd_core.visualize import colorize, overlay, save_png
@@ -290,11 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_output_dir(path: Path, overwrite: bool, flag: str) -> None:
-    """Refuse a non-empty output folder unless ``overwrite`` (nothing is replaced silently)."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} '{path}' exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"{flag} '{path}' is not empty: pass --overwrite to write into it")
+    """Refuse a non-empty output folder unless ``overwrite`` (nothing is replaced silently), then create it."""
+    refuse_non_empty_dir(path, overwrite, flag)
     path.mkdir(parents=True, exist_ok=True)
 
 

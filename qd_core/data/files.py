@@ -92,3 +92,12 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def refuse_non_empty_dir(path: Path, overwrite: bool, flag: str) -> None:
+    """ValueError unless ``path`` is missing, an empty folder, or a folder the user allowed with ``--overwrite``
+    (nothing in an output folder is replaced silently). Creates nothing."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} '{path}' exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"{flag} '{path}' is not empty: pass --overwrite to write into it")

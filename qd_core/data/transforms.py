@@ -47,6 +47,13 @@ def scale_choices(base: int) -> list[int]:
     return [base * k // 10 for k in range(5, 21)]
 
 
+def _uint8_tensor(array: np.ndarray) -> Tensor:
+    """A uint8 tensor sharing ``array``'s memory where it can. A read-only array (Pillow's ``np.asarray`` gives
+    those) is copied: torch cannot share it and would warn."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize (OpenCV ``INTER_LINEAR`` sampling, no anti-aliasing) of a uint8 (H, W, 3) image to (h, w)."""
     h, w = size
@@ -54,7 +61,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     # torch's uint8 kernel works in fixed point like OpenCV's and is as fast as Pillow; interpolating in fp32 and
     # rounding lands closer still to OpenCV (1 pixel value in 8 one level off instead of 3 in 8) at 4x the time.
-    chw = torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1)[None]
+    chw = _uint8_tensor(image).permute(2, 0, 1)[None]
     out = F.interpolate(chw, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
     return out[0].permute(1, 2, 0).contiguous().numpy()
 
@@ -66,7 +73,7 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (h, w) == label.shape:
         return label
     # torch's "nearest" is OpenCV's: source index ⌊dst · in / out⌋ (not the pixel-centre rule of "nearest-exact").
-    src = torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))[None, None]
+    src = _uint8_tensor(label)[None, None]
     return F.interpolate(src, size=(h, w), mode="nearest")[0, 0].numpy().astype(label.dtype)
 
 
