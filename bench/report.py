@@ -257,7 +257,8 @@ def render_markdown(report: Report) -> str:
 
 
 def write_png(report: Report, path: Path) -> Path:
-    """Two panels: p50 latency per backend (one bar per batch, p90 as whisker) and mIoU per backend."""
+    """Two panels: p50 latency per backend (one bar per batch, p90 as whisker) and each backend's mIoU delta to
+    the fp32 reference inside its tolerance band, labelled with its mIoU and argmax agreement."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,18 +283,34 @@ def write_png(report: Report, path: Path) -> Path:
     if batches:
         ax_lat.legend()
 
-    colors = ["tab:green" if r.passed else "tab:red" for r in report.accuracy]
-    ax_acc.bar(range(len(acc_backends)), [100 * r.miou for r in report.accuracy], color=colors)
-    if report.accuracy:
-        ax_acc.axhline(100 * report.accuracy[0].reference_miou, color="k", lw=0.8, ls="--",
-                       label=f"{REFERENCE_BACKEND} reference")
-        ax_acc.legend(loc="lower right")
+    # The deltas are a few hundredths of a point where the mIoU is tens: bars of mIoU from 0 would all look equal,
+    # so the panel plots each backend's delta inside its own tolerance band and writes the mIoU above it.
+    rows = report.accuracy
+    xs = range(len(rows))
+    tolerances = [r.tolerance_points for r in rows]
+    ax_acc.bar(xs, [2 * t for t in tolerances], bottom=[-t for t in tolerances], width=0.8, color="0.88",
+               label="tolerance")
+    ax_acc.bar(xs, [r.delta_points for r in rows], width=0.45,
+               color=["tab:green" if r.passed else "tab:red" for r in rows])
+    # A dot per backend: a delta of exactly 0 (most fp32 backends) has no bar to see.
+    ax_acc.scatter(xs, [r.delta_points for r in rows], s=14, zorder=3,
+                   color=["tab:green" if r.passed else "tab:red" for r in rows])
+    ax_acc.axhline(0.0, color="k", lw=0.8)
+    reach = max([0.1] + tolerances + [abs(r.delta_points) for r in rows])
+    for x, r in zip(xs, rows):
+        top = max(r.tolerance_points, r.delta_points)
+        ax_acc.annotate(f"{100 * r.miou:.2f}\n{100 * r.agreement:.2f}%", (x, top + 0.03 * reach), ha="center",
+                        va="bottom", fontsize=7)
+    ax_acc.set_ylim(-1.25 * reach, 1.45 * reach)
+    if rows:
+        ax_acc.legend(loc="lower right", fontsize=8)
     ax_acc.set_xticks(range(len(acc_backends)), acc_backends, rotation=30, ha="right")
-    ax_acc.set_ylim(0, max([1.0] + [110 * r.miou for r in report.accuracy]))
-    ax_acc.set_ylabel("mIoU (%)")
-    title = "mIoU (green: within tolerance, red: over)"
+    ax_acc.set_ylabel(f"mIoU − {REFERENCE_BACKEND} mIoU (points)")
+    reference = f" ({100 * rows[0].reference_miou:.2f})" if rows else ""
+    title = (f"mIoU against {REFERENCE_BACKEND}{reference}: green within tolerance, red over;\n"
+             f"above each bar its mIoU and argmax agreement")
     if str(report.meta.get("model", "")).startswith("random-init"):
-        title += "\nrandom weights: mIoU not meaningful"
+        title += "; random weights: mIoU not meaningful"
     ax_acc.set_title(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, format="png")  # the format is named: write_report saves to a temporary name

@@ -160,6 +160,13 @@ def test_png_is_written(bench_json, tmp_path: Path):
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
 
 
+def test_png_is_written_for_a_report_without_accuracy_rows(bench_json, tmp_path: Path):
+    # A latency-only run (e.g. the accuracy suite deselected) still gets its plot.
+    report = build_report(bench_json)
+    report.accuracy.clear()
+    assert write_png(report, tmp_path / "plot.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_write_report_writes_md_json_png_and_keeps_existing_files(bench_json, tmp_path: Path):
     report = build_report(bench_json)
     paths = write_report(report, tmp_path, "cpu-2025-01-01")

@@ -194,6 +194,34 @@ def test_visualize_writes_outputs_at_each_image_size(checkpoint: Path, data_root
     assert np.asarray(Image.open(out / "a_overlay.png")).shape == (64, 128, 3)
 
 
+def test_visualize_never_reads_its_own_outputs_inside_the_image_folder(checkpoint: Path, data_root: Path,
+                                                                      tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    source = sorted((data_root / "source" / "leftImg8bit" / "val").rglob("*.png"))
+    shutil.copy(source[0], images / "a.png")
+    out = images / "vis"
+    argv = ["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(out), "--mode", "whole"]
+    assert visualize_main(argv) == 0
+    assert visualize_main(argv + ["--overwrite"]) == 0  # the first run's pictures are not taken for photos
+    assert sorted(p.name for p in out.iterdir()) == ["a_overlay.png", "a_pred.png"]
+
+
+def test_visualize_refuses_two_images_that_would_write_the_same_pictures(checkpoint: Path, data_root: Path,
+                                                                         tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    source = sorted((data_root / "source" / "leftImg8bit" / "val").rglob("*.png"))
+    shutil.copy(source[0], images / "a" / "b.png")
+    shutil.copy(source[1], images / "a__b.png")
+    code = visualize_main(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(tmp_path / "vis")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"'{images / 'a' / 'b.png'}' and '{images / 'a__b.png'}' would both write a__b_pred.png" in err
+    assert not (tmp_path / "vis").exists()
+
+
 def test_visualize_reports_an_empty_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "empty").mkdir()
     code = visualize_main(["--checkpoint", str(checkpoint), "--images", str(tmp_path / "empty"), "--out",

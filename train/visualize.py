@@ -4,8 +4,9 @@
 
 For each image ``a/b.jpg`` below --images: ``a__b_pred.png`` (classes in the Cityscapes colours) and
 ``a__b_overlay.png`` (the prediction blended over the image), at the image's own size. Images are resized for
-inference like a test set (keep ratio into --size, default the config's window ×(2, 1)). An unreadable image is
-reported and skipped, the others are still written (exit code 1).
+inference like a test set (keep ratio into --size, default the config's window ×(2, 1)). A non-empty --out needs
+--overwrite; an --out inside --images is not searched for images. An unreadable image is reported and skipped, the
+others are still written (exit code 1).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from qd_core.config import DatasetSpec
+from qd_core.data.datasets import Sample
 from train.data import build_dataset, default_test_size, eval_transform
 
 
@@ -40,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def images_to_write(samples: list[Sample], images_root: Path, out: Path) -> list[Sample]:
+    """``samples`` less those under ``out`` (an --out inside --images would otherwise have its pictures segmented
+    on the next run); ValueError when nothing is left or when two images would write the same pictures (``a/b.jpg``
+    and ``a/b.png``, or ``a/b.jpg`` and ``a__b.jpg``: the second would silently replace the first)."""
+    from train.evaluate import output_name
+
+    skip = out.resolve()
+    kept = [s for s in samples if not s.image.resolve().is_relative_to(skip)]
+    if not kept:
+        raise ValueError(f"--images '{images_root}': no images outside --out '{out}'")
+    seen: dict[str, Path] = {}
+    for sample in kept:
+        name = output_name(str(sample.image), images_root)
+        if name in seen:
+            raise ValueError(f"--images: '{seen[name]}' and '{sample.image}' would both write {name}_pred.png; "
+                             f"rename one of them")
+        seen[name] = sample.image
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qd_core.checkpoint import load_student
@@ -56,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = list(args.size) if args.size else default_test_size("folder", cfg.inference.window)
         spec = DatasetSpec(kind="folder", root=str(args.images), test_size=size)
         dataset = build_dataset(spec, cfg, eval_transform(spec, cfg))
+        dataset.samples = images_to_write(dataset.samples, args.images, args.out)
         check_output_dir(args.out, args.overwrite, "--out")
         count, skipped = 0, []
 
