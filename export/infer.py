@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from qd_core.data.files import refuse_non_empty_dir
+from qd_core.data.files import is_hidden, refuse_non_empty_dir
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?|auto")
@@ -57,7 +57,7 @@ def list_images(folder: Path, out: Path | None = None) -> list[Path]:
         raise ValueError(f"--images '{folder}': folder not found")
     skip = out.resolve() if out is not None else None
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not (skip is not None and p.resolve().is_relative_to(skip)))
+                   and not is_hidden(p) and not (skip is not None and p.resolve().is_relative_to(skip)))
     if not found:
         raise ValueError(f"--images '{folder}': no images ({', '.join(IMAGE_EXTENSIONS)}) found (searched "
                          f"recursively)")

@@ -51,6 +51,25 @@ def test_gta_rerun_skips_existing_outputs_unless_overwrite(tmp_path: Path, capsy
     assert _read(out)[0, 0] == 0
 
 
+def test_gta_leaves_an_interrupted_writes_temp_file_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A killed worker leaves its temporary sibling behind; it is neither a source nor an output.
+    _palette_png(tmp_path / "labels/00001.png", np.full((2, 2), 7))
+    leftover = tmp_path / "labels/.00001_labelTrainIds.tmp4242.png"
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(leftover)
+    assert convert.main(["gta", str(tmp_path)]) == 0
+    assert "converted 1, skipped 0" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == [leftover.name, "00001.png",
+                                                                       "00001_labelTrainIds.png"]
+
+
+def test_an_unwritable_output_is_one_error_line(mapillary_root: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    assert convert.main(["mapillary", str(mapillary_root), str(tmp_path / "afile" / "out"), "--train_id"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'afile'}") and err.count("\n") == 1, err
+
+
 def test_gta_missing_labels_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert convert.main(["gta", str(tmp_path)]) == 2
     assert f"{tmp_path / 'labels'}: GTA5 labels folder not found" in capsys.readouterr().err
@@ -90,6 +109,24 @@ def test_cityscapes_unknown_label_names_the_file(tmp_path: Path, capsys: pytest.
     assert not list(src.parent.glob("*.png"))
 
 
+@pytest.mark.parametrize("annotation, reason", [
+    ({"objects": [{"label": "road", "polygon": [[0, 0], [3, 0], [3, 3]]}]}, "KeyError: 'imgWidth'"),
+    ({"imgWidth": 4, "imgHeight": 4, "objects": [{"label": "road"}]}, "KeyError: 'polygon'"),
+    ({"imgWidth": 4, "imgHeight": 4, "objects": [{"label": "road", "polygon": [[1, 1]]}]}, "TypeError"),
+    ({"imgWidth": 4, "imgHeight": 4, "objects": [{"label": 5, "polygon": [[0, 0], [3, 0], [3, 3]]}]},
+     "label 5 is not a string"),
+])
+def test_cityscapes_malformed_polygons_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     annotation: dict, reason: str) -> None:
+    src = tmp_path / "gtFine/train/bonn/bonn_000000_000019_gtFine_polygons.json"
+    src.parent.mkdir(parents=True)
+    src.write_text(json.dumps(annotation))
+    assert convert.main(["cityscapes", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.split("\n")  # the progress bar's carriage-return updates, then the error
+    assert err[-2].startswith(f"error: {src}: not a Cityscapes polygon file (") and reason in err[-2], err
+    assert err[-1] == "" and sorted(p.name for p in src.parent.iterdir()) == [src.name]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Mapillary
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,6 +164,23 @@ def test_mapillary_without_train_id_writes_cityscapes_label_ids(mapillary_root: 
     assert convert.main(["mapillary", str(mapillary_root), str(out)]) == 0
     np.testing.assert_array_equal(_read(out / "train/label/t0.png"),
                                   np.array([i for _, _, i in _MAPILLARY]).reshape(3, 4))
+
+
+def test_mapillary_rerun_with_the_other_ids_is_refused_unless_overwrite(mapillary_root: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    # A rerun skips existing files: without the check, --train_id after a run without it would keep label ids.
+    out = tmp_path / "cityscapes_trainIdLabel"
+    assert convert.main(["mapillary", str(mapillary_root), str(out)]) == 0
+    capsys.readouterr()
+    assert convert.main(["mapillary", str(mapillary_root), str(out), "--train_id"]) == 2
+    err = capsys.readouterr().err
+    assert "holds labels converted without --train_id (label ids), this run writes train ids" in err
+    assert "--overwrite" in err and err.count("\n") == 1
+    assert convert.main(["mapillary", str(mapillary_root), str(out), "--train_id", "--overwrite"]) == 0
+    np.testing.assert_array_equal(_read(out / "train/label/t0.png"),
+                                  np.array([t for _, t, _ in _MAPILLARY]).reshape(3, 4))
+    assert convert.main(["mapillary", str(mapillary_root), str(out), "--train_id"]) == 0  # same ids: resumes
+    assert "converted 0, skipped 2" in capsys.readouterr().out
 
 
 def test_mapillary_rules_on_the_v12_names() -> None:

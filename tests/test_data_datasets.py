@@ -69,6 +69,17 @@ def test_mapillary_half_resolution_val(tmp_path: Path) -> None:
     assert sample["label"][0, 0] == 7 and abs(int(sample["image"][2, 2, 0]) - 100) <= 2  # JPEG rounding
 
 
+def test_readers_never_take_a_killed_writes_temp_file_for_data(tmp_path: Path) -> None:
+    # An atomic write killed before its rename leaves ".<stem>.tmp<pid><suffix>" beside the real files.
+    _image(tmp_path / "half/val_img/abc.jpg", 100)
+    _label(tmp_path / "half/val_label/abc.png", 7)
+    _image(tmp_path / "half/val_img/.def.tmp31337.jpg", 50)
+    assert [s.image.name for s in mapillary_dataset(tmp_path, "val", half=True).samples] == ["abc.jpg"]
+    _image(tmp_path / "photos/.a.tmp99.png", 1)
+    _image(tmp_path / "photos/b.png", 2)
+    assert [s.image.name for s in folder_dataset(tmp_path / "photos").samples] == ["b.png"]
+
+
 def test_mapillary_converter_layout(tmp_path: Path) -> None:
     _image(tmp_path / "training/images/t1.jpg", 30)
     _label(tmp_path / "cityscapes_trainIdLabel/train/label/t1.png", 2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from qd_core.data.files import read_image, read_label, save_image_atomic, save_label_atomic
+from qd_core.data.files import is_hidden, read_image, read_label, save_image_atomic, save_label_atomic
 from qd_core.data.labels import CLASS_NAMES, IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, label_id_lut
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def gta_jobs(root: Path) -> list[tuple[Path, Path]]:
     folder = root / "labels"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: GTA5 labels folder not found")
-    sources = sorted(p for p in folder.glob("*.png") if not p.name.endswith(GTA_SUFFIX))
+    sources = sorted(p for p in folder.glob("*.png") if not p.name.endswith(GTA_SUFFIX) and not is_hidden(p))
     if not sources:
         raise FileNotFoundError(f"{folder}: no label-id files match '*.png'")
     return [(p, gta_output(p)) for p in sources]
@@ -80,12 +81,18 @@ def convert_cityscapes_polygons(src: Path, dst: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{src}: not a Cityscapes polygon file ({err})") from None
     for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"{src}: not a Cityscapes polygon file (label {name!r} is not a string)")
         # cityscapesScripts accepts "<class>group" for crowds and exits the process on anything else.
         if name not in name2label and not (name.endswith("group") and name[: -len("group")] in name2label):
             raise ValueError(f"{src}: unknown Cityscapes label {name!r}")
     tmp = dst.with_name(f".{dst.stem}.tmp.png")
     try:
-        json2labelImg(str(src), str(tmp), "trainIds")
+        try:
+            json2labelImg(str(src), str(tmp), "trainIds")
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            # A missing imgWidth/imgHeight/polygon or a polygon of fewer than two points, found by the rasteriser.
+            raise ValueError(f"{src}: not a Cityscapes polygon file ({type(err).__name__}: {err})") from None
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -96,7 +103,7 @@ def cityscapes_jobs(root: Path) -> list[tuple[Path, Path]]:
     folder = root / "gtFine"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: Cityscapes gtFine folder not found")
-    sources = sorted(folder.rglob("*" + CITYSCAPES_POLYGONS))
+    sources = sorted(p for p in folder.rglob("*" + CITYSCAPES_POLYGONS) if not is_hidden(p))
     if not sources:
         raise FileNotFoundError(f"{folder}: no files match '**/*{CITYSCAPES_POLYGONS}'")
     return [(p, cityscapes_output(p)) for p in sources]
@@ -168,11 +175,41 @@ def mapillary_jobs(root: Path, out: Path, version: str) -> list[tuple[Path, Path
         folder = root / split / version / "labels"
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: Mapillary labels folder not found")
-        sources = sorted(folder.glob("*.png"))
+        sources = sorted(p for p in folder.glob("*.png") if not is_hidden(p))
         if not sources:
             raise FileNotFoundError(f"{folder}: no files match '*.png'")
         jobs += [(p, out / name / "label" / p.name) for p in sources]
     return jobs
+
+
+MAPILLARY_ENCODING = "label_encoding.json"  # in OUT: which ids the converted labels hold
+
+
+def record_mapillary_encoding(out: Path, train_id: bool, version: str, overwrite: bool) -> None:
+    """Refuse to add to an ``out`` written with the other ``--train_id`` setting, then record this run's.
+
+    A rerun skips every existing output, so converting again with the other setting would silently keep the old
+    ids (label ids 7..33 partly pass as train ids). Without ``overwrite`` the recorded encoding must match; outputs
+    of a run that recorded none are left unjudged (and unrecorded)."""
+    path = out / MAPILLARY_ENCODING
+    want = "train" if train_id else "label"
+    if not overwrite:
+        if path.is_file():
+            try:
+                have = json.loads(path.read_text())["ids"]
+            except (OSError, ValueError, KeyError, TypeError):
+                have = None
+            if have != want:
+                flag = "with --train_id" if have == "train" else "without --train_id" if have == "label" else "?"
+                raise ValueError(f"{path}: {out} holds labels converted {flag} ({have} ids), this run writes {want} "
+                                 f"ids; pass --overwrite to convert them all again")
+            return
+        if any(any((out / split / "label").glob("*.png")) for split in ("train", "val")):
+            return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"ids": want, "version": version}) + "\n")
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,7 +235,7 @@ def resize_jobs(image_dir: Path, label_dir: Path, out_image_dir: Path,
     """(image, label, image out, label out) for every ``image_dir/*.jpg`` with its ``label_dir/<stem>.png``."""
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: image folder not found")
-    images = sorted(image_dir.glob("*.jpg"))
+    images = sorted(p for p in image_dir.glob("*.jpg") if not is_hidden(p))
     if not images:
         raise FileNotFoundError(f"{image_dir}: no files match '*.jpg'")
     jobs = []
@@ -290,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "mapillary":
             lut, count = mapillary_lut(args.root / f"config_{args.version}.json", args.train_id)
             jobs = [(src, dst, lut, count) for src, dst in mapillary_jobs(args.root, args.out, args.version)]
+            record_mapillary_encoding(args.out, args.train_id, args.version, args.overwrite)
             done, skipped = run_jobs(convert_mapillary_label, jobs, lambda j: [j[1]], args.overwrite, args.nproc,
                                      "mapillary")
         else:
@@ -299,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "mapillary-resize")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only or full output folder: the path and the reason, not a traceback
+        print(f"error: {err.filename}: {err.strerror or err}" if err.filename else f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.command}: converted {done}, skipped {skipped} existing (use --overwrite to redo)")
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qd_core.data.files import read_image, read_label
+from qd_core.data.files import is_hidden, read_image, read_label
 from qd_core.data.labels import check_train_ids
 
 # (image (H, W, 3) uint8, label (H, W) int64 or None, rng) → (image, label or None), usually tensors.
@@ -125,7 +125,8 @@ def _find(folder: Path, pattern: str, recursive: bool = False) -> list[Path]:
     """Sorted files under ``folder`` matching ``pattern``; a missing or empty folder is an error naming both."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: dataset folder not found (looking for {pattern!r})")
-    found = sorted(p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file())
+    found = sorted(p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern))
+                   if p.is_file() and not is_hidden(p))
     if not found:
         raise FileNotFoundError(f"{folder}: no files match {pattern!r}" + (" (searched recursively)" if recursive
                                                                            else ""))
@@ -219,7 +220,7 @@ def folder_samples(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSION
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found")
     exts = {e.lower() for e in extensions}
-    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts and not is_hidden(p))
     if not images:
         raise FileNotFoundError(f"{root}: no files with extension {', '.join(sorted(exts))} (searched recursively)")
     return [Sample(p) for p in images]

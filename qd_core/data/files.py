@@ -44,6 +44,12 @@ def read_label(path: str | Path) -> np.ndarray:
     return label if label.dtype == np.uint8 else label.astype(np.int32)
 
 
+def is_hidden(path: Path) -> bool:
+    """Dot-files: among them the temporary siblings an atomic write leaves behind when its process is killed
+    (``.<stem>.tmp<pid><suffix>``); dataset readers and converters never take them for data."""
+    return path.name.startswith(".")
+
+
 def _temp_sibling(path: Path) -> Path:
     # Same folder (so the rename is atomic on one file system) and same suffix (so Pillow picks the format).
     return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")

@@ -47,5 +47,6 @@ def check_train_ids(label: np.ndarray, path: str | Path) -> None:
         shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if values.size > 8 else "")
         raise ValueError(
             f"{path}: label holds unknown class ids [{shown}]; expected train ids 0..{NUM_CLASSES - 1} or "
-            f"{IGNORE_INDEX} (run the dataset's converter first)"
+            f"{IGNORE_INDEX} (run the dataset's converter first, with --overwrite where an earlier run wrote other "
+            f"ids)"
         )
