@@ -199,6 +199,25 @@ def test_jpeg_input(native: NativeBuild, package: tuple[Path, ExportWrapper], ev
     assert agreement(read_labels(tmp_path / "out" / "scene.png"), expected) >= MIN_AGREEMENT
 
 
+def test_cmyk_jpeg_and_16_bit_png_decode_as_the_python_side_reads_them(native: NativeBuild,
+                                                                        package: tuple[Path, ExportWrapper],
+                                                                        eval_set: EvalSet, tmp_path: Path) -> None:
+    from qd_core.data.files import read_image
+
+    (tmp_path / "in").mkdir()
+    rgb = eval_set.images[0].permute(1, 2, 0).byte().numpy()
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "in" / "print.jpg", quality=95)  # Adobe-inverted CMYK
+    grey = np.asarray(Image.fromarray(rgb).convert("L")).astype(np.uint16) * 257
+    Image.fromarray(grey).save(tmp_path / "in" / "deep.png")  # 16-bit grey
+    result = run_qd_infer(native, "--model", package[0], "--images", tmp_path / "in", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    for name in ("print.jpg", "deep.png"):
+        decoded = torch.from_numpy(read_image(tmp_path / "in" / name)).permute(2, 0, 1)[None].float()
+        with torch.no_grad():
+            expected = package[1](decoded)[1][0]
+        assert agreement(read_labels(tmp_path / "out" / f"{Path(name).stem}.png"), expected) >= MIN_AGREEMENT, name
+
+
 def test_images_of_another_size_are_resized_both_ways(native: NativeBuild, package: tuple[Path, ExportWrapper],
                                                       eval_set: EvalSet, tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()

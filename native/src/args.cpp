@@ -13,9 +13,14 @@ std::string lower(std::string s) {
   return s;
 }
 
-int parse_int(const std::string& name, const std::string& text, int min_value) {
-  const std::string expected =
+// libtorch sizes its thread pool from --threads; tens of thousands of threads crash its teardown at exit.
+constexpr int kMaxThreads = 1024;
+
+int parse_int(const std::string& name, const std::string& text, int min_value,
+              int max_value = std::numeric_limits<int>::max()) {
+  std::string expected =
       min_value == 0 ? "a non-negative integer" : "an integer >= " + std::to_string(min_value);
+  if (max_value < std::numeric_limits<int>::max()) expected += " and <= " + std::to_string(max_value);
   size_t used = 0;
   long value = 0;
   try {
@@ -23,7 +28,7 @@ int parse_int(const std::string& name, const std::string& text, int min_value) {
   } catch (const std::exception&) {
     used = 0;
   }
-  if (text.empty() || used != text.size() || value < min_value || value > std::numeric_limits<int>::max()) {
+  if (text.empty() || used != text.size() || value < min_value || value > max_value) {
     throw UsageError(name + ": expected " + expected + ", got '" + text + "'");
   }
   return static_cast<int>(value);
@@ -46,7 +51,7 @@ std::string usage() {
          "  --batch N       images per forward pass (default 1; within the model's batch range)\n"
          "  --warmup W      untimed passes on the first batch before timing (default 1)\n"
          "  --iters I       timed passes per batch; latency percentiles cover all of them (default 1)\n"
-         "  --threads T     CPU threads for libtorch (default 0: one per core)\n"
+         "  --threads T     CPU threads for libtorch, at most 1024 (default 0: one per core)\n"
          "  --timings FILE  also write every timed pass as JSON: {\"batch\", \"threads\", \"warmup\",\n"
          "                  \"runs\": [[milliseconds, images], ...]} (for benchmark reports)\n"
          "  --overwrite     replace existing output files\n"
@@ -84,7 +89,8 @@ Options parse_args(const std::vector<std::string>& args) {
     if (inline_value) {
       value = *inline_value;
     } else {
-      if (i + 1 >= args.size()) throw UsageError(name + ": missing value");
+      // "--out --overwrite" is a forgotten value, not a folder named "--overwrite" ("--out=--x" still is one).
+      if (i + 1 >= args.size() || args[i + 1].rfind("--", 0) == 0) throw UsageError(name + ": missing value");
       value = args[++i];
     }
     if (name == "--model") model = value;
@@ -93,7 +99,7 @@ Options parse_args(const std::vector<std::string>& args) {
     if (name == "--batch") opt.batch = parse_int(name, value, 1);
     if (name == "--warmup") opt.warmup = parse_int(name, value, 0);
     if (name == "--iters") opt.iters = parse_int(name, value, 1);
-    if (name == "--threads") opt.threads = parse_int(name, value, 0);
+    if (name == "--threads") opt.threads = parse_int(name, value, 0, kMaxThreads);
     if (name == "--timings") {
       if (value.empty()) throw UsageError("--timings: expected a file path, got ''");
       opt.timings = value;

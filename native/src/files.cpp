@@ -27,7 +27,9 @@ std::vector<fs::path> list_images(const fs::path& dir) {
   for (const auto& entry : fs::directory_iterator(dir, error)) {
     const fs::path& p = entry.path();
     if (p.filename().string().rfind('.', 0) == 0 || !is_image_name(p)) continue;
-    if (entry.is_regular_file(error)) images.push_back(p);
+    // Its own error code: a dangling link's failed status is that entry's, not the listing's (it is skipped).
+    std::error_code status_error;
+    if (entry.is_regular_file(status_error)) images.push_back(p);
   }
   if (error) throw FolderError("--images: cannot list '" + dir.string() + "': " + error.message());
   if (images.empty()) throw FolderError("--images: no PNG or JPEG images in '" + dir.string() + "'");

@@ -6,7 +6,10 @@
 #include <jpeglib.h>
 #include <jerror.h>  // JWRN_JPEG_EOF
 
+#include <algorithm>
 #include <csetjmp>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <memory>
@@ -18,6 +21,10 @@ ImageError::ImageError(const fs::path& path, const std::string& reason)
     : std::runtime_error(path.string() + ": " + reason) {}
 
 namespace {
+
+struct FileCloser {
+  void operator()(FILE* f) const { std::fclose(f); }
+};
 
 enum class Format { kPng, kJpeg, kUnknown };
 
@@ -55,13 +62,81 @@ std::vector<std::uint8_t> decode_png(const fs::path& path, png_uint_32 format, i
   return pixels;
 }
 
+// Photos are read with libpng's low-level API, as Pillow reads them: stored values, no colour management. (The
+// simplified API converts 16-bit data as linear light to sRGB and applies a file's gAMA chunk: 128 read as 186.)
+struct PngErrors {
+  char message[256];
+};
+
+void png_fail(png_structp png, png_const_charp message) {
+  auto* errors = static_cast<PngErrors*>(png_get_error_ptr(png));
+  std::snprintf(errors->message, sizeof errors->message, "%s", message);
+  png_longjmp(png, 1);
+}
+
+void png_ignore_warning(png_structp, png_const_charp) {}
+
+// A picture's decoded bytes are capped well below what a size_t holds, so the row arithmetic cannot overflow.
+constexpr std::uint64_t kMaxPngBytes = std::uint64_t{1} << 32;
+
+// No C++ object with a destructor may be created between setjmp and a longjmp back to it: the buffers live in
+// the caller. Returns false with errors->message set on damaged data.
+bool decode_png_photo(FILE* file, png_structp png, png_infop info, PngErrors* errors,
+                      std::vector<std::uint8_t>* pixels, std::vector<png_bytep>* rows, int* height, int* width,
+                      int* channels) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  png_init_io(png, file);
+  png_read_info(png, info);
+  png_set_strip_16(png);  // the high byte, as Pillow reads 16-bit RGB, RGBA and grey+alpha
+  png_set_packing(png);
+  png_set_palette_to_rgb(png);
+  png_set_expand_gray_1_2_4_to_8(png);
+  png_set_gray_to_rgb(png);
+  png_set_interlace_handling(png);
+  png_read_update_info(png, info);
+  const png_uint_32 h = png_get_image_height(png, info);
+  const png_uint_32 w = png_get_image_width(png, info);
+  const std::size_t stride = png_get_rowbytes(png, info);
+  if (static_cast<std::uint64_t>(stride) * h > kMaxPngBytes) {
+    std::snprintf(errors->message, sizeof errors->message, "image too large (%u x %u)", w, h);
+    return false;
+  }
+  pixels->resize(stride * h);
+  rows->resize(h);
+  for (png_uint_32 y = 0; y < h; ++y) (*rows)[y] = pixels->data() + y * stride;
+  png_read_image(png, rows->data());
+  png_read_end(png, nullptr);
+  *height = static_cast<int>(h);
+  *width = static_cast<int>(w);
+  *channels = png_get_channels(png, info);  // 3, or 4 where the file has alpha or a transparency chunk
+  return true;
+}
+
 Image read_png_rgb(const fs::path& path) {
+  std::unique_ptr<FILE, FileCloser> file(std::fopen(path.c_str(), "rb"));
+  if (!file) throw ImageError(path, "cannot open for reading");
+  PngErrors errors;
+  errors.message[0] = '\0';
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &errors, png_fail, png_ignore_warning);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  if (!info) {
+    png_destroy_read_struct(&png, nullptr, nullptr);
+    throw ImageError(path, "cannot set up libpng");
+  }
+  std::vector<std::uint8_t> pixels;
+  std::vector<png_bytep> rows;
+  int channels = 0;
   Image out;
-  std::vector<std::uint8_t> rgba = decode_png(path, PNG_FORMAT_RGBA, &out.height, &out.width);
-  const size_t n = static_cast<size_t>(out.height) * out.width;
-  out.rgb.resize(n * 3);
-  for (size_t i = 0; i < n; ++i) {
-    std::memcpy(&out.rgb[i * 3], &rgba[i * 4], 3);
+  const bool ok = decode_png_photo(file.get(), png, info, &errors, &pixels, &rows, &out.height, &out.width,
+                                   &channels);
+  png_destroy_read_struct(&png, &info, nullptr);
+  if (!ok) throw ImageError(path, std::string("damaged PNG data (libpng: ") + errors.message + ")");
+  out.rgb.resize(static_cast<std::size_t>(out.height) * out.width * 3);
+  for (int y = 0; y < out.height; ++y) {
+    const png_bytep row = rows[static_cast<std::size_t>(y)];
+    std::uint8_t* dst = &out.rgb[static_cast<std::size_t>(y) * out.width * 3];
+    // Alpha is dropped as Pillow's convert("RGB") drops it, leaving the stored colours.
+    for (int x = 0; x < out.width; ++x) std::memcpy(dst + x * 3, row + static_cast<std::size_t>(x) * channels, 3);
   }
   return out;
 }
@@ -90,13 +165,10 @@ void jpeg_note(j_common_ptr info, int level) {
   }
 }
 
-struct FileCloser {
-  void operator()(FILE* f) const { std::fclose(f); }
-};
-
 // No C++ object with a destructor may be created between setjmp and a longjmp back to it, so everything
 // that owns memory lives in the caller.
-bool decode_jpeg(FILE* file, jpeg_decompress_struct* info, JpegErrors* errors, Image* out) {
+bool decode_jpeg(FILE* file, jpeg_decompress_struct* info, JpegErrors* errors, Image* out,
+                 std::vector<std::uint8_t>* cmyk) {
   info->err = jpeg_std_error(&errors->manager);
   errors->manager.error_exit = jpeg_fail;
   errors->manager.emit_message = jpeg_note;
@@ -109,18 +181,39 @@ bool decode_jpeg(FILE* file, jpeg_decompress_struct* info, JpegErrors* errors, I
   jpeg_create_decompress(info);
   jpeg_stdio_src(info, file);
   jpeg_read_header(info, TRUE);
-  info->out_color_space = JCS_RGB;  // grey and YCbCr files are converted by the library
+  // Grey and YCbCr files are converted to RGB by the library; CMYK and YCCK ones (which it cannot convert) are
+  // read as CMYK and converted below.
+  const bool four_channels = info->jpeg_color_space == JCS_CMYK || info->jpeg_color_space == JCS_YCCK;
+  info->out_color_space = four_channels ? JCS_CMYK : JCS_RGB;
   jpeg_start_decompress(info);
   out->height = static_cast<int>(info->output_height);
   out->width = static_cast<int>(info->output_width);
-  out->rgb.resize(static_cast<size_t>(out->height) * out->width * 3);
+  const size_t n = static_cast<size_t>(out->height) * out->width;
+  const int channels = four_channels ? 4 : 3;
+  std::vector<std::uint8_t>& target = four_channels ? *cmyk : out->rgb;
+  target.resize(n * channels);
   while (info->output_scanline < info->output_height) {
-    JSAMPROW row = &out->rgb[static_cast<size_t>(info->output_scanline) * out->width * 3];
+    JSAMPROW row = &target[static_cast<size_t>(info->output_scanline) * out->width * channels];
     jpeg_read_scanlines(info, &row, 1);
   }
   jpeg_finish_decompress(info);
   jpeg_destroy_decompress(info);
   return !errors->truncated;
+}
+
+// CMYK as Pillow converts it: stored values taken as inverted (Adobe's polarity, which Pillow always assumes),
+// then R = (255 - K) - (C · (255 - K)) / 255 per colour, with its rounding of the division.
+void cmyk_to_rgb(const std::vector<std::uint8_t>& cmyk, std::vector<std::uint8_t>* rgb) {
+  const size_t n = cmyk.size() / 4;
+  rgb->resize(n * 3);
+  for (size_t i = 0; i < n; ++i) {
+    const int not_k = cmyk[i * 4 + 3];  // 255 - K, with K = 255 - stored
+    for (int c = 0; c < 3; ++c) {
+      const int ink = 255 - cmyk[i * 4 + c];
+      const int t = ink * not_k + 128;
+      (*rgb)[i * 3 + c] = static_cast<std::uint8_t>(std::clamp(not_k - (((t >> 8) + t) >> 8), 0, 255));
+    }
+  }
 }
 
 Image read_jpeg(const fs::path& path) {
@@ -129,9 +222,11 @@ Image read_jpeg(const fs::path& path) {
   jpeg_decompress_struct info;
   JpegErrors errors;
   Image out;
-  if (!decode_jpeg(file.get(), &info, &errors, &out)) {
+  std::vector<std::uint8_t> cmyk;
+  if (!decode_jpeg(file.get(), &info, &errors, &out, &cmyk)) {
     throw ImageError(path, std::string("damaged JPEG data (libjpeg: ") + errors.message + ")");
   }
+  if (!cmyk.empty()) cmyk_to_rgb(cmyk, &out.rgb);
   return out;
 }
 

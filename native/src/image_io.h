@@ -1,4 +1,4 @@
-// Reading PNG/JPEG images and writing PNG label maps (libpng's simplified API, libjpeg).
+// Reading PNG/JPEG images and writing PNG label maps (libpng, libjpeg).
 #pragma once
 
 #include <cstdint>
@@ -22,8 +22,10 @@ struct Image {
   std::vector<std::uint8_t> rgb;
 };
 
-// Decodes a PNG or JPEG file, chosen by its leading bytes (not its name). Grey and palette images become RGB;
-// an alpha channel is dropped; 16-bit PNGs are reduced to 8 bits. Truncated or damaged files raise ImageError.
+// Decodes a PNG or JPEG file, chosen by its leading bytes (not its name), to the pixels Pillow's
+// Image.open(path).convert("RGB") gives: grey and palette images become RGB; an alpha channel is dropped; 16-bit
+// PNGs keep the high byte of each sample; no gamma or colour-profile correction; CMYK/YCCK JPEGs are converted
+// with Pillow's formula. Truncated or damaged files raise ImageError.
 Image read_image(const std::filesystem::path& path);
 
 // Writes an 8-bit PNG (channels 1: grey, 3: RGB) of height × width pixels, through a temporary file renamed

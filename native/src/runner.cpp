@@ -4,6 +4,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/upsample_bilinear2d.h>
+#include <ATen/ops/upsample_nearest2d.h>
 
 #include <algorithm>
 #include <chrono>
@@ -70,17 +71,14 @@ at::Tensor make_batch(const std::vector<Decoded>& batch, const ModelInfo& info, 
   return x;
 }
 
-// Nearest-neighbour resize of a label map, source index floor(dst · in / out) as F.interpolate(mode="nearest").
+// Nearest-neighbour resize of a label map by ATen's own kernel, so the labels are those F.interpolate(mode="nearest")
+// gives in Python: its source index floor(dst · (float)(in / out)) differs from exact integer division for some
+// sizes (in 128, out 82: row 41 reads row 63, not 64).
 std::vector<std::uint8_t> resize_labels(const std::uint8_t* labels, int in_h, int in_w, int out_h, int out_w) {
-  std::vector<std::uint8_t> out(static_cast<std::size_t>(out_h) * out_w);
-  for (int y = 0; y < out_h; ++y) {
-    const int sy = std::min(static_cast<int>(static_cast<std::int64_t>(y) * in_h / out_h), in_h - 1);
-    for (int x = 0; x < out_w; ++x) {
-      const int sx = std::min(static_cast<int>(static_cast<std::int64_t>(x) * in_w / out_w), in_w - 1);
-      out[static_cast<std::size_t>(y) * out_w + x] = labels[static_cast<std::size_t>(sy) * in_w + sx];
-    }
-  }
-  return out;
+  const at::Tensor in = at::from_blob(const_cast<std::uint8_t*>(labels), {1, 1, in_h, in_w}, at::kByte);
+  const at::Tensor resized = at::upsample_nearest2d(in, {out_h, out_w}).contiguous();
+  const std::uint8_t* data = resized.data_ptr<std::uint8_t>();
+  return std::vector<std::uint8_t>(data, data + static_cast<std::size_t>(out_h) * out_w);
 }
 
 class Runner {
@@ -152,11 +150,20 @@ class Runner {
         f << (i ? ", " : "") << "[" << format_ms(timings_[i].batch_ms) << ", " << timings_[i].images << "]";
       }
       f << "]}\n";
-      if (!f) throw FolderError("--timings: cannot write '" + tmp.string() + "'");
+      f.close();  // a full disk shows only when the buffer is flushed: check after closing
+      if (f.fail()) {
+        std::error_code ignored;
+        fs::remove(tmp, ignored);
+        throw FolderError("--timings: cannot write '" + tmp.string() + "'");
+      }
     }
     std::error_code error;
     fs::rename(tmp, path, error);
-    if (error) throw FolderError("--timings: cannot write '" + path.string() + "': " + error.message());
+    if (error) {
+      std::error_code ignored;
+      fs::remove(tmp, ignored);
+      throw FolderError("--timings: cannot write '" + path.string() + "': " + error.message());
+    }
   }
 
  private:

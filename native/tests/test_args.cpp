@@ -46,6 +46,25 @@ QD_TEST(args, missing_value) {
   CHECK_THROWS(parse_args({"--images", "in", "--out", "o", "--model"}), UsageError, "--model: missing value");
 }
 
+QD_TEST(args, a_flag_is_not_taken_for_a_value) {
+  CHECK_THROWS(parse_args({"--model", "m.pt2", "--images", "in", "--out", "--overwrite"}), UsageError,
+               "--out: missing value");
+  CHECK_THROWS(parse_args({"--model", "m.pt2", "--images", "--out", "o"}), UsageError, "--images: missing value");
+  // A value that does start with two dashes is still possible in the --name=value spelling.
+  CHECK_EQ(parse_args({"--model", "m.pt2", "--images", "in", "--out=--odd"}).out.string(), std::string("--odd"));
+}
+
+QD_TEST(args, threads_are_capped) {
+  const std::vector<std::string> base = {"--model", "m.pt2", "--images", "in", "--out", "o", "--threads"};
+  auto with = [&](const std::string& value) {
+    std::vector<std::string> a = base;
+    a.push_back(value);
+    return parse_args(a);
+  };
+  CHECK_EQ(with("1024").threads, 1024);
+  CHECK_THROWS(with("1025"), UsageError, "--threads: expected a non-negative integer and <= 1024, got '1025'");
+}
+
 QD_TEST(args, integers_are_validated) {
   const std::vector<std::string> base = {"--model", "m.pt2", "--images", "in", "--out", "o"};
   auto with = [&](const std::string& flag, const std::string& value) {

@@ -21,6 +21,17 @@ QD_TEST(files, lists_images_sorted_by_name) {
   CHECK_EQ(images[2].filename().string(), std::string("c.jpeg"));
 }
 
+QD_TEST(files, a_dangling_link_is_skipped_wherever_it_sorts) {
+  const fs::path dir = qd::test::scratch_dir("dangling");
+  touch(dir / "b.png");
+  // Before and after the real image in directory order: its failed status must not fail the listing.
+  fs::create_symlink(dir / "gone-a.png", dir / "a.png");
+  fs::create_symlink(dir / "gone-z.png", dir / "z.png");
+  const auto images = qd::list_images(dir);
+  CHECK_EQ(images.size(), static_cast<size_t>(1));
+  CHECK_EQ(images[0].filename().string(), std::string("b.png"));
+}
+
 QD_TEST(files, empty_or_missing_folder) {
   const fs::path dir = qd::test::scratch_dir("empty");
   touch(dir / "readme.txt");

@@ -55,6 +55,26 @@ void write_jpeg(const fs::path& path, const std::uint8_t* pixels, int h, int w, 
 
 void truncate_file(const fs::path& path) { fs::resize_file(path, fs::file_size(path) / 2); }
 
+// A PNG with libpng's low-level writer: any bit depth and colour type, optionally a gAMA chunk. `bytes` holds the
+// rows as stored (16-bit samples big-endian).
+void write_png_raw(const fs::path& path, int h, int w, int bit_depth, int color_type,
+                   const std::vector<std::uint8_t>& bytes, double gamma) {
+  FILE* file = std::fopen(path.c_str(), "wb");
+  CHECK(file != nullptr);
+  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  png_infop info = png_create_info_struct(png);
+  png_init_io(png, file);
+  png_set_IHDR(png, info, static_cast<png_uint_32>(w), static_cast<png_uint_32>(h), bit_depth, color_type,
+               PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+  if (gamma > 0) png_set_gAMA(png, info, gamma);
+  png_write_info(png, info);
+  const size_t stride = bytes.size() / static_cast<size_t>(h);
+  for (int y = 0; y < h; ++y) png_write_row(png, const_cast<std::uint8_t*>(&bytes[y * stride]));
+  png_write_end(png, nullptr);
+  png_destroy_write_struct(&png, &info);
+  std::fclose(file);
+}
+
 int max_abs_diff(const std::vector<std::uint8_t>& a, const std::vector<std::uint8_t>& b) {
   int worst = 0;
   for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(int(a[i]) - int(b[i])));
@@ -102,6 +122,59 @@ QD_TEST(image_io, png_alpha_is_dropped_not_blended) {
   CHECK(png_image_write_to_file(&image, path.c_str(), 0, rgba, 0, nullptr));
   const qd::Image im = qd::read_image(path);
   CHECK(im.rgb == std::vector<std::uint8_t>({10, 20, 30, 200, 100, 50}));
+}
+
+QD_TEST(image_io, png_samples_are_read_as_stored_without_colour_correction) {
+  // As Pillow reads them: 16-bit samples keep their high byte, and a gAMA chunk changes nothing (libpng's
+  // simplified API would turn these mid-greys into 186).
+  const fs::path dir = qd::test::scratch_dir("png_stored");
+  const std::vector<std::uint8_t> mid16 = {0x80, 0x80};  // 128 · 257, big-endian
+  std::vector<std::uint8_t> rgb16, grey16;
+  for (int i = 0; i < 2 * 3; ++i) rgb16.insert(rgb16.end(), mid16.begin(), mid16.end());
+  for (int i = 0; i < 2; ++i) grey16.insert(grey16.end(), mid16.begin(), mid16.end());
+  write_png_raw(dir / "rgb16.png", 1, 2, 16, PNG_COLOR_TYPE_RGB, rgb16, 1.0);
+  write_png_raw(dir / "grey16.png", 1, 2, 16, PNG_COLOR_TYPE_GRAY, grey16, 0);
+  write_png_raw(dir / "gamma.png", 1, 2, 8, PNG_COLOR_TYPE_RGB, std::vector<std::uint8_t>(6, 128), 1.0);
+  for (const char* name : {"rgb16.png", "grey16.png", "gamma.png"}) {
+    const qd::Image im = qd::read_image(dir / name);
+    CHECK_EQ(im.width, 2);
+    CHECK(im.rgb == std::vector<std::uint8_t>(6, 128));
+  }
+}
+
+QD_TEST(image_io, cmyk_jpeg_converts_as_pillow_does) {
+  // Pillow takes a CMYK JPEG's stored values as inverted (Adobe) and converts R = (255-K) - C·(255-K)/255.
+  const fs::path path = qd::test::scratch_dir("jpeg_cmyk") / "cmyk.jpg";
+  const int h = 16, w = 16;
+  std::vector<std::uint8_t> stored;
+  for (int i = 0; i < h * w; ++i) stored.insert(stored.end(), {255, 155, 55, 205});  // C 0, M 100, Y 200, K 50
+  FILE* file = std::fopen(path.c_str(), "wb");
+  CHECK(file != nullptr);
+  jpeg_compress_struct info;
+  jpeg_error_mgr errors;
+  info.err = jpeg_std_error(&errors);
+  jpeg_create_compress(&info);
+  jpeg_stdio_dest(&info, file);
+  info.image_width = w;
+  info.image_height = h;
+  info.input_components = 4;
+  info.in_color_space = JCS_CMYK;
+  jpeg_set_defaults(&info);  // CMYK in, CMYK stored, with an Adobe marker
+  jpeg_set_quality(&info, 100, TRUE);
+  jpeg_start_compress(&info, TRUE);
+  while (info.next_scanline < info.image_height) {
+    JSAMPROW row = &stored[static_cast<size_t>(info.next_scanline) * w * 4];
+    jpeg_write_scanlines(&info, &row, 1);
+  }
+  jpeg_finish_compress(&info);
+  jpeg_destroy_compress(&info);
+  std::fclose(file);
+  const qd::Image im = qd::read_image(path);
+  CHECK_EQ(im.rgb.size(), static_cast<size_t>(h * w * 3));
+  // K = 50: 255-K = 205; R = 205 - 0 = 205, G = 205 - 100·205/255 ≈ 125, B = 205 - 200·205/255 ≈ 44.
+  std::vector<std::uint8_t> expected;
+  for (int i = 0; i < h * w; ++i) expected.insert(expected.end(), {205, 125, 44});
+  CHECK(max_abs_diff(im.rgb, expected) <= 1);
 }
 
 QD_TEST(image_io, jpeg_decodes_close_to_its_source) {

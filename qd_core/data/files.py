@@ -14,12 +14,18 @@ _LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3); grey, palette and alpha images are converted to RGB."""
+    """Read an image file as RGB uint8 (H, W, 3); grey, palette and alpha images are converted to RGB, 16-bit
+    samples keep their high byte."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I;16"):
+                # 16-bit grey: Pillow's convert("RGB") clips the values to 255 (mid-grey 32896 turns white); take
+                # the high byte, as Pillow itself reads 16-bit RGB and as the C++ runner reads every 16-bit PNG.
+                grey = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as err:
         raise ValueError(f"{path}: unreadable image ({err})") from None
