@@ -69,6 +69,17 @@ def test_mapillary_half_resolution_val(tmp_path: Path) -> None:
     assert sample["label"][0, 0] == 7 and abs(int(sample["image"][2, 2, 0]) - 100) <= 2  # JPEG rounding
 
 
+def test_a_16_bit_grey_png_is_read_by_its_high_byte(tmp_path: Path) -> None:
+    # Pillow's convert("RGB") would clip these to 255: mid-grey 128 · 257 became white.
+    from qd_core.data.files import read_image
+
+    Image.fromarray(np.array([[128 * 257, 255 * 257, 0]], dtype=np.uint16)).save(tmp_path / "deep.png")
+    image = read_image(tmp_path / "deep.png")
+    assert image.dtype == np.uint8 and image.shape == (1, 3, 3)
+    np.testing.assert_array_equal(image[0, :, 0], [128, 255, 0])
+    assert (image == image[..., :1]).all()
+
+
 def test_readers_never_take_a_killed_writes_temp_file_for_data(tmp_path: Path) -> None:
     # An atomic write killed before its rename leaves ".<stem>.tmp<pid><suffix>" beside the real files.
     _image(tmp_path / "half/val_img/abc.jpg", 100)
