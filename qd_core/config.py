@@ -328,6 +328,15 @@ def validate(cfg: Config) -> Config:
                    ("train.eval_interval", tr.eval_interval), ("train.checkpoint_interval", tr.checkpoint_interval)]:
         need(v > 0, key, v, "a positive integer")
     need(tr.lr > 0, "train.lr", tr.lr, "a positive number")
+    # The schedule's keys: nonsense values would otherwise run (a negative poly power ends at 11,000 × lr).
+    need(0 <= tr.min_lr <= tr.lr, "train.min_lr", tr.min_lr, f"a number in [0, train.lr ({tr.lr})]")
+    need(tr.poly_power > 0, "train.poly_power", tr.poly_power, "a positive number")
+    need(type(tr.warmup_iters) is int and tr.warmup_iters >= 0, "train.warmup_iters", tr.warmup_iters,
+         "a non-negative integer")
+    need(0 <= tr.warmup_ratio <= 1, "train.warmup_ratio", tr.warmup_ratio, "a number in [0, 1]")
+    need(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "a non-negative number")
+    need(tr.eps > 0, "train.eps", tr.eps, "a positive number")
+    need(tr.grad_clip >= 0, "train.grad_clip", tr.grad_clip, "a non-negative number (0: off)")
     need(tr.oversample_ratio >= 1, "train.oversample_ratio", tr.oversample_ratio, "a number >= 1")
     need(0 <= tr.importance_sample_ratio <= 1, "train.importance_sample_ratio", tr.importance_sample_ratio,
          "a number in [0, 1]")

@@ -1,4 +1,6 @@
 """Typed configs: shipped files, dotted overrides, and errors that name the key."""
+import re
+
 import pytest
 
 from qd_core.config import (ConfigError, apply_overrides, config_from_dict, default_merge_stages,
@@ -59,6 +61,18 @@ def test_cross_field_validation_names_key():
         load_config("tiny", ["model.backbone.num_heads=3"])
     with pytest.raises(ConfigError, match=r"inference.mode"):
         load_config("tiny", ["inference.mode=tiles"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.poly_power=-1", "train.poly_power"), ("train.warmup_iters=-100", "train.warmup_iters"),
+    ("train.min_lr=-0.01", "train.min_lr"), ("train.min_lr=1.0", "train.min_lr"),
+    ("train.warmup_ratio=5", "train.warmup_ratio"), ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.eps=0", "train.eps"), ("train.grad_clip=-1", "train.grad_clip"),
+])
+def test_schedule_and_optimizer_values_are_range_checked(override, key):
+    # Without the checks these ran: a negative poly power ended the schedule at 11,000 × the learning rate.
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config("tiny", [override])
 
 
 def test_missing_config_names_known_ones(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -77,6 +78,35 @@ def test_two_ranks_of_batch_one_equal_one_process_of_batch_two(tmp_path: Path, d
     # weight differences can move a near-tie after the first step: 1e-3, not 1e-6.
     assert records(ddp, "loss") == pytest.approx(records(single, "loss"), rel=1e-3)
     assert len(records(ddp, "eval")) == 1 and records(ddp, "eval")[0].keys() == records(single, "eval")[0].keys()
+
+
+def test_a_validation_file_only_one_rank_reads_stops_both_ranks_with_its_error(tmp_path: Path,
+                                                                                 data_root: Path) -> None:
+    # Two validation images, the second (rank 1's shard) unreadable: rank 0 must not wait for rank 1 in the
+    # confusion matrices' all-reduce (gloo: a crash; NCCL: a hang until its timeout).
+    import shutil
+
+    val = tmp_path / "val"
+    shutil.copytree(data_root / "source", val)
+    images, labels = val / "leftImg8bit" / "val" / "synth", val / "gtFine" / "val" / "synth"
+    shutil.copy(images / "synth_000000_leftImg8bit.png", images / "synth_000009_leftImg8bit.png")
+    shutil.copy(labels / "synth_000000_gtFine_labelTrainIds.png", labels / "synth_000009_gtFine_labelTrainIds.png")
+    (images / "synth_000009_leftImg8bit.png").write_bytes(b"\x89PNG but not really")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+         "--out", str(out), "--device", "cpu", "--no-progress", *overrides(data_root, 1), "train.iters=1",
+         "train.eval_interval=1", f"data.val=[{{kind: cityscapes, root: {val}, test_size: [128, 64]}}]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert any("synth_000009_leftImg8bit.png: unreadable image" in line for line in errors), result.stderr[-3000:]
+    assert any("another rank could not load its validation data" in line for line in errors), result.stderr[-3000:]
+    # No rank crashed inside the package (torchrun itself still reports the failed children with a traceback).
+    assert not re.search(r'File ".*/(train|qd_core)/[^"]*", line', result.stderr), result.stderr[-3000:]
+    assert "Connection closed" not in result.stderr
+    assert (out / "train_state.pt").is_file()  # the trained step is kept
 
 
 def _batchnorm_worker(rank: int, port: int, out: str) -> None:

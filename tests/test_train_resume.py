@@ -101,3 +101,67 @@ def test_rng_restore_sets_only_the_cuda_devices_this_process_sees(monkeypatch: p
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("indexes every saved state"))
     restore_rng(state)
     assert restored == [(0, 0), (1, 1), (2, 2), (3, 3)]
+
+
+def test_resume_applies_the_configs_optimizer_settings(tmp_path: Path, data_root: Path) -> None:
+    # The optimizer's saved state carries the old group settings; overrides given on a resume (and written to
+    # config.yaml) must be the ones it uses.
+    from train.distributed import DistEnv
+    from train.trainer import Trainer
+
+    files = RunFiles(tmp_path / "run")
+    run_training(tiny_config(data_root, "train.iters=3"), files, stop_at=1, progress=False)
+    changed = tiny_config(data_root, "train.iters=3", "train.weight_decay=0.5", "train.betas=[0.5,0.9]",
+                          "train.eps=0.1")
+    trainer = Trainer(changed, files, DistEnv(), progress=False)
+    trainer.load()
+    assert trainer.step == 1
+    decays = sorted({group["weight_decay"] for group in trainer.optimizer.param_groups})
+    assert decays == [0.0, 0.5]  # the no-decay group stays at 0
+    assert all(group["betas"] == (0.5, 0.9) and group["eps"] == 0.1 for group in trainer.optimizer.param_groups)
+    assert trainer.optimizer.state  # the moments themselves are restored
+
+
+def test_a_refused_resume_leaves_the_run_config_as_it_was(tmp_path: Path, data_root: Path) -> None:
+    files = RunFiles(tmp_path / "run")
+    run_training(tiny_config(data_root, "train.iters=3"), files, stop_at=1, progress=False)
+    before = files.config.read_text()
+    with pytest.raises(ValueError, match="the data order needs the same global batch"):
+        run_training(tiny_config(data_root, "train.iters=3", "train.batch_size=4"), files, resume=True,
+                     progress=False)
+    assert files.config.read_text() == before  # a plain --resume still works
+    assert run_training(tiny_config(data_root, "train.iters=3"), files, resume=True, progress=False).step == 3
+
+
+def test_resume_may_turn_fp16_loss_scaling_on(tmp_path: Path, data_root: Path) -> None:
+    files = RunFiles(tmp_path / "run")
+    run_training(tiny_config(data_root, "train.iters=2"), files, stop_at=1, progress=False)  # no loss scaler
+    result = run_training(tiny_config(data_root, "train.iters=2", "train.amp=fp16"), files, resume=True,
+                          progress=False)
+    assert result.step == 2 and load_training_state(files.state)["scaler"]  # a fresh scaler, now saved
+
+
+def test_a_failed_evaluation_keeps_the_steps_trained_before_it(tmp_path: Path, data_root: Path) -> None:
+    import shutil
+
+    from train.data import DataError
+
+    val = tmp_path / "val"
+    shutil.copytree(data_root / "source", val)
+    image = next((val / "leftImg8bit" / "val").rglob("*.png"))
+    image.write_bytes(b"\x89PNG but not really")
+    cfg = tiny_config(data_root, "train.iters=2", "train.eval_interval=2", "train.checkpoint_interval=2",
+                      f"data.val=[{{kind: cityscapes, root: {val}, test_size: [128, 64]}}]")
+    files = RunFiles(tmp_path / "run")
+    with pytest.raises(DataError, match="unreadable image"):
+        run_training(cfg, files, progress=False)
+    assert load_training_state(files.state)["step"] == 2 and files.last.is_file()
+
+
+def test_a_missing_validation_folder_fails_before_the_first_step(tmp_path: Path, data_root: Path) -> None:
+    cfg = tiny_config(data_root, "train.iters=2",
+                      f"data.val=[{{kind: cityscapes, root: {tmp_path / 'nowhere'}, test_size: [128, 64]}}]")
+    files = RunFiles(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run_training(cfg, files, progress=False)
+    assert not files.metrics.exists() and not files.state.exists()

@@ -38,6 +38,7 @@ from qd_core.layers import class_argmax
 from qd_core.metrics import ConfusionMatrix
 from qd_core.visualize import colorize, overlay, save_png
 from train.data import (
+    DataError,
     SafeDataset,
     build_dataset,
     check_batch,
@@ -48,7 +49,7 @@ from train.data import (
     parse_data_arg,
     val_specs,
 )
-from train.distributed import DistEnv, barrier
+from train.distributed import DistEnv, any_rank, barrier
 
 # --format-ids: what each PNG of --format-only holds.
 FORMAT_IDS = ("label", "train")
@@ -164,13 +165,21 @@ def evaluate(model: nn.Module, specs: Sequence[DatasetSpec], cfg: Config, *, env
             matrix = ConfusionMatrix(cfg.model.head.num_classes)
             shard = range(env.rank, len(dataset), env.world_size)
             root = spec.root or None
-            for pred in predict_dataset(model, dataset, device=env.device, mode=mode, batch_size=batch_size,
-                                        num_workers=num_workers, indices=shard, progress=progress and env.is_main,
-                                        desc=name):
-                if pred.label is not None:
-                    matrix.update(torch.from_numpy(pred.pred.astype(np.int64)), torch.from_numpy(pred.label))
-                if show_dir is not None:
-                    save_visuals(pred, show_dir / name.replace("/", "_"), output_name(pred.image_path, root))
+            error = None
+            try:
+                for pred in predict_dataset(model, dataset, device=env.device, mode=mode, batch_size=batch_size,
+                                            num_workers=num_workers, indices=shard,
+                                            progress=progress and env.is_main, desc=name):
+                    if pred.label is not None:
+                        matrix.update(torch.from_numpy(pred.pred.astype(np.int64)), torch.from_numpy(pred.label))
+                    if show_dir is not None:
+                        save_visuals(pred, show_dir / name.replace("/", "_"), output_name(pred.image_path, root))
+            except DataError as err:
+                error = str(err)
+            # A file only one rank reads fails on that rank alone: every rank must stop here together, or the
+            # others would wait for it in the all-reduce below.
+            if any_rank([error is not None], env)[0]:
+                raise DataError(error or f"{name}: another rank could not load its validation data (see its error)")
             matrix.all_reduce()
             scores.append(DatasetScore(name, matrix, is_target(spec, cfg.data.train), len(dataset)))
     finally:

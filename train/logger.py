@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qd_core.checkpoint import atomic_write
+
 
 def truncate_after(path: Path, step: int) -> None:
     """Drop records with "step" > ``step``: those of steps a resumed run will redo (logged after the last
@@ -22,7 +24,10 @@ def truncate_after(path: Path, step: int) -> None:
             continue  # a line cut off by the interruption
         if int(record.get("step", 0)) <= step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    text = "".join(line + "\n" for line in kept)
+    # Through a temporary file: an interruption while this runs (before the trainer's signal handling is in place)
+    # must leave the old file, not an empty one.
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

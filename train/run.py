@@ -118,12 +118,15 @@ def run_training(cfg: Config, files: RunFiles, env: DistEnv | None = None, *, re
     """Prepare the run folder and inputs (rank 0), then train. The Python entry point behind ``python -m train``."""
     env = env or DistEnv()
 
+    def write_config() -> None:
+        text = dump_config(cfg)
+        atomic_write(files.config, lambda tmp: tmp.write_text(text))
+
     def prepare() -> Config:
         prepare_run_dir(files, resume=resume, overwrite=overwrite)
         prepare_inputs(cfg, progress)
-        # On a resume too: the overrides given then (e.g. a longer train.iters) are the run's config from now on.
-        text = dump_config(cfg)
-        atomic_write(files.config, lambda tmp: tmp.write_text(text))
+        if not resume:
+            write_config()
         return cfg
 
     main_first(env, prepare)
@@ -136,6 +139,10 @@ def run_training(cfg: Config, files: RunFiles, env: DistEnv | None = None, *, re
         trainer = Trainer(cfg, files, env, progress=progress)
         if resume:
             trainer.load()
+            # The overrides of a resume (e.g. a longer train.iters) are the run's config from now on, once the
+            # training state accepted them: a refused one must not become the config of the next --resume.
+            if env.is_main:
+                write_config()
     except BaseException:
         # A fresh start that cannot begin (a missing backbone file, unreadable data, ...) leaves nothing behind
         # that would make the corrected command ask for --overwrite.

@@ -130,6 +130,10 @@ class Trainer:
         self.dataset = build_dataset(cfg.data.train, cfg, train_transform(cfg), seed=tr.seed)
         self.dataset.keep_decoded(cfg.data.keep_decoded)
         self.val_specs = val_specs(cfg)
+        for spec in self.val_specs:
+            # Listed now (not rebuilt until each evaluation): a mistyped data.val root fails before the first step,
+            # not thousands of steps later at the first evaluation.
+            build_dataset(spec, cfg, None)
         self.step = 0
         self.best = -math.inf
         self.scores: list[DatasetScore] = []
@@ -287,8 +291,16 @@ class Trainer:
                              f"unexpected {unexpected[:5]})")
         if self.guidance is not None:
             self.guidance.load_state_dict(state["guidance"])
+        # load_state_dict restores the saved group settings too; the config's weight decay, betas and eps (which a
+        # resume may override, and config.yaml then records) are put back. The learning rate is set every step.
+        configured = [{k: group[k] for k in ("weight_decay", "betas", "eps")} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        for group, settings in zip(self.optimizer.param_groups, configured):
+            group.update(settings)
+        # The loss scaler's state exists only where fp16 scaling was on, before and now (train.amp may change on a
+        # resume: a scaler turned on starts afresh, one turned off has nothing to restore).
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.best = int(state["step"]), float(state["best"])
         restore_rng(state["rng"])
 
@@ -350,7 +362,13 @@ class Trainer:
                                          "it_s": (self.step - start_step) / max(elapsed, 1e-9),
                                          "samples": self.step * tr.grad_accum * self.global_micro_batch})
                     if self.step % tr.eval_interval == 0 or self.step == tr.iters:
-                        self.evaluate()
+                        try:
+                            self.evaluate()
+                        except Exception:
+                            # A failed evaluation (a bad validation file, out of memory) must not take the steps
+                            # trained since the last checkpoint with it: keep them, then report the failure.
+                            self.save_last()
+                            raise
                         self.model.train()
                     if any_rank([self.stop_signal is not None], env)[0]:
                         self.stop_signal = self.stop_signal or signal.SIGTERM
