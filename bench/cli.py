@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mfu_note": (f"against {args.peak_tflops} TFLOP/s given by --peak-tflops" if args.peak_tflops else
                      "n/a on CPU (no peak FLOP/s table for CPUs; --peak-tflops sets one)" if device == "cpu" else
                      "datasheet dense peak of the GPU at the backend's precision (bench.metrics.GPUS; H100 SXM and "
-                     "H200: bf16/fp16 989, fp32 67 TFLOP/s)"),
+                     "H200: bf16/fp16 989, fp32 67 TFLOP/s; their NVL cards 836 and 60; n/a for a GPU not listed)"),
         "quick": args.quick,
         # Other processes on the machine inflate and scatter the timings; the load says how much to trust them.
         "load_note": f"1-minute load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end, on "

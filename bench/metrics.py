@@ -30,24 +30,30 @@ class GpuSpec:
         return 1e12 * (self.fp32_tflops if precision == "fp32" else self.tensor_tflops)
 
 
-# The H200 has the H100 SXM's compute; only its memory differs.
+# The H200 has the H100 SXM's compute; only its memory differs. The NVL cards (PCIe, 400 W) run slower clocks.
 GPUS = {
     "h100-sxm": GpuSpec("NVIDIA H100 SXM (80GB HBM3)", 989.4, 66.9, 3.35),
     "h100-pcie": GpuSpec("NVIDIA H100 PCIe", 756.5, 51.2, 2.0),
+    "h100-nvl": GpuSpec("NVIDIA H100 NVL", 835.5, 60.0, 3.9),
     "h200": GpuSpec("NVIDIA H200", 989.4, 66.9, 4.8),
-    "a100-sxm": GpuSpec("NVIDIA A100 SXM", 312.0, 19.5, 2.039),
+    "h200-nvl": GpuSpec("NVIDIA H200 NVL", 835.5, 60.0, 4.8),
+    "a100-sxm": GpuSpec("NVIDIA A100 SXM (80GB)", 312.0, 19.5, 2.039),
+    "a100-sxm-40gb": GpuSpec("NVIDIA A100 SXM (40GB)", 312.0, 19.5, 1.555),
 }
 
 
 def gpu_spec_for(device_name: str) -> GpuSpec | None:
-    """The datasheet entry for a ``torch.cuda.get_device_name()`` string, or None when it is not one of GPUS."""
+    """The datasheet entry for a ``torch.cuda.get_device_name()`` string, or None when it is not one of GPUS
+    (then MFU and ideal times are n/a rather than computed against another card's peaks)."""
     name = device_name.upper()
+    if "GH200" in name:
+        return None  # its HBM (96 GB at 4.0 TB/s or 144 GB at 4.9) is not told by the name
     if "H200" in name:
-        return GPUS["h200"]
+        return GPUS["h200-nvl" if "NVL" in name else "h200"]
     if "H100" in name:
-        return GPUS["h100-pcie" if "PCIE" in name else "h100-sxm"]
+        return GPUS["h100-nvl" if "NVL" in name else "h100-pcie" if "PCIE" in name else "h100-sxm"]
     if "A100" in name and "PCIE" not in name:
-        return GPUS["a100-sxm"]
+        return GPUS["a100-sxm-40gb" if "40GB" in name else "a100-sxm"]
     return None
 
 

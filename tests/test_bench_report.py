@@ -213,3 +213,27 @@ def test_a_write_that_fails_midway_leaves_the_earlier_report_whole(bench_json, t
         write_report(report, tmp_path, "cpu-2025-01-01", overwrite=True)
     assert paths[2].read_bytes() == old_png
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_an_accuracy_test_that_failed_after_its_timed_pass_is_not_a_kernel_row(bench_json):
+    # pytest-benchmark keeps the entry of a test that failed after benchmark.pedantic: it carries only its name.
+    failed = accuracy_entry("ort-fp32", "fp32", 0.5, 0.5, True)
+    failed["extra_info"] = {"kind": "accuracy", "backend": "ort-fp32", "precision": "fp32"}
+    unnamed = accuracy_entry("aoti", "fp32", 0.5, 0.5, True)
+    unnamed["extra_info"], unnamed["group"] = {}, None
+    report = build_report({**bench_json, "benchmarks": [*bench_json["benchmarks"], failed, unnamed]})
+    assert [r.backend for r in report.accuracy] == ["torch-fp32", "ort-fp16"]
+    assert [r.name for r in report.kernels] == [kernel_entry()["name"]]
+
+
+def test_peaks_measured_differently_are_told_apart(bench_json):
+    entries = bench_json["benchmarks"]
+    entries[0]["extra_info"]["memory_method"] = "CUDA: max_memory_allocated of one call"
+    entries[1]["extra_info"]["memory_method"] = "CUDA: of a replay (the graph's pool not counted)"
+    text = render_markdown(build_report(bench_json))
+    # Numbered in the table's row order: ort-fp32 (faster) first.
+    assert "- peak MiB [1]: CUDA: of a replay (the graph's pool not counted)" in text
+    assert "- peak MiB [2]: CUDA: max_memory_allocated of one call" in text
+    assert "| ort-fp32 | fp32 | 1 |" in text and "| 12 [1] |" in text and "| 12 [2] |" in text
+    entries[1]["extra_info"]["memory_method"] = entries[0]["extra_info"]["memory_method"]
+    assert "[1]" not in render_markdown(build_report(bench_json))  # one method: no notes

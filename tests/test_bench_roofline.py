@@ -94,7 +94,10 @@ def test_the_student_forward_is_booked_like_the_profiler_ranges_and_keeps_every_
 
 
 @pytest.mark.parametrize("name, key", [("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-pcie"),
-                                       ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-40GB", "a100-sxm"),
+                                       ("NVIDIA H100 NVL", "h100-nvl"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA H200 NVL", "h200-nvl"), ("NVIDIA GH200 480GB", None),
+                                       ("NVIDIA A100-SXM4-40GB", "a100-sxm-40gb"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100-sxm"),
                                        ("NVIDIA GeForce RTX 4090", None)])
 def test_device_names_map_to_datasheets(name, key):
     assert gpu_spec_for(name) == (GPUS[key] if key else None)
