@@ -219,6 +219,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{name} {v}: expected a positive multiple of {multiple}")
     if args.max_images < 0:
         raise UsageError(f"--max-images {args.max_images}: expected 0 (skip the parity check) or more")
+    if args.device == "cuda":
+        # Checked before any work: the device is first used by the parity step (or the AOTInductor build), after
+        # every artifact has been written.
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: this machine (or this torch build) has no CUDA device; use --device cpu")
+        if args.max_images > 0 and args.msda == "gather":
+            from export.runtime import ort_providers
+
+            try:
+                ort_providers("cuda")
+            except ValueError as e:
+                raise UsageError(f"--device cuda: the parity check runs ONNX Runtime on CUDA, but {e}") from None
     if args.data is not None and args.max_images > 0:
         from export.report import evaluation_sources
 

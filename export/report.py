@@ -15,6 +15,7 @@ For each artifact, against the reference on the same batches:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -144,7 +145,10 @@ def evaluate_parity(reference: Segmenter, artifacts: dict[str, Segmenter], sampl
             logits, pred = seg.run(images)
             logits, pred = logits.float().cpu(), pred.cpu()
             seconds[name] += time.perf_counter() - start
-            max_err[name] = max(max_err[name], float((logits - ref_logits).abs().max()))
+            # NaN-aware: Python's max() drops a NaN (nan > x is False), and NaN logits are how a broken fp16 graph
+            # fails; they must show as an infinite error, not as 0.
+            err = float((logits - ref_logits).abs().nan_to_num(nan=math.inf).max())
+            max_err[name] = max(max_err[name], err)
             agree[name] += int((pred.long() == ref_labels.long()).sum())
             for i, s in enumerate(batch):
                 matrices[name][s.domain].update(pred[i].long(), labels[i])

@@ -134,3 +134,38 @@ def test_evaluation_folder_in_an_unknown_layout_is_refused_before_exporting(tmp_
     assert code == 2
     assert_one_error_line(err, str(data), "manifest.json", "leftImg8bit/val")
     assert not (tmp_path / "o" / "model.onnx").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_before_exporting(tmp_path, capsys):
+    code, _, err = run_cli(["--random-init", "--config", "tiny", "--height", "64", "--width", "64", "--device", "cuda",
+                            "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "--device cuda", "no CUDA device", "--device cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_logits_are_an_infinite_error_not_zero():
+    # Python's max() drops NaN (nan > x is False): a broken fp16 graph's NaN logits once read as error 0.
+    from export.report import EvalSample, evaluate_parity
+
+    class Reference:
+        def run(self, images):
+            logits = torch.zeros(len(images), 19, 2, 2)
+            logits[:, 0] = 1.0
+            return logits, torch.zeros(len(images), 4, 4, dtype=torch.int64)
+
+    class Broken(Reference):
+        def __init__(self, bad_batch):
+            self.calls, self.bad_batch = 0, bad_batch
+
+        def run(self, images):
+            logits, labels = super().run(images)
+            self.calls += 1
+            return (logits.fill_(float("nan")) if self.calls == self.bad_batch else logits), labels
+
+    samples = [EvalSample(torch.zeros(3, 4, 4), torch.zeros(4, 4, dtype=torch.int64), "source", f"{i}.png")
+               for i in range(3)]
+    result = evaluate_parity(Reference(), {"first": Broken(1), "last": Broken(3), "fine": Broken(0)}, samples)
+    errors = {name: a["max_abs_logit_error"] for name, a in result["artifacts"].items()}
+    assert errors == {"first": float("inf"), "last": float("inf"), "fine": 0.0}
