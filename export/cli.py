@@ -110,33 +110,12 @@ def find_latest_checkpoint(runs: Path = RUNS_DIR) -> Path | None:
     return None
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def model_config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, a's value, b's value) for every ``model.*`` key on which two config dicts disagree, ignoring the
-    path of the DINOv2 file (the same weights may live anywhere)."""
-    fa, fb = _flatten({"model": a.get("model", {})}), _flatten({"model": b.get("model", {})})
-    ignored = {"model.backbone.checkpoint"}
-    # Backbone keys first: they are what usually tells two configs apart (width, depth).
-    keys = sorted(set(fa) | set(fb), key=lambda k: (not k.startswith("model.backbone."), k))
-    return [(k, fa.get(k), fb.get(k)) for k in keys if k not in ignored and fa.get(k) != fb.get(k)]
-
-
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, Path | None]:
     """(model in eval mode, config, checkpoint path or None for --random-init); UsageError on bad input."""
     import torch
 
     from qd_core import build_student, load_config
-    from qd_core.checkpoint import CheckpointError, load_student, read_student_meta
+    from qd_core.checkpoint import CheckpointError, load_student, model_config_differences, read_student_meta
     from qd_core.config import ConfigError
 
     if args.random_init:

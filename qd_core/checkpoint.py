@@ -42,6 +42,8 @@ STUDENT_FORMAT = "querydiff-student"
 STUDENT_VERSION = 1
 # Student-meta key of the SHA-256 of the backbone file a student without frozen weights was trained with.
 BACKBONE_HASH_KEY = "backbone_sha256"
+# The id save_student writes into both the .safetensors metadata and the .json of one checkpoint.
+PAIR_KEY = "pair_id"
 POS_EMBED_KEY = "pos_embed"
 PATCH_WEIGHT_KEY = "patch_embed.proj.weight"
 # Keys under which training frameworks nest the actual state dict (mmengine/DINOv2 training checkpoints).
@@ -301,8 +303,11 @@ def save_student(model: nn.Module, cfg: Config, path: PathLike, *, include_froze
             raise ValueError(f"save_student(include_frozen=False) would drop trainable backbone parameters: "
                              f"{_listing(trainable)}")
         state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    # One id in both files: each is written atomically but separately, and an interruption between the two writes
+    # would otherwise pair new weights with the old JSON (and its config) without a word.
+    pair_id = uuid.uuid4().hex
     meta: dict[str, Any] = {"config": cfg.to_dict(), "format": STUDENT_FORMAT, "version": STUDENT_VERSION,
-                            "include_frozen": bool(include_frozen)}
+                            "include_frozen": bool(include_frozen), PAIR_KEY: pair_id}
     backbone_file = cfg.model.backbone.checkpoint
     if not include_frozen and backbone_file and Path(backbone_file).is_file():
         meta[BACKBONE_HASH_KEY] = file_sha256(backbone_file)
@@ -315,7 +320,7 @@ def save_student(model: nn.Module, cfg: Config, path: PathLike, *, include_froze
         text = json.dumps(meta, indent=2) + "\n"
     except (TypeError, ValueError) as e:
         raise ValueError(f"extra: expected JSON-serialisable values ({e})") from None
-    save_state_file(state, weights_path, metadata={"format": STUDENT_FORMAT})
+    save_state_file(state, weights_path, metadata={"format": STUDENT_FORMAT, PAIR_KEY: pair_id})
     atomic_write(meta_path, lambda tmp: tmp.write_text(text))
     return weights_path
 
@@ -343,6 +348,25 @@ def read_student_meta(path: PathLike) -> dict[str, Any]:
     return meta
 
 
+def _check_pair(weights_path: Path, meta_path: Path) -> None:
+    """The .safetensors and the .json must come from one save_student call (checkpoints written before the id
+    existed carry none and are not judged)."""
+    if weights_path.suffix != ".safetensors" or not meta_path.is_file():
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            weights_id = (f.metadata() or {}).get(PAIR_KEY)
+        meta_id = json.loads(meta_path.read_text()).get(PAIR_KEY)
+    except (OSError, ValueError, AttributeError, SafetensorError):
+        return  # unreadable files are reported by their own readers
+    if weights_id and meta_id and weights_id != meta_id:
+        raise CheckpointError(f"student checkpoint '{weights_path}' and '{meta_path}' come from different saves "
+                              f"(one was interrupted between writing the two): save the student again, or use "
+                              f"another checkpoint")
+
+
 def load_student_weights(model: nn.Module, path: PathLike, *, backbone_checkpoint: PathLike | None = None) -> None:
     """Load a student ``.safetensors`` into ``model`` (which has a ``backbone`` submodule).
 
@@ -351,8 +375,9 @@ def load_student_weights(model: nn.Module, path: PathLike, *, backbone_checkpoin
     differs from the one recorded at save time raises CheckpointError. Any other missing, unexpected or
     mis-shaped key raises CheckpointError listing them.
     """
-    weights_path, _ = student_paths(path)
+    weights_path, meta_path = student_paths(path)
     state = load_torch_file(weights_path)
+    _check_pair(weights_path, meta_path)
     prefix = _backbone_prefix(model)
     expected = model.state_dict()
     backbone_keys = {k for k in expected if k.startswith(prefix)}
@@ -389,6 +414,27 @@ def with_zero_biases_added(expected: Mapping[str, Tensor], state: Mapping[str, T
     return out
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def model_config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, a's value, b's value) for every ``model.*`` key on which two config dicts disagree, ignoring the
+    path of the DINOv2 file (the same weights may live anywhere)."""
+    fa, fb = _flatten({"model": a.get("model", {})}), _flatten({"model": b.get("model", {})})
+    ignored = {"model.backbone.checkpoint"}
+    # Backbone keys first: they are what usually tells two configs apart (width, depth).
+    keys = sorted(set(fa) | set(fb), key=lambda k: (not k.startswith("model.backbone."), k))
+    return [(k, fa.get(k), fb.get(k)) for k in keys if k not in ignored and fa.get(k) != fb.get(k)]
+
+
 def _check_backbone_file(path: Path, recorded: str | None, student: Path) -> None:
     """The backbone file must be the one the student was trained with (when its hash was recorded)."""
     if recorded is None or not path.is_file():  # older checkpoints; a missing file is reported by the loader
@@ -411,6 +457,13 @@ def load_student(path: PathLike, overrides: Sequence[str] = (), *,
         cfg = config_from_dict(apply_overrides(meta["config"], overrides))
     except ConfigError as e:
         raise ConfigError(f"{meta_path}: {e}") from None
+    # Overrides that keep every weight's shape (heads, norm eps, ...) would load cleanly and compute something
+    # else: the model is the one the weights were trained as. Only where its DINOv2 file lives may change.
+    diffs = model_config_differences(meta["config"], cfg.to_dict())
+    if diffs:
+        shown = "; ".join(f"{k} = {va!r} (checkpoint) vs {vb!r}" for k, va, vb in diffs[:4])
+        raise ConfigError(f"{meta_path}: overrides may not change the model the weights were trained as ({shown}); "
+                          f"only model.backbone.checkpoint may point elsewhere")
     from qd_core.model import build_student  # late: the model module imports far more than checkpoint needs
 
     # Build without the DINOv2 file: load_student_weights reads it only if the student file lacks the backbone,
@@ -450,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dinov2_backbone_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The ViT of a DINOv2 state dict. A DINOv2 *training* checkpoint's ``teacher`` (or ``student``) dict holds it
+    under ``backbone.`` beside the ``dino_head``/``ibot_head`` projection heads: those are dropped and the prefix
+    removed, as DINOv2's own loader does. A released ``dinov2_vit*_pretrain.pth`` is returned as it is."""
+    if PATCH_WEIGHT_KEY in state or f"backbone.{PATCH_WEIGHT_KEY}" not in state:
+        return dict(state)
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
 def _convert_command(args: argparse.Namespace) -> None:
     # The flags are checked under their own names before the (large) input is read.
     for flag in ("kernel", "height", "width"):
@@ -457,10 +519,16 @@ def _convert_command(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive integer")
     if args.height % args.kernel or args.width % args.kernel:
         raise ValueError(f"--height {args.height} --width {args.width}: expected multiples of --kernel {args.kernel}")
+    if args.height != args.width:
+        # The backbone holds a square position grid (model.backbone.pos_grid_size) and resizes it per input.
+        raise ValueError(f"--height {args.height} --width {args.width}: expected one square size, the config's "
+                         f"model.backbone.pos_grid_size (512 for vitl16_512, 1024 for vitl16_1024)")
     out = Path(args.output)
+    if out.is_dir():
+        raise CheckpointError(f"'{out}' is a folder: expected the path of the .safetensors file to write")
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"'{out}' already exists: pass --overwrite to replace it")
-    state = load_torch_file(args.input)
+    state = dinov2_backbone_state(load_torch_file(args.input))
     converted = convert_dinov2(state, patch_size=args.kernel, height=args.height, width=args.width)
     save_state_file(converted, out)
     changed = [k for k in converted if converted[k] is not state[k]]
@@ -482,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _convert_command(args)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only folder, a full disk, a file where a folder should be
+        print(f"error: cannot write '{args.output}': {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

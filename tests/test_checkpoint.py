@@ -19,7 +19,7 @@ from qd_core.backbone import DinoVisionTransformer
 from qd_core.checkpoint import (CheckpointError, convert_dinov2, load_backbone_checkpoint, load_student,
                                 load_student_weights, load_torch_file, main, save_state_file, save_student,
                                 state_dict_mismatch)
-from qd_core.config import BackboneConfig, Config, load_config
+from qd_core.config import BackboneConfig, Config, ConfigError, load_config
 from qd_core.reins import LoRAReins
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,13 +220,13 @@ def tiny_official(tmp_path) -> Path:
 
 def test_cli_converts_and_reports_what_changed(tiny_official, tmp_path, capsys):
     out = tmp_path / "converted.safetensors"
-    assert main(["convert-dinov2", str(tiny_official), str(out), "--height", "64", "--width", "96"]) == 0
+    assert main(["convert-dinov2", str(tiny_official), str(out), "--height", "64", "--width", "64"]) == 0
     converted = load_file(str(out))
-    expected = convert_dinov2(torch.load(tiny_official, weights_only=True), patch_size=16, height=64, width=96)
+    expected = convert_dinov2(torch.load(tiny_official, weights_only=True), patch_size=16, height=64, width=64)
     assert converted.keys() == expected.keys()
     assert all(torch.equal(converted[k], expected[k]) for k in expected)
     printed = capsys.readouterr().out
-    assert "pos_embed: (1, 1370, 8) -> (1, 25, 8)" in printed
+    assert "pos_embed: (1, 1370, 8) -> (1, 17, 8)" in printed
     assert "patch_embed.proj.weight: (8, 3, 14, 14) -> (8, 3, 16, 16)" in printed
     assert f"{len(expected) - 2} other tensors unchanged" in printed
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
@@ -240,6 +240,36 @@ def test_cli_refuses_to_overwrite_without_the_flag(tiny_official, tmp_path, caps
     assert out.read_bytes() == b"keep me"
     assert main(["convert-dinov2", str(tiny_official), str(out), "--overwrite", "--height", "32", "--width", "32"]) == 0
     assert load_torch_file(out)["pos_embed"].shape == (1, 5, 8)
+
+
+def test_cli_refuses_what_no_backbone_could_load_or_no_file_could_hold(tiny_official, tmp_path, capsys):
+    # The backbone keeps a square position grid; a non-square one converted fine and then never loaded.
+    out = tmp_path / "converted.safetensors"
+    assert main(["convert-dinov2", str(tiny_official), str(out), "--height", "64", "--width", "96"]) == 2
+    assert "expected one square size" in capsys.readouterr().err and not out.exists()
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    assert main(["convert-dinov2", str(tiny_official), str(folder), "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["convert-dinov2", str(tiny_official), str(tmp_path / "afile" / "x.safetensors"), "--height", "32",
+                 "--width", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write '{tmp_path / 'afile' / 'x.safetensors'}'") and err.count("\n") == 1
+
+
+def test_a_dinov2_training_checkpoints_teacher_backbone_converts(tiny_official, tmp_path):
+    # DINOv2 saves {"teacher": {"backbone.*": ..., "dino_head.*": ..., "ibot_head.*": ...}} while it trains.
+    state = torch.load(tiny_official, weights_only=True)
+    wrapped = {"teacher": {**{f"backbone.{k}": v for k, v in state.items()},
+                           "dino_head.mlp.0.weight": torch.zeros(4, 8), "ibot_head.last_layer.weight": torch.zeros(4)}}
+    torch.save(wrapped, tmp_path / "training.pth")
+    assert main(["convert-dinov2", str(tmp_path / "training.pth"), str(tmp_path / "a.safetensors"), "--height", "32",
+                 "--width", "32"]) == 0
+    assert main(["convert-dinov2", str(tiny_official), str(tmp_path / "b.safetensors"), "--height", "32", "--width",
+                 "32"]) == 0
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_takes_the_reference_tools_flags(tiny_official, tmp_path, capsys):
@@ -317,6 +347,7 @@ def test_student_round_trip_with_a_random_backbone(tmp_path):
     path = save_student(model, cfg, tmp_path / "student", extra={"step": 7})
     assert path == tmp_path / "student.safetensors"
     meta = json.loads((tmp_path / "student.json").read_text())
+    assert len(meta.pop("pair_id")) == 32  # also in the weights' metadata: the two files belong together
     assert meta == {"config": cfg.to_dict(), "format": "querydiff-student", "version": 1, "include_frozen": True,
                     "step": 7}
     assert any(k.startswith("backbone.") for k in load_file(str(path)))
@@ -443,6 +474,32 @@ def test_load_student_rebuilds_the_tiny_student(tmp_path):
     assert loaded_cfg.inference.mode == "whole" and loaded_cfg.model == cfg.model
     assert not loaded.training
     assert_same_state(loaded, model)
+
+
+def test_load_student_refuses_overrides_that_change_the_trained_model(tmp_path):
+    # Same weight shapes, other computation: this loaded cleanly and predicted something else.
+    from qd_core.model import build_student
+
+    cfg = load_config("tiny")
+    path = save_student(build_student(cfg), cfg, tmp_path / "student")
+    for override in ("model.backbone.num_heads=4", "model.backbone.layer_norm_eps=0.5"):
+        with pytest.raises(ConfigError, match=rf"overrides may not change the model .*{override.split('=')[0]}"):
+            load_student(path, overrides=[override])
+
+
+def test_weights_and_json_of_two_different_saves_are_refused(tmp_path):
+    # An interruption between the two atomic writes of a save pairs new weights with the old JSON.
+    from qd_core.model import build_student
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    first = save_student(build_student(cfg), cfg, tmp_path / "a" / "student", extra={"step": 100})
+    torch.manual_seed(1)
+    second = save_student(build_student(cfg), cfg, tmp_path / "b" / "student", extra={"step": 200})
+    first.with_suffix(".json").write_text(second.with_suffix(".json").read_text())
+    with pytest.raises(CheckpointError, match="come from different saves"):
+        load_student(first)
+    load_student(second)
 
 
 def test_load_student_reads_the_backbone_from_the_checkpoint_named_by_an_override(tmp_path):

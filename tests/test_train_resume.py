@@ -165,3 +165,21 @@ def test_a_missing_validation_folder_fails_before_the_first_step(tmp_path: Path,
     with pytest.raises(FileNotFoundError, match="nowhere"):
         run_training(cfg, files, progress=False)
     assert not files.metrics.exists() and not files.state.exists()
+
+
+def test_resume_refuses_a_backbone_file_replaced_since_the_run_began(tmp_path: Path, data_root: Path) -> None:
+    # The training state leaves the frozen DINOv2 weights out; the run continued on whatever file sat there.
+    from qd_core.checkpoint import save_state_file
+    from qd_core.model import build_student
+
+    cfg = tiny_config(data_root, "train.iters=3")
+    dino = tmp_path / "dino.safetensors"
+    torch.manual_seed(0)
+    save_state_file(build_student(cfg).backbone.state_dict(), dino)
+    with_file = tiny_config(data_root, "train.iters=3", f"model.backbone.checkpoint={str(dino)!r}")
+    files = RunFiles(tmp_path / "run")
+    run_training(copy.deepcopy(with_file), files, stop_at=1, progress=False)
+    torch.manual_seed(1)
+    save_state_file(build_student(cfg).backbone.state_dict(), dino)  # same shapes, other weights
+    with pytest.raises(ValueError, match="but the run was trained on a backbone with"):
+        run_training(copy.deepcopy(with_file), files, resume=True, progress=False)

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -30,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from qd_core.checkpoint import save_student, with_zero_biases_added
+from qd_core.checkpoint import file_sha256, save_student, with_zero_biases_added
 from qd_core.config import Config
 from qd_core.data import TrainTransform
 from qd_core.losses import HungarianMatcher, Mask2FormerLoss
@@ -130,6 +131,9 @@ class Trainer:
         self.dataset = build_dataset(cfg.data.train, cfg, train_transform(cfg), seed=tr.seed)
         self.dataset.keep_decoded(cfg.data.keep_decoded)
         self.val_specs = val_specs(cfg)
+        # The training state leaves a DINOv2 file's weights out; its hash ties a resume to the same file.
+        backbone_file = Path(cfg.model.backbone.checkpoint) if cfg.model.backbone.checkpoint else None
+        self.backbone_sha256 = file_sha256(backbone_file) if backbone_file and backbone_file.is_file() else None
         for spec in self.val_specs:
             # Listed now (not rebuilt until each evaluation): a mistyped data.val root fails before the first step,
             # not thousands of steps later at the first evaluation.
@@ -257,6 +261,7 @@ class Trainer:
         return {
             "step": self.step,
             "best": self.best,
+            "backbone_sha256": self.backbone_sha256,
             "global_micro_batch": self.global_micro_batch,
             "grad_accum": self.cfg.train.grad_accum,
             "model": model,
@@ -280,6 +285,11 @@ class Trainer:
                              f"{state['global_micro_batch']} and grad_accum = {state['grad_accum']}, now "
                              f"{self.global_micro_batch} and {self.cfg.train.grad_accum}; the data order needs the "
                              f"same global batch")
+        recorded = state.get("backbone_sha256")  # absent from states saved before it was recorded
+        if recorded and self.backbone_sha256 and recorded != self.backbone_sha256:
+            raise ValueError(f"--resume: backbone checkpoint '{self.cfg.model.backbone.checkpoint}' has SHA-256 "
+                             f"{self.backbone_sha256[:16]}…, but the run was trained on a backbone with "
+                             f"{recorded[:16]}…; point model.backbone.checkpoint at that file")
         if (state["guidance"] is None) != (self.guidance is None):
             raise ValueError(f"--resume: the run was trained with teacher.enabled="
                              f"{state['guidance'] is not None}, the config now says {self.guidance is not None}")
