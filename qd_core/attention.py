@@ -7,16 +7,19 @@ Three kinds of attention run in the student:
 
 Backend choice (``QD_ATTENTION`` overrides it): ``triton`` for CUDA tensors, ``torch`` elsewhere. ``sdpa`` uses
 ``F.scaled_dot_product_attention`` (with a materialised mask for the masked kind); ``xformers`` and ``flex`` are
-GPU-only options. While tracing for export (torch.jit / torch.onnx / torch.export) the ``torch`` path is always
-taken, so exported graphs never contain a Triton call; so is it under torch.compile, unless ``QD_ATTENTION=triton``
-names the kernels and no gradient is wanted: they then enter the compiled graph as custom operators
-(``kernels.ops``, ``torch.ops.qd.*``), which Inductor calls between the kernels it fuses around them. The pixel
-decoder's deformable attention (``qd_core.head.msda``) follows the same choice: its Triton sampling core wherever
-``backend_for`` says ``triton``; so do the refinement's depthwise convolutions (``qd_core.head.refine``) where no
-gradient is wanted, and the full-size labels (``QueryDiffStudent.full_size_labels``).
+GPU-only options, refused where not installed (``flex`` applies the mask as a score modification). While tracing
+for export (torch.jit / torch.onnx / torch.export) the ``torch`` path is always taken, so exported graphs never
+contain a Triton call; so is it under torch.compile, unless ``QD_ATTENTION=triton`` names the kernels and no
+gradient is wanted: they then enter the compiled graph as custom operators (``kernels.ops``, ``torch.ops.qd.*``),
+which Inductor calls between the kernels it fuses around them. The pixel decoder's deformable attention
+(``qd_core.head.msda``) follows the same choice: its Triton sampling core wherever ``backend_for`` says ``triton``;
+so do the refinement's depthwise convolutions (``qd_core.head.refine``) where no gradient is wanted, and the
+full-size labels (``QueryDiffStudent.full_size_labels``).
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -37,6 +40,15 @@ def is_tracing() -> bool:
             or torch.onnx.is_in_onnx_export())
 
 
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported (looked up once: backend_for runs on every attention call)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
+
+
 def backend_for(t: Tensor) -> str:
     """The implementation used for tensor ``t`` (see module docstring)."""
     forced = os.environ.get("QD_ATTENTION", "").strip().lower()
@@ -50,7 +62,10 @@ def backend_for(t: Tensor) -> str:
             return "triton"
         return "torch"
     if forced:
-        if forced in ("xformers", "flex") and not t.is_cuda:
+        module = {"xformers": "xformers.ops", "flex": "torch.nn.attention.flex_attention"}.get(forced)
+        if module is not None and not _importable(module):
+            raise ValueError(f"QD_ATTENTION={forced}: {module} is not installed here")
+        if module is not None and not t.is_cuda:
             raise ValueError(f"QD_ATTENTION={forced}: this backend needs CUDA tensors, got {t.device}")
         return forced
     return "triton" if t.is_cuda else "torch"
@@ -128,8 +143,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, al
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               attn_bias=bias, scale=scale)
         return out.transpose(1, 2)
-    if backend == "flex" and allowed is None:
+    if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, scale=scale)
+        if allowed is None:
+            return flex_attention(q, k, v, scale=scale)
+        # The mask as a score modification read from the (broadcast, not copied) boolean tensor.
+        full = allowed.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+        def blocked_to_minus_inf(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+            return torch.where(full[b, h, qi, kv], score, -float("inf"))
+
+        return flex_attention(q, k, v, score_mod=blocked_to_minus_inf, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)

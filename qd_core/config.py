@@ -349,6 +349,9 @@ def validate(cfg: Config) -> Config:
          "[h, w], positive multiples of 32")
     need(len(inf.stride) == 2 and all(0 < s for s in inf.stride), "inference.stride", inf.stride,
          "[h, w], positive integers")
+    # A stride beyond the window leaves pixels no window covers (mmseg asserts against it too).
+    need(all(s <= w for s, w in zip(inf.stride, inf.window)), "inference.stride", inf.stride,
+         f"no larger than inference.window {inf.window}")
     need(type(inf.window_batch) is int and inf.window_batch >= 1, "inference.window_batch", inf.window_batch,
          "a positive integer")
     return cfg

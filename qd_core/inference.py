@@ -41,8 +41,9 @@ def pad_to(images: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def padded_size(h: int, w: int, multiple: int, min_size: tuple[int, int] = (0, 0)) -> tuple[int, int]:
-    """(h, w) rounded up to a multiple of ``multiple`` and to at least ``min_size``."""
-    return max(-(-h // multiple) * multiple, min_size[0]), max(-(-w // multiple) * multiple, min_size[1])
+    """(h, w) raised to at least ``min_size``, then rounded up to a multiple of ``multiple`` (in that order: a window
+    that is not itself a multiple must not be the padded size)."""
+    return -(-max(h, min_size[0]) // multiple) * multiple, -(-max(w, min_size[1]) // multiple) * multiple
 
 
 def run_padded(fn: LogitsFn, images: Tensor, multiple: int, min_size: tuple[int, int] = (0, 0)) -> Tensor:
@@ -83,4 +84,7 @@ def slide_inference(fn: LogitsFn, images: Tensor, window: tuple[int, int], strid
             for i, (y1, y2, x1, x2) in enumerate(chunk):
                 logits[:, :, y1:y2, x1:x2] += out[i * b:(i + 1) * b, :, :y2 - y1, :x2 - x1]
                 count[:, :, y1:y2, x1:x2] += 1
+    if not bool((count > 0).all()):  # mmseg asserts the same: 0/0 would give NaN logits and silent label 0
+        raise ValueError(f"inference.stride {list(stride)} leaves pixels no window {list(window)} covers: expected "
+                         f"a stride no larger than the window")
     return logits / count

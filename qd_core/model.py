@@ -10,6 +10,8 @@ The diffusion teacher is not part of this module; training attaches it to ``Stud
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +35,9 @@ SIZE_MULTIPLE = 32
 
 
 def input_size_multiple(cfg: Config) -> int:
-    """What the student's input H and W must be multiples of (its forward pads to it; 32 for patch 16)."""
-    return max(SIZE_MULTIPLE, 2 * cfg.model.backbone.patch_size)
+    """What the student's input H and W must be multiples of (its forward pads to it): both 32 and twice the patch
+    (the even token grid), e.g. 32 for patch 16 and 224 for DINOv2's own patch 14."""
+    return math.lcm(SIZE_MULTIPLE, 2 * cfg.model.backbone.patch_size)
 
 
 @dataclass

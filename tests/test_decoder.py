@@ -334,3 +334,33 @@ def test_bad_input_raises_a_value_error_naming_the_argument(which: str) -> None:
         query_pos = query_pos[0]
     with pytest.raises(ValueError, match=which):
         MaskedAttentionDecoder(cfg)(mask_features, memories, query_pos)
+
+
+def test_flex_applies_the_mask_as_the_other_backends_do(monkeypatch):
+    # QD_ATTENTION=flex once fell through to SDPA for every masked attention. FlexAttention runs eagerly on the CPU
+    # (slowly, with a warning), which is enough to check the mask it is given.
+    import qd_core.attention as attention
+    from kernels import masked_attention_reference
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask_embed, mask_feats = torch.randn(2, 5, 4), torch.randn(2, 4, 7)
+    mask_embed[0, 1] = -mask_feats[0].mean(dim=1) * 100  # a query likely to have every key blocked
+    monkeypatch.setattr(attention, "backend_for", lambda t: "flex")
+    out = attention.masked_attention(q, k, v, mask_embed, mask_feats)
+    torch.testing.assert_close(out, masked_attention_reference(q, k, v, mask_embed, mask_feats), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_an_attention_backend_that_is_not_installed_is_refused_by_name(monkeypatch):
+    import importlib.util
+
+    import qd_core.attention as attention
+
+    if importlib.util.find_spec("xformers") is None:
+        monkeypatch.setenv("QD_ATTENTION", "xformers")
+        with pytest.raises(ValueError, match="QD_ATTENTION=xformers: xformers.ops is not installed here"):
+            attention.backend_for(torch.zeros(1))
+    monkeypatch.setenv("QD_ATTENTION", "flex")  # installed with torch, but CUDA only
+    with pytest.raises(ValueError, match="QD_ATTENTION=flex: this backend needs CUDA tensors"):
+        attention.backend_for(torch.zeros(1))

@@ -91,6 +91,45 @@ def test_image_smaller_than_window_is_padded_to_window_and_cropped_back():
     torch.testing.assert_close(out, images[:, :2] * 2)
 
 
+def test_a_window_that_is_not_a_multiple_is_padded_up_to_one():
+    # Window 96 with multiple 64 (patch 32): a crop smaller than the window went to the model at 96.
+    seen = []
+
+    def fn(x):
+        seen.append(tuple(x.shape[-2:]))
+        return x[:, :2]
+
+    images = torch.randn(1, 3, 50, 200)
+    out = slide_inference(fn, images, (96, 96), (64, 64), num_classes=2, multiple=64)
+    assert seen and all(h % 64 == 0 and w % 64 == 0 for h, w in seen)
+    torch.testing.assert_close(out, images[:, :2])
+
+
+def test_a_stride_beyond_the_window_is_refused_not_turned_into_nan():
+    # Uncovered pixels had 0/0 logits, and the NaN argmax gave them class 0 without a word.
+    with pytest.raises(ValueError, match=r"leaves pixels no window \[64, 64\] covers"):
+        slide_inference(lambda x: x[:, :2], torch.zeros(1, 3, 64, 300), (64, 64), (160, 160), num_classes=2)
+    from qd_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="inference.stride"):
+        load_config("tiny", ["inference.stride=[160,160]"])
+
+
+def test_the_input_multiple_holds_for_a_patch_that_does_not_divide_16():
+    # DINOv2's own patch 14: max(32, 28) = 32 is no multiple of 14, and every predict failed in the backbone.
+    from qd_core.config import load_config
+    from qd_core.model import build_student, input_size_multiple
+
+    cfg = load_config("tiny", ["model.backbone.patch_size=14", "model.backbone.pos_grid_size=112",
+                               "inference.window=[224,224]", "inference.stride=[224,224]"])
+    assert input_size_multiple(cfg) == 224 and input_size_multiple(load_config("tiny")) == 32
+    torch.manual_seed(0)
+    model = build_student(cfg).eval()
+    with torch.no_grad():
+        for mode in ("whole", "slide"):
+            assert model.predict(torch.randn(1, 3, 100, 120), mode=mode).shape == (1, 100, 120)
+
+
 def test_whole_pads_to_multiple_and_crops():
     images = torch.randn(1, 3, 40, 70)
     seen = []
