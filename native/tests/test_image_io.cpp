@@ -40,7 +40,8 @@ void write_jpeg(const fs::path& path, const std::uint8_t* pixels, int h, int w, 
   info.image_width = static_cast<JDIMENSION>(w);
   info.image_height = static_cast<JDIMENSION>(h);
   info.input_components = channels;
-  info.in_color_space = channels == 3 ? JCS_RGB : JCS_GRAYSCALE;
+  // 4 channels: CMYK, stored as CMYK with an Adobe marker (what jpeg_set_defaults picks for it).
+  info.in_color_space = channels == 4 ? JCS_CMYK : channels == 3 ? JCS_RGB : JCS_GRAYSCALE;
   jpeg_set_defaults(&info);
   jpeg_set_quality(&info, quality, TRUE);
   jpeg_start_compress(&info, TRUE);
@@ -148,27 +149,7 @@ QD_TEST(image_io, cmyk_jpeg_converts_as_pillow_does) {
   const int h = 16, w = 16;
   std::vector<std::uint8_t> stored;
   for (int i = 0; i < h * w; ++i) stored.insert(stored.end(), {255, 155, 55, 205});  // C 0, M 100, Y 200, K 50
-  FILE* file = std::fopen(path.c_str(), "wb");
-  CHECK(file != nullptr);
-  jpeg_compress_struct info;
-  jpeg_error_mgr errors;
-  info.err = jpeg_std_error(&errors);
-  jpeg_create_compress(&info);
-  jpeg_stdio_dest(&info, file);
-  info.image_width = w;
-  info.image_height = h;
-  info.input_components = 4;
-  info.in_color_space = JCS_CMYK;
-  jpeg_set_defaults(&info);  // CMYK in, CMYK stored, with an Adobe marker
-  jpeg_set_quality(&info, 100, TRUE);
-  jpeg_start_compress(&info, TRUE);
-  while (info.next_scanline < info.image_height) {
-    JSAMPROW row = &stored[static_cast<size_t>(info.next_scanline) * w * 4];
-    jpeg_write_scanlines(&info, &row, 1);
-  }
-  jpeg_finish_compress(&info);
-  jpeg_destroy_compress(&info);
-  std::fclose(file);
+  write_jpeg(path, stored.data(), h, w, 4, 100);
   const qd::Image im = qd::read_image(path);
   CHECK_EQ(im.rgb.size(), static_cast<size_t>(h * w * 3));
   // K = 50: 255-K = 205; R = 205 - 0 = 205, G = 205 - 100·205/255 ≈ 125, B = 205 - 200·205/255 ≈ 44.
