@@ -122,7 +122,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     """Triton sampling core of multi-scale deformable attention (Deformable DETR), forward and backward.
 
     Args:
-        value: (B, S, H, dh) per-head values of all levels (row-major per level, concatenated), any float dtype,
+        value: (B, S, H, dh) per-head values of all levels (row-major per level, concatenated), fp32, fp16 or bf16,
             read as fp32; dh ≤ 256.
         spatial_shapes: (L, 2) integer (h, w) per level; level_start_index: (L,) integer offsets in S; both on
             value's device.
@@ -146,8 +146,8 @@ def semantic_labels(class_probs: Tensor, mask_logits: Tensor, size: tuple[int, i
     """Triton full-size labels: resize, sigmoid, class product and argmax in one pass, only the labels written.
 
     Args:
-        class_probs: (B, Q, K) class probabilities per query (no no-object column), any float dtype; K ≤ 256.
-        mask_logits: (B, Q, h, w) mask logits, any float dtype.
+        class_probs: (B, Q, K) class probabilities per query (no no-object column), fp32, fp16 or bf16; K ≤ 256.
+        mask_logits: (B, Q, h, w) mask logits, fp32, fp16 or bf16.
         size: (H, W) of the labels; the mask logits are resized bilinearly (``align_corners=False``).
     Returns:
         (B, H, W) int32, as ``semantic_labels_reference`` (except where two classes tie to within rounding).
@@ -163,7 +163,7 @@ def depthwise_conv3x3(x: Tensor, weights: list[Tensor], dilations: list[int]) ->
 
     Args:
         x: (B, C, H, W) fp32/fp16/bf16, best channels-last (other layouts are copied to it).
-        weights: (C, 1, 3, 3) depthwise weights, one per dilation, any float dtype.
+        weights: (C, 1, 3, 3) depthwise weights, one per dilation, fp32, fp16 or bf16.
         dilations: positive ints; padding = dilation, stride 1, no bias.
     Returns:
         One (B, C, H, W) channels-last tensor in x's dtype per dilation, as ``depthwise_conv3x3_reference``. Not

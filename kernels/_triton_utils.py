@@ -193,6 +193,9 @@ def checked_once(check: Callable[..., None]) -> Callable[..., None]:
     accepted: set[tuple] = set()
 
     def run(*tensors: torch.Tensor) -> None:
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            check(*tensors)  # it names the argument that is not a tensor (check_float)
+            return
         key = tuple([(t.shape, t.dtype, t.device) for t in tensors])
         if key not in accepted:
             check(*tensors)
@@ -205,6 +208,8 @@ def checked_once(check: Callable[..., None]) -> Callable[..., None]:
 
 def check_float(name: str, t: torch.Tensor) -> None:
     """Raise ValueError unless ``t`` is an fp32/fp16/bf16 tensor on a CUDA or CPU device."""
+    if not isinstance(t, torch.Tensor):  # a list or a numpy array (whose dtype would print like a torch one)
+        raise ValueError(f"{name}: expected a torch.Tensor (float32, float16 or bfloat16), got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{name}: expected a float32, float16 or bfloat16 tensor, got {t.dtype}")
     if t.device.type not in ("cuda", "cpu"):

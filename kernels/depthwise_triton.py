@@ -109,7 +109,7 @@ def depthwise_conv3x3(x: Tensor, weights: Sequence[Tensor], dilations: Sequence[
 
     Args:
         x: (B, C, H, W) fp32/fp16/bf16, any layout (copied to channels-last unless it is).
-        weights: (C, 1, 3, 3) depthwise weights, one per dilation, any float dtype (read as fp32).
+        weights: (C, 1, 3, 3) depthwise weights, one per dilation, fp32, fp16 or bf16 (read as fp32).
         dilations: positive ints, one per weight; the padding equals the dilation (same-size outputs).
     Returns:
         One (B, C, H, W) channels-last tensor in x's dtype per dilation.

@@ -89,6 +89,8 @@ def _check_inputs(class_probs: Tensor, mask_logits: Tensor) -> None:
     check_float("mask_logits", mask_logits)
     if mask_logits.dim() != 4:
         raise ValueError(f"mask_logits: expected (B, Q, h, w), got shape {tuple(mask_logits.shape)}")
+    if min(mask_logits.shape[2:]) < 1:  # the kernel would read its taps out of an empty tensor
+        raise ValueError(f"mask_logits: expected a non-empty (h, w), got shape {tuple(mask_logits.shape)}")
     b, nq = mask_logits.shape[:2]
     if class_probs.dim() != 3 or tuple(class_probs.shape[:2]) != (b, nq):
         raise ValueError(f"class_probs: expected ({b}, {nq}, K), got shape {tuple(class_probs.shape)}")
@@ -107,8 +109,8 @@ def semantic_labels(class_probs: Tensor, mask_logits: Tensor, size: tuple[int, i
 
     Args:
         class_probs: (B, Q, K) class probabilities of each query (the decoder's softmax without the no-object
-            column), any float dtype; K ≤ 256.
-        mask_logits: (B, Q, h, w) mask logits, any float dtype; the products are taken in this dtype.
+            column), fp32, fp16 or bf16; K ≤ 256.
+        mask_logits: (B, Q, h, w) mask logits, fp32, fp16 or bf16; the products are taken in this dtype.
         size: (H, W), the output size; the resize is bilinear with ``align_corners=False``.
     """
     _check_inputs(class_probs, mask_logits)

@@ -143,7 +143,8 @@ def _mask_bits_kernel(ME, MF, BITS, smeb, smeq, smec, smfb, smfc, smfl, sbb, sbq
     l_ok = offs_l < L
     logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
                           MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
-    bit = ((logits >= 0) & l_ok[None, :]).to(tl.int32)
+    # Open unless negative (``kernels.blocked_keys``: blocked where logit < 0): a NaN logit leaves its key open.
+    bit = ((~(logits < 0)) & l_ok[None, :]).to(tl.int32)
     # Distinct powers of two: their sum is their bitwise or (bit 31 included, as int32 wraps).
     shifted = tl.reshape(bit, (BLOCK_Q, WORDS, 32)) << tl.arange(0, 32)[None, None, :]
     words = tl.sum(shifted, axis=2)
@@ -184,7 +185,7 @@ def _open_keys(ME, MF, BITS, b, offs_q, q_ok, start, offs_l, l_ok, L, smeb, smeq
         return is_open
     logits = _mask_logits(ME, MF, b, offs_q, q_ok, offs_l, l_ok, smeb, smeq, smec, smfb, smfc, smfl,
                           MASK_DIM, BLOCK_Q, BLOCK_L, BLOCK_C, MASK_PRECISION, MASK_UPCAST)
-    return (logits >= 0) & l_ok[None, :]
+    return (~(logits < 0)) & l_ok[None, :]  # NaN open, as in kernels.blocked_keys
 
 
 @triton.autotune(configs=_fwd_configs(), key=["L", "NQ", "HEAD_DIM", "MASK_DIM", "FROM_BITS"],
@@ -526,7 +527,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tensor, mask_f
         q: (B, H, Q, d) queries, fp32/fp16/bf16; 1 ≤ Q ≤ 256, 1 ≤ d ≤ 256, and Q × d within what the kernels'
             tiles fit (``kernels.fit.masked_tiles_fit``: e.g. Q = 100 with d ≤ 32 in fp32, ≤ 128 in bf16).
         k, v: (B, H, L, d) keys and values (flattened memory), q's dtype and device.
-        mask_embed: (B, Q, C) mask embeddings; mask_feats: (B, C, L) mask features (any float dtype; not
+        mask_embed: (B, Q, C) mask embeddings; mask_feats: (B, C, L) mask features (fp32, fp16 or bf16; not
             differentiated). Key l is blocked for query i when their dot product is < 0, unless all of i's keys are.
         scale: logit scale, positive; default d ** -0.5.
     Returns:

@@ -12,7 +12,7 @@ Backward, one program per block of queries again: for each sample and corner, �
 attention weight's and the location's gradients (the location through the bilinear weights only, as in the
 reference: the floor has no gradient), and dValue receives weight · dOut by fp32 atomic adds (queries share corners).
 
-Inputs: value (B, S, H, dh) any float dtype (read as fp32), the level shapes (L, 2) and start offsets (L,) as int
+Inputs: value (B, S, H, dh) fp32, fp16 or bf16 (read as fp32), the level shapes (L, 2) and start offsets (L,) as int
 tensors on the device (no host reads: the call is capturable in a CUDA graph), locations (B, Nq, H, L, P, 2) and
 weights (B, Nq, H, L, P) in fp32. Output (B, Nq, H·dh) fp32.
 """

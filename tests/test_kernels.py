@@ -219,8 +219,9 @@ def test_kernels_reject_a_scale_that_is_not_positive_and_finite(scale):
 
 
 def test_outputs_and_gradients_keep_the_models_head_layout(mask_path):
-    """The model's q, k, v are (B, N, H, d) tensors seen as (B, H, N, d); outputs (and dQ/dK/dV of the agent
-    kernel) come back in that layout, so that their transpose back to (B, N, H·d) is a view, as after SDPA."""
+    """The model's q, k, v are (B, N, H, d) tensors seen as (B, H, N, d); outputs (and the agent kernel's dQ) come
+    back in that layout, so that their transpose back to (B, N, H·d) is a view, as after SDPA. (dK and dV, summed
+    from per-split partials, come back contiguous: same values, another layout.)"""
     torch.manual_seed(10)
 
     def heads(b: int, n: int, h: int, d: int) -> torch.Tensor:
@@ -235,6 +236,30 @@ def test_outputs_and_gradients_keep_the_models_head_layout(mask_path):
     out = kernels.masked_attention(q, k, v, me, mf)
     assert out.stride() == q.stride()
     torch.testing.assert_close(out, kernels.masked_attention_reference(q, k, v, me, mf), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [40, 1030])  # the per-tile mask and, from 1024 keys, the bit mask
+def test_a_nan_mask_logit_leaves_its_key_open_as_the_reference_does(keys):
+    # blocked_keys blocks where the logit is < 0, so NaN is open; the kernels' ">= 0" closed it.
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(1, 1, n, 16, device=DEVICE) for n in (4, keys, keys))
+    mask_embed = torch.ones(1, 4, 1, device=DEVICE)
+    mask_feats = torch.full((1, 1, keys), 2.0, device=DEVICE)
+    mask_feats[0, 0, 5] = float("nan")
+    out = kernels.masked_attention(q, k, v, mask_embed, mask_feats)
+    torch.testing.assert_close(out, kernels.masked_attention_reference(q, k, v, mask_embed, mask_feats),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_arguments_that_are_not_tensors_or_empty_are_named():
+    q = torch.randn(1, 1, 8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^v: expected a torch.Tensor .*got list"):
+        kernels.agent_attention(q, q, [[1.0]])
+    with pytest.raises(ValueError, match=r"^k: expected a torch.Tensor .*got ndarray"):
+        kernels.agent_attention(q, q.cpu().numpy(), q)
+    # An empty mask grid: the labels kernel read its bilinear taps out of bounds (a crash on CPU and GPU alike).
+    with pytest.raises(ValueError, match=r"mask_logits: expected a non-empty \(h, w\)"):
+        kernels.semantic_labels(torch.rand(2, 5, 7, device=DEVICE), torch.randn(2, 5, 0, 6, device=DEVICE), (9, 13))
 
 
 def test_input_checks_remember_accepted_signatures_only():
