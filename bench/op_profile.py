@@ -344,16 +344,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gpu = device == "cuda"
-    texts = []
-    for spec in specs:
-        # Without CUDA graphs: a graph backend's eager twin (module hooks do not fire inside a replayed graph), a
-        # compiled backend's Inductor code launching its kernels one by one (a replay hides them).
-        backend = TorchBackend(session.model, name=spec.name, **{**torch_recipe(spec), "cuda_graphs": False})
-        for batch in args.batch:
-            texts.append(_profile(backend, session, spec, batch, args, gpu))
-    if args.out is not None:
-        text = "\n".join(texts)
-        atomic_write(args.out, lambda p: p.write_text(text))
+    texts: list[str] = []
+    try:
+        for spec in specs:
+            # Without CUDA graphs: a graph backend's eager twin (module hooks do not fire inside a replayed graph),
+            # a compiled backend's Inductor code launching its kernels one by one (a replay hides them).
+            backend = TorchBackend(session.model, name=spec.name, **{**torch_recipe(spec), "cuda_graphs": False})
+            for batch in args.batch:
+                texts.append(_profile(backend, session, spec, batch, args, gpu))
+                if args.out is not None:
+                    # After every profile: a run stopped at its time limit (SIGINT) keeps the ones that finished.
+                    text = "\n".join(texts)
+                    atomic_write(args.out, lambda p: p.write_text(text))
+    except KeyboardInterrupt:
+        print(f"stopped: {len(texts)} profile(s) finished" + (f", in {args.out}" if args.out and texts else ""),
+              file=sys.stderr)
+        return 130
     return 0
 
 

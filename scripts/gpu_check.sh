@@ -5,14 +5,14 @@
 #
 #   bash scripts/gpu_check.sh [STEP ...]     # from anywhere; results in ${OUT:-./gpu_results}
 #
-# A 15-minute GPU slot (the machine's start, ~2-3 minutes, included), as two calls on one warm machine, carrying
-# data/bench-synthetic-2 in both:
-#   GPU_CHECK_SECONDS=360 bash scripts/gpu_check.sh env bench op_profile                 # kernels, profile
-#   (copy the first call's bench_kernels.json into the working tree: each call starts with an empty $OUT)
-#   KERNELS_JSON=<that copy> GPU_CHECK_SECONDS=330 bash scripts/gpu_check.sh bench_e2e   # end-to-end report
-# Each torch.compile backend takes ~130 s per batch size, so 330 s holds one of them at batch 1 beside the eager and
-# CUDA-graph backends: name the one wanted in E2E_BACKENDS (see bench_e2e below), or set E2E_BATCH=1 for both
-# compiled backends at batch 1 only.
+# A 15-minute GPU slot (the machine's start, ~2-3 minutes, included) holds ONE call of at most ~9 minutes: a second
+# call risks the machine's release between calls (30 s idle) and another start, and a step may overrun its limit
+# by 30 s (SIGINT, then SIGKILL). The kernel benchmark and the end-to-end report in one call, the report picking up
+# the kernel JSON of the same run (the evaluation images are drawn there in seconds; nothing needs carrying):
+#   E2E_BATCH=1 E2E_BACKENDS=torch-fp32,torch-bf16,torch-bf16-pure,torch-triton-bf16,torch-triton-bf16-graphs,\
+#   torch-compile-triton-bf16 GPU_CHECK_SECONDS=540 bash scripts/gpu_check.sh env bench bench_e2e   # timeout_s 590
+# Each torch.compile backend takes ~130 s per batch size, so the e2e step's 270 s holds one of them at batch 1
+# beside the eager and CUDA-graph backends. op_profile (~150 s) needs a slot of its own.
 #
 # STEPs, run in this order: env gpu_tests bench host_profile compile_overhead op_profile bench_e2e bench_flex
 # kernel_tests. The default is the kernel check (all but compile_overhead and bench_e2e, ~7 minutes on an H100);
@@ -67,6 +67,10 @@ run() {
         echo "== $name: STOPPED at its time limit after $((SECONDS - START))s (what finished is saved)" \
             | tee -a "$LOG"
         FAILED+=("$name(time limit)")
+    elif ((rc == 137)); then  # still running 30 s after the SIGINT: timeout's SIGKILL
+        echo "== $name: KILLED 30 s after its time limit, at $((SECONDS - START))s (files written before are kept)" \
+            | tee -a "$LOG"
+        FAILED+=("$name(killed)")
     else
         echo "== $name: FAILED (exit $rc) after $((SECONDS - START))s" | tee -a "$LOG"
         FAILED+=("$name($rc)")
@@ -92,13 +96,13 @@ run host_profile 60 env QD_TRITON_AUTOTUNE=0 python3 -m bench.host_profile --cal
 # Dynamo's host cost per call of the compiled ViT-L student, with and without module guards (~30 s; run by naming it).
 run compile_overhead 60 python3 -m pytest bench/test_compile_overhead.py -p no:cacheprovider \
     --benchmark-json="$RESULTS/bench_compile_overhead.json" "${BENCH_OPTS[@]}"
-# Where the student's forward spends its GPU time (random weights; carry data/bench-synthetic-2 or it is drawn).
+# Where the student's forward spends its GPU time (random weights; the evaluation images are drawn if absent).
 # Autocast (torch-triton-bf16) against the whole model in bf16 (the graphs backend's eager twin), each module beside
 # its ideal time on the GPU (bench.roofline).
 run op_profile 150 python3 -m bench.op_profile --device cuda --config vitl16_512 \
     --backend torch-triton-bf16 torch-triton-bf16-graphs --batch 1 8 --out "$RESULTS/op_profile.md"
 # End-to-end latency of every backend on the paper's student (random weights: latency only, the report says so).
-# Includes the kernel JSON of the bench step when there is one; carry data/bench-synthetic-2 to the GPU machine.
+# Includes the kernel JSON of the bench step of the same call when there is one.
 # (KERNELS_JSON names one from an earlier run instead.) On an H100 the eager and CUDA-graph backends take ~90 s
 # together (model build included) and torch-compile-bf16 ~130 s per batch size (Inductor + graph capture), so the
 # whole list does not fit 420 s: --time-limit skips the tests that would end past the step's limit, less 60 s for

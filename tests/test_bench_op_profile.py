@@ -101,6 +101,26 @@ def test_cli_profiles_several_backends_on_the_same_model(tmp_path: Path, capsys)
     assert (tmp_path / "trace-torch-fp32.json").is_file() and (tmp_path / "trace-torch-bf16-pure.json").is_file()
 
 
+def test_a_profile_stopped_by_its_time_limit_keeps_the_ones_that_finished(tmp_path: Path, monkeypatch, capsys):
+    # scripts/gpu_check.sh stops a step with SIGINT at its limit: the report used to be written only at the end.
+    from bench import op_profile
+
+    calls = []
+
+    def profile(backend, session, spec, batch, args, gpu):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return f"profile of batch {batch}"
+
+    monkeypatch.setattr(op_profile, "_profile", profile)
+    out = tmp_path / "profile.md"
+    assert main(["--device", "cpu", "--config", "tiny", "--backend", "torch-fp32", "--batch", "1", "2",
+                 "--out", str(out)]) == 130
+    assert out.read_text() == "profile of batch 1" and calls == [1, 2]
+    assert "stopped: 1 profile(s) finished" in capsys.readouterr().err
+
+
 def test_cli_profiles_the_tiny_student_on_cpu(tmp_path: Path, capsys):
     out, trace = tmp_path / "profile.md", tmp_path / "trace.json"
     assert main(["--device", "cpu", "--config", "tiny", "--backend", "torch-fp32", "--batch", "1", "2",
