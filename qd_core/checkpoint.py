@@ -284,13 +284,15 @@ def _backbone_prefix(model: nn.Module) -> str:
 
 
 def save_student(model: nn.Module, cfg: Config, path: PathLike, *, include_frozen: bool | None = None,
-                 extra: dict[str, Any] | None = None) -> Path:
+                 extra: dict[str, Any] | None = None, backbone_sha256: str | None = None) -> Path:
     """Write ``<path>.safetensors`` (the model's state dict) and ``<stem>.json`` (config and format); returns the
     weights path.
 
     include_frozen: store the ``backbone.*`` tensors too. ``None`` stores them only when
     ``cfg.model.backbone.checkpoint`` is empty, since a randomly initialised backbone could not be rebuilt.
     extra: more JSON-serialisable entries for the ``.json`` (e.g. step, metrics).
+    backbone_sha256: the DINOv2 file's hash when the caller has it already (a trainer saving every few thousand
+    steps); otherwise the file is hashed here.
     """
     weights_path, meta_path = student_paths(path)
     if include_frozen is None:
@@ -310,7 +312,7 @@ def save_student(model: nn.Module, cfg: Config, path: PathLike, *, include_froze
                             "include_frozen": bool(include_frozen), PAIR_KEY: pair_id}
     backbone_file = cfg.model.backbone.checkpoint
     if not include_frozen and backbone_file and Path(backbone_file).is_file():
-        meta[BACKBONE_HASH_KEY] = file_sha256(backbone_file)
+        meta[BACKBONE_HASH_KEY] = backbone_sha256 or file_sha256(backbone_file)
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(meta))
     if clash:

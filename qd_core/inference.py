@@ -70,11 +70,18 @@ def slide_inference(fn: LogitsFn, images: Tensor, window: tuple[int, int], strid
     if window_batch < 1:
         raise ValueError(f"window_batch {window_batch}: expected a positive integer")
     b, _, h, w = images.shape
+    grid = window_grid((h, w), window, stride)
+    # The grid is rows × columns, so it covers the image when each axis's spans do. Checked on the host before any
+    # window runs (mmseg asserts the same after the fact): 0/0 would give NaN logits and a silent label 0.
+    rows, cols = {(y1, y2) for y1, y2, _, _ in grid}, {(x1, x2) for _, _, x1, x2 in grid}
+    if not (_spans_cover(rows, h) and _spans_cover(cols, w)):
+        raise ValueError(f"inference.stride {list(stride)} leaves pixels no window {list(window)} covers: expected "
+                         f"a stride no larger than the window")
     logits = images.new_zeros((b, num_classes, h, w), dtype=torch.float32)
     count = images.new_zeros((1, 1, h, w), dtype=torch.float32)
     # Windows grouped by the size run_padded would give them, in grid order within each size.
     groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
-    for y1, y2, x1, x2 in window_grid((h, w), window, stride):
+    for y1, y2, x1, x2 in grid:
         groups.setdefault(padded_size(y2 - y1, x2 - x1, multiple, window), []).append((y1, y2, x1, x2))
     for size, boxes in groups.items():
         for start in range(0, len(boxes), window_batch):
@@ -84,7 +91,14 @@ def slide_inference(fn: LogitsFn, images: Tensor, window: tuple[int, int], strid
             for i, (y1, y2, x1, x2) in enumerate(chunk):
                 logits[:, :, y1:y2, x1:x2] += out[i * b:(i + 1) * b, :, :y2 - y1, :x2 - x1]
                 count[:, :, y1:y2, x1:x2] += 1
-    if not bool((count > 0).all()):  # mmseg asserts the same: 0/0 would give NaN logits and silent label 0
-        raise ValueError(f"inference.stride {list(stride)} leaves pixels no window {list(window)} covers: expected "
-                         f"a stride no larger than the window")
     return logits / count
+
+
+def _spans_cover(spans: set[tuple[int, int]], size: int) -> bool:
+    """Whether the half-open spans [a, b) together cover [0, size)."""
+    reach = 0
+    for start, end in sorted(spans):
+        if start > reach:
+            return False
+        reach = max(reach, end)
+    return reach >= size

@@ -131,7 +131,8 @@ class Trainer:
         self.dataset = build_dataset(cfg.data.train, cfg, train_transform(cfg), seed=tr.seed)
         self.dataset.keep_decoded(cfg.data.keep_decoded)
         self.val_specs = val_specs(cfg)
-        # The training state leaves a DINOv2 file's weights out; its hash ties a resume to the same file.
+        # The training state and the student checkpoints leave a DINOv2 file's weights out; its hash, taken once,
+        # ties a resume and every saved student to the same file.
         backbone_file = Path(cfg.model.backbone.checkpoint) if cfg.model.backbone.checkpoint else None
         self.backbone_sha256 = file_sha256(backbone_file) if backbone_file and backbone_file.is_file() else None
         for spec in self.val_specs:
@@ -249,7 +250,7 @@ class Trainer:
         if scores and math.isfinite(mean) and mean > self.best:
             self.best = mean
             if self.env.is_main:
-                save_student(self.student, self.cfg, self.files.best,
+                save_student(self.student, self.cfg, self.files.best, backbone_sha256=self.backbone_sha256,
                              extra={"step": self.step, "miou": record["eval"], "miou_mean": mean})
         return scores
 
@@ -275,7 +276,8 @@ class Trainer:
         """Write the training state, then ``last`` (student weights for export and evaluation). Rank 0 only."""
         if self.env.is_main:
             save_training_state(self.files.state, self.state_dict())
-            save_student(self.student, self.cfg, self.files.last, extra={"step": self.step})
+            save_student(self.student, self.cfg, self.files.last, extra={"step": self.step},
+                         backbone_sha256=self.backbone_sha256)
 
     def load(self) -> None:
         """Continue from ``train_state.pt`` of the run folder."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -206,10 +205,10 @@ def record_mapillary_encoding(out: Path, train_id: bool, version: str, overwrite
             return
         if any(any((out / split / "label").glob("*.png")) for split in ("train", "val")):
             return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"ids": want, "version": version}) + "\n")
-    os.replace(tmp, path)
+    from qd_core.checkpoint import atomic_write  # imports torch: only this converter needs it
+
+    text = json.dumps({"ids": want, "version": version}) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # ----------------------------------------------------------------------------------------------------------------
