@@ -24,6 +24,7 @@ from bench.native import NativeError, build_qd_infer, tail
 from export.aoti import AotiSegmenter
 from export.wrapper import ExportWrapper
 from qd_core.data.synthetic import ensure_synthetic, image_path
+from qd_core.data.transforms import resize_image
 from qd_core.visualize import colorize
 from test_aoti import MIN_AGREEMENT, SIZE, rewrite_metadata, tiny_aoti_package
 
@@ -226,14 +227,49 @@ def test_images_of_another_size_are_resized_both_ways(native: NativeBuild, packa
     Image.fromarray(small[0].permute(1, 2, 0).byte().numpy()).save(tmp_path / "in" / "wide.png")
     result = run_qd_infer(native, "--model", package[0], "--images", tmp_path / "in", "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    # The documented behaviour: bilinear resize (half-pixel centres) to the model's size, nearest back.
-    resized = F.interpolate(small, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    # The documented behaviour: the Python side's bilinear resize of the uint8 pixels to the model's size, nearest
+    # back.
+    resized = resize_image(small[0].permute(1, 2, 0).byte().numpy(), (SIZE, SIZE))
+    resized = torch.from_numpy(resized).permute(2, 0, 1)[None].float()
     with torch.no_grad():
         labels = package[1](resized)[1][None].float()
     expected = F.interpolate(labels, size=(96, 160), mode="nearest")[0, 0]
     labels_out = read_labels(tmp_path / "out" / "wide.png")
     assert labels_out.shape == (96, 160)
     assert agreement(labels_out, expected) >= MIN_AGREEMENT
+    # The same compiled model on the same resized pixels: the labels AotiSegmenter gives in Python, to the pixel.
+    aoti = AotiSegmenter(package[0]).predict(resized)[None].float()
+    assert np.array_equal(labels_out, F.interpolate(aoti, size=(96, 160), mode="nearest")[0, 0].numpy())
+
+
+class RedChannelProbe(torch.nn.Module):
+    """A stand-in model whose label map is the red channel of its input, rounded: it shows which pixel values
+    qd_infer hands a model. Logits are zeros of the package's usual shape."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.zeros(x.shape[0], 2, x.shape[2] // 4, x.shape[3] // 4, dtype=x.dtype, device=x.device)
+        return logits + x[:, :1, ::4, ::4] * 0, x[:, 0].round().to(torch.int32)
+
+
+def test_the_model_sees_the_python_sides_resized_pixels(native: NativeBuild, tmp_path: Path) -> None:
+    """Resizing must give the model the very values qd_core.data.transforms.resize_image gives it in training,
+    evaluation and export.infer (whole grey levels, OpenCV-like fixed point), not an fp32 interpolation."""
+    from export.aoti import export_aoti
+
+    probe = export_aoti(RedChannelProbe(), tmp_path / "probe.pt2", height=SIZE, width=SIZE, batch=(1, 1, 1))
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    # Shrinking and enlarging, each axis at its own ratio; random pixels so every interpolation weight shows.
+    sizes = {"wide": (80, 200), "tall": (300, 90)}
+    pixels = {name: rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for name, hw in sizes.items()}
+    for name, rgb in pixels.items():
+        Image.fromarray(rgb).save(tmp_path / "in" / f"{name}.png")
+    result = run_qd_infer(native, "--model", probe, "--images", tmp_path / "in", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    for name, rgb in pixels.items():
+        seen = torch.from_numpy(resize_image(rgb, (SIZE, SIZE))[..., 0].copy())[None, None]
+        expected = F.interpolate(seen, size=sizes[name], mode="nearest")[0, 0].numpy()
+        np.testing.assert_array_equal(read_labels(tmp_path / "out" / f"{name}.png"), expected, err_msg=name)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -52,18 +52,21 @@ std::unique_ptr<Model> load_model(const fs::path& path) {
   return load_aoti_model(path);
 }
 
-// (padded, 3, H, W) float RGB: images of another size are resized bilinearly (half-pixel centres, as
-// F.interpolate(align_corners=False)); slots past the real images repeat the last one to reach the batch minimum.
+// (padded, 3, H, W) float RGB: images of another size are resized bilinearly (half-pixel centres, no
+// anti-aliasing) on their uint8 pixels, by the same ATen kernel and memory layout as
+// qd_core.data.transforms.resize_image, so the model sees the values the Python side (training, evaluation,
+// export.infer) gives it; slots past the real images repeat the last one to reach the batch minimum.
 at::Tensor make_batch(const std::vector<Decoded>& batch, const ModelInfo& info, std::int64_t padded) {
   at::Tensor x = at::empty({padded, 3, info.height, info.width}, at::kFloat);
   for (std::size_t i = 0; i < batch.size(); ++i) {
     const Image& im = batch[i].image;
     at::Tensor hwc = at::from_blob(const_cast<std::uint8_t*>(im.rgb.data()), {im.height, im.width, 3}, at::kByte);
-    at::Tensor chw = hwc.permute({2, 0, 1}).to(at::kFloat).unsqueeze(0);
+    // A channels-last view, as in Python: ATen's fixed-point uint8 kernel rounds to whole grey levels like OpenCV.
+    at::Tensor chw = hwc.permute({2, 0, 1}).unsqueeze(0);
     if (im.height != info.height || im.width != info.width) {
       chw = at::upsample_bilinear2d(chw, {info.height, info.width}, /*align_corners=*/false);
     }
-    x[static_cast<std::int64_t>(i)].copy_(chw[0]);
+    x[static_cast<std::int64_t>(i)].copy_(chw[0].to(at::kFloat));
   }
   for (std::int64_t i = static_cast<std::int64_t>(batch.size()); i < padded; ++i) {
     x[i].copy_(x[static_cast<std::int64_t>(batch.size()) - 1]);
