@@ -215,6 +215,7 @@ class TrainConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     no_object_weight: float = 0.1
+    # Loss weights, also the Hungarian matcher's cost weights (Mask2Former uses the same numbers for both).
     class_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0
