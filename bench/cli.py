@@ -346,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods = sorted({str(b["extra_info"]["memory_method"]) for b in bench_json["benchmarks"]
                       if "memory_method" in b.get("extra_info", {})})
     meta = {
+        "device": device,  # also when no benchmark ran to say it
         "date": today,
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "versions": versions(),
@@ -363,11 +364,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     report = build_report(bench_json, meta, collector.not_run, peak_override=peak)
+    print(render_markdown(report))  # first: the results are on screen even where the files cannot be written
     try:
-        paths = write_report(report, args.out, stem, overwrite=True)
-    except ImportError as e:  # matplotlib missing: the Markdown and JSON are already written
-        paths = [args.out / f"{stem}.md", args.out / f"{stem}.json"]
-        print(f"warning: no PNG plot ({e}); install matplotlib for it", file=sys.stderr)
-    print(render_markdown(report))
+        try:
+            paths = write_report(report, args.out, stem, overwrite=args.overwrite)
+        except FileExistsError:
+            # Another run wrote today's report while this one ran: keep both.
+            stem = next(f"{stem}-{n}" for n in range(2, 10_000)
+                        if not any((args.out / f"{stem}-{n}.{ext}").exists() for ext in ("md", "json", "png")))
+            print(f"warning: today's report appeared in {args.out} during this run; writing this one as "
+                  f"{stem}.*", file=sys.stderr)
+            paths = write_report(report, args.out, stem)
+    except OSError as e:
+        print(f"error: cannot write the report into {args.out}: {e}", file=sys.stderr)
+        return 2
+    if len(paths) < 3:
+        print("warning: no PNG plot (matplotlib is not installed); pip install matplotlib for it", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths))
     return int(rc)

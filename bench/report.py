@@ -10,6 +10,8 @@ unless a peak is given). The speed ratio of a backend is the reference's p50 ove
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -334,22 +336,42 @@ def write_png(report: Report, path: Path) -> Path:
 
 
 def write_report(report: Report, out_dir: Path, stem: str, overwrite: bool = False) -> list[Path]:
-    """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``out_dir``; returns their paths.
+    """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``out_dir``; returns the paths written.
 
-    Existing files are kept (FileExistsError naming the first) unless ``overwrite``. Each file is written to a
-    temporary name and renamed, so an interrupted write leaves the old file or the new one, never half of one. The
-    PNG is written last, so without matplotlib (ImportError) the Markdown and JSON are still there.
+    Existing files are kept (FileExistsError naming the first) unless ``overwrite``. The three files are written
+    to temporary names first and renamed only once all are complete, so a failure while writing any of them (a
+    full disk) leaves the earlier report as it was: never a new table beside an old plot. Without matplotlib no
+    PNG is written (two paths are returned) and an earlier ``<stem>.png``, a plot of another run, is removed.
     """
-    from qd_core.checkpoint import atomic_write  # torch comes with it; the report itself needs none
-
     paths = [out_dir / f"{stem}.{ext}" for ext in ("md", "json", "png")]
-    if not overwrite:
+
+    def refuse_existing() -> None:
         for p in paths:
             if p.exists():
                 raise FileExistsError(f"{p}: exists; pass --overwrite to replace it")
+
+    if not overwrite:
+        refuse_existing()
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown, data = render_markdown(report), json.dumps(report.to_json(), indent=2, default=str) + "\n"
-    atomic_write(paths[0], lambda tmp: tmp.write_text(markdown))
-    atomic_write(paths[1], lambda tmp: tmp.write_text(data))
-    atomic_write(paths[2], lambda tmp: write_png(report, tmp))
-    return paths
+    temps = [p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp") for p in paths]
+    try:
+        temps[0].write_text(render_markdown(report))
+        temps[1].write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+        try:
+            write_png(report, temps[2])
+        except ImportError:  # matplotlib is optional; the caller says so
+            temps[2].unlink(missing_ok=True)
+        written = [(t, p) for t, p in zip(temps, paths) if t.exists()]
+        for tmp, _ in written:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        if not overwrite:
+            refuse_existing()  # another run may have written them while this one ran
+        for tmp, path in written:
+            os.replace(tmp, path)
+        if len(written) < len(paths):
+            paths[2].unlink(missing_ok=True)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    return [path for _, path in written]

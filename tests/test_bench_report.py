@@ -196,23 +196,40 @@ def test_a_backend_without_logits_reads_n_a_in_the_accuracy_table(bench_json):
 
 
 def test_a_write_that_fails_midway_leaves_the_earlier_report_whole(bench_json, tmp_path: Path, monkeypatch):
-    """Each file is written to a temporary name and renamed: a PNG that fails half-written keeps the old one and
-    leaves no stray file."""
+    """The three files are renamed only once all are written: a PNG that fails half-written leaves the old
+    Markdown, JSON and PNG as they were (not a new table beside the old plot) and no stray file."""
     import bench.report
 
-    report = build_report(bench_json)
-    paths = write_report(report, tmp_path, "cpu-2025-01-01")
-    old_png = paths[2].read_bytes()
+    paths = write_report(build_report(bench_json), tmp_path, "cpu-2025-01-01")
+    before = [p.read_bytes() for p in paths]
 
     def half_written(report, path: Path) -> Path:
-        path.write_bytes(old_png[:100])
+        path.write_bytes(before[2][:100])
         raise OSError("disk full")
 
     monkeypatch.setattr(bench.report, "write_png", half_written)
+    other_run = build_report({**bench_json, "benchmarks": bench_json["benchmarks"][1:]})
     with pytest.raises(OSError, match="disk full"):
-        write_report(report, tmp_path, "cpu-2025-01-01", overwrite=True)
-    assert paths[2].read_bytes() == old_png
+        write_report(other_run, tmp_path, "cpu-2025-01-01", overwrite=True)
+    assert [p.read_bytes() for p in paths] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_without_matplotlib_an_earlier_plot_is_removed_not_left_beside_the_new_table(bench_json, tmp_path: Path,
+                                                                                     monkeypatch):
+    import bench.report
+
+    paths = write_report(build_report(bench_json), tmp_path, "cpu-2025-01-01")
+
+    def no_matplotlib(report, path: Path) -> Path:
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(bench.report, "write_png", no_matplotlib)
+    other_run = build_report({**bench_json, "benchmarks": bench_json["benchmarks"][1:]})
+    assert write_report(other_run, tmp_path, "cpu-2025-01-01", overwrite=True) == paths[:2]
+    assert not paths[2].exists()
+    assert paths[0].read_text() == render_markdown(other_run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths[:2])
 
 
 def test_an_accuracy_test_that_failed_after_its_timed_pass_is_not_a_kernel_row(bench_json):

@@ -339,3 +339,31 @@ def test_cli_loads_the_model_once_for_its_checks_and_the_suites(tmp_path: Path, 
     report = json.loads(next(out.glob("cpu-*.json")).read_text())
     assert [r["backend"] for r in report["latency"]] == ["torch-fp32"] and len(report["accuracy"]) == 1
     assert len(built) == 1, built
+
+
+def test_a_report_written_by_another_run_meanwhile_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys):
+    """Today's files are checked before the run and again when writing: one that another run wrote while this one
+    ran is kept, and this run's report goes beside it under the next free name."""
+    from qd_core.data import ensure_synthetic
+
+    for name in ("DEVICE", "CONFIG", "CHECKPOINT", "DATA", "IMAGES", "BATCH", "BACKENDS", "CPU_COMPILE", "WORK"):
+        monkeypatch.setenv(f"QD_BENCH_{name}", os.environ.get(f"QD_BENCH_{name}", ""))
+    root = ensure_synthetic(tmp_path / "synth", num_train=1, num_val=1, size=(64, 128), progress=False)
+    out = tmp_path / "report"
+    stem = f"cpu-{dt.date.today().isoformat()}"
+
+    def other_run_writes(*args, **kwargs) -> int:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.md").write_text("results of another run")
+        return 0
+
+    import bench.cli
+
+    monkeypatch.setattr(bench.cli.pytest, "main", other_run_writes)
+    assert main(["--device", "cpu", "--quick", "--checkpoint", "none", "--no-kernels", "--backends", "torch-fp32",
+                 "--images", "1", "--batch", "1", "--data", str(root), "--out", str(out)]) == 0
+    assert (out / f"{stem}.md").read_text() == "results of another run"
+    assert (out / f"{stem}-2.md").read_text().startswith("# QueryDiff benchmark: cpu")
+    assert (out / f"{stem}-2.json").is_file()
+    assert f"writing this one as {stem}-2.*" in capsys.readouterr().err
