@@ -8,7 +8,8 @@
 
 Nothing here re-implements an export step; this module only names the files and feeds one step's output to the
 next. Files are written afresh by each process (a file left in the work folder by an earlier run may come from
-other weights) and reused within it. ONNX Runtime gets as many threads as torch uses, so CPU latencies compare like
+other weights) and reused within it only for the same model object, size, batch and device (two sessions in one
+process may share a work folder). ONNX Runtime gets as many threads as torch uses, so CPU latencies compare like
 with like.
 """
 from __future__ import annotations
@@ -20,8 +21,19 @@ from torch import nn
 
 from export.runtime import Segmenter
 
-# Artifacts this process wrote.
-_written: set[Path] = set()
+# Artifacts this process wrote, each with what it was made from: (model, size, batch, device). The model itself
+# is kept, not its id(), which a later model could reuse.
+_written: dict[Path, tuple[object, ...]] = {}
+
+
+def _needs_writing(path: Path, model: nn.Module, *key: object) -> bool:
+    """Whether ``path`` must be (re)written for ``model`` and ``key``: this process has not written it for them.
+    The caller records what it wrote in ``_written`` once the write succeeded."""
+    made_from = _written.get(path)
+    if made_from is not None and made_from[0] is model and made_from[1:] == key:
+        return False
+    _written.pop(path, None)  # until the caller's write succeeds
+    return True
 
 
 def onnx_fp32(model: nn.Module, size: tuple[int, int], work: Path) -> Path:
@@ -29,9 +41,9 @@ def onnx_fp32(model: nn.Module, size: tuple[int, int], work: Path) -> Path:
     from export.onnx import export_onnx
 
     path = work / "model-fp32.onnx"
-    if path not in _written:
+    if _needs_writing(path, model, size):
         export_onnx(model, path, height=size[0], width=size[1])
-        _written.add(path)
+        _written[path] = (model, size)
     return path
 
 
@@ -43,9 +55,9 @@ def onnx_fp16(model: nn.Module, size: tuple[int, int], work: Path) -> Path:
     from export.onnx import save_model
 
     path = work / "model-fp16.onnx"
-    if path not in _written:
+    if _needs_writing(path, model, size):
         save_model(convert_to_fp16(onnx.load(str(onnx_fp32(model, size, work)))), path)
-        _written.add(path)
+        _written[path] = (model, size)
     return path
 
 
@@ -78,10 +90,10 @@ def _build(name: str, model: nn.Module, size: tuple[int, int], batch: int, devic
         from export.tensorrt import build_engine
 
         engine = work / "model-fp16.engine"
-        if engine not in _written:
+        if _needs_writing(engine, model, size, batch, device):
             build_engine(onnx_fp16(model, size, work), engine, batch=(1, batch, batch), height=size[0],
                          width=size[1])
-            _written.add(engine)
+            _written[engine] = (model, size, batch, device)
         return TrtSegmenter(engine, device=device)
     if name == "aoti":
         from export.aoti import AotiSegmenter
@@ -102,8 +114,8 @@ def aoti_package(model: nn.Module, size: tuple[int, int], batch: int, device: st
     from export.wrapper import ExportWrapper
 
     package = work / "model.pt2"
-    if package not in _written:
+    if _needs_writing(package, model, size, batch, device):
         export_aoti(ExportWrapper(model), package, height=size[0], width=size[1], batch=(1, batch, batch),
                     device=device, overwrite=True)
-        _written.add(package)
+        _written[package] = (model, size, batch, device)
     return package

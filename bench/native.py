@@ -71,8 +71,8 @@ class NativeSegmenter:
     def __init__(self, exe: Path, package: Path, *, threads: int = 0, timeout_s: float = 600.0) -> None:
         self.exe, self.package, self.threads, self.timeout_s = Path(exe), Path(package), threads, timeout_s
 
-    def _run(self, images: Tensor, *, warmup: int, iters: int) -> tuple[Tensor, dict]:
-        """One qd_infer process over ``images`` as one batch → (labels (B, H, W) int64, its timings JSON)."""
+    def _run(self, images: Tensor, *, warmup: int, iters: int) -> tuple[Tensor, list[float]]:
+        """One qd_infer process over ``images`` as one batch → (labels (B, H, W) int64, ms of each timed pass)."""
         with tempfile.TemporaryDirectory(prefix="qd-native-") as tmp:
             folder, out, timings = Path(tmp) / "in", Path(tmp) / "out", Path(tmp) / "timings.json"
             folder.mkdir()
@@ -83,11 +83,35 @@ class NativeSegmenter:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
             if proc.returncode:
                 raise NativeError(f"qd_infer exited with {proc.returncode}:\n{tail(proc.stdout + proc.stderr)}")
-            labels = []
-            for name in names:
-                with Image.open(out / name) as im:
-                    labels.append(np.asarray(im, dtype=np.int64))
-            return torch.from_numpy(np.stack(labels)), json.loads(timings.read_text())
+            labels = [self._read_labels(out / name, tuple(images.shape[-2:])) for name in names]
+            return torch.from_numpy(np.stack(labels)), self._read_timings(timings, iters, len(names))
+
+    def _read_labels(self, path: Path, size: tuple[int, ...]) -> np.ndarray:
+        """One label PNG qd_infer wrote → (H, W) int64; a missing, unreadable or wrongly sized one is an error."""
+        try:
+            with Image.open(path) as im:
+                labels = np.asarray(im, dtype=np.int64)
+        except OSError as e:
+            raise NativeError(f"qd_infer exited 0 but its label map {path.name} cannot be read: {e}") from e
+        if labels.shape != size:
+            raise NativeError(f"qd_infer wrote a label map of shape {labels.shape} for {path.name}; expected {size}")
+        return labels
+
+    @staticmethod
+    def _read_timings(path: Path, iters: int, images: int) -> list[float]:
+        """``--timings`` JSON → milliseconds of each timed pass; exactly ``iters`` passes of ``images`` images, else
+        an error (a short or malformed file must not become a latency)."""
+        try:
+            runs = json.loads(path.read_text())["runs"]
+            ms = [float(t) for t, n in runs if int(n) == images]
+            complete = isinstance(runs, list) and len(ms) == len(runs)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise NativeError(f"qd_infer exited 0 but its timings file is missing or malformed "
+                              f"(expected {{\"runs\": [[ms, images], ...]}}): {type(e).__name__}: {e}") from e
+        if not complete or len(ms) != iters or not all(t >= 0 for t in ms):
+            raise NativeError(f"qd_infer's timings file lists {len(runs)} passes ({runs[:3]}...); expected {iters} "
+                              f"passes of {images} images, each a non-negative time")
+        return ms
 
     def predict(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W) RGB in [0, 255] at the package's size → labels (B, H, W) int64 (CPU)."""
@@ -95,5 +119,4 @@ class NativeSegmenter:
 
     def timed_passes(self, images: Tensor, *, warmup: int, iters: int) -> list[float]:
         """Seconds of each of ``iters`` timed forward passes over ``images`` as one batch, after ``warmup``."""
-        timings = self._run(images, warmup=warmup, iters=iters)[1]
-        return [float(ms) / 1e3 for ms, _ in timings["runs"]]
+        return [ms / 1e3 for ms in self._run(images, warmup=warmup, iters=iters)[1]]

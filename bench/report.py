@@ -102,8 +102,10 @@ def latency_percentiles(stats: dict[str, Any]) -> tuple[float, float | None, flo
 
 def _latency_row(entry: dict[str, Any], peak_override: float | None) -> LatencyRow:
     info, stats = entry["extra_info"], entry["stats"]
-    if info.get("samples_s"):  # a backend timed by its own process (bench.native): its samples replace the stats
+    if "samples_s" in info:  # a backend timed by its own process (bench.native): its samples replace the stats
         samples = [float(s) for s in info["samples_s"]]
+        if not samples:  # the pytest round would stand in: a process start and a model load, not a latency
+            raise ValueError(f"{entry.get('name')}: extra_info.samples_s is empty; expected the timed passes")
         stats = {"data": samples, "mean": sum(samples) / len(samples), "rounds": len(samples)}
     p50, p90, p99 = latency_percentiles(stats)
     batch = int(info["batch"])
