@@ -10,13 +10,14 @@ unless a peak is given). The speed ratio of a backend is the reference's p50 ove
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from bench.metrics import mfu, peak_flops, percentile
+from bench.metrics import LOGIT_TOLERANCE, mfu, peak_flops, percentile
 
 REFERENCE_BACKEND = "torch-fp32"
 
@@ -254,11 +255,12 @@ def render_markdown(report: Report) -> str:
     if report.accuracy:
         ref = report.accuracy[0]
         lines += ["", f"## Accuracy parity against {REFERENCE_BACKEND} ({ref.images} images)", ""]
-        lines += _table(["backend", "precision", "mIoU", "Δ points", "tolerance", "argmax agreement",
-                         "logit rel. error", "result"],
+        lines += _table(["backend", "precision", "mIoU", "Δ points", "Δ tolerance", "argmax agreement",
+                         "logit rel. error", "logit tolerance", "result"],
                         [[r.backend, r.precision, f"{100 * r.miou:.2f}", f"{r.delta_points:+.3f}",
                           f"±{r.tolerance_points}", f"{100 * r.agreement:.3f}%", _num(r.logit_rel_error, ".2e"),
-                          "pass" if r.passed else "FAIL"] for r in report.accuracy])
+                          f"{LOGIT_TOLERANCE.get(r.precision, math.nan):.0e}", "pass" if r.passed else "FAIL"]
+                         for r in report.accuracy])
     if report.kernels:
         lines += ["", "## Kernel microbenchmarks", ""]
         lines += _table(["group", "name", "p50 ms", "p90 ms", "mean ms", "rounds"],

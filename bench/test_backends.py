@@ -7,10 +7,11 @@ FLOPs of one image, from which the report derives MFU, and on a GPU of ``bench.m
 the call (``bench.roofline``), which the report sets the latency against.
 
 ``test_accuracy[<backend>]`` runs the backend over the whole evaluation set and fails when its mIoU differs from
-the reference's by more than its precision's tolerance (``bench.metrics.TOLERANCE_POINTS``); ``extra_info`` holds
-mIoU, delta and argmax agreement for the report, and the relative error of its semantic logits against the
-reference's (‖L − L_ref‖ / ‖L_ref‖ over all images), which says how close a fast path's numbers are even where the
-labels cannot (a randomly initialised student may predict one class everywhere).
+the reference's by more than its precision's tolerance (``bench.metrics.TOLERANCE_POINTS``), or the relative error
+of its semantic logits against the reference's (‖L − L_ref‖ / ‖L_ref‖ over all images) exceeds
+``bench.metrics.LOGIT_TOLERANCE``: the logits say how close a fast path's numbers are even where the labels cannot
+(a randomly initialised student may predict one class everywhere). ``extra_info`` holds mIoU, delta, argmax
+agreement and the logit error for the report.
 
 What runs is set by the ``QD_BENCH_*`` variables (``bench.settings``); ``python -m bench`` sets them from its
 arguments. Under ``--benchmark-disable`` each test runs its backend once, as a correctness check.
@@ -110,12 +111,12 @@ def test_accuracy(benchmark, session: BenchSession, spec: BackendSpec):
     matrix, ref_matrix = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
     matrix.update(predictions, labels)
     ref_matrix.update(reference, labels)
-    parity = Parity(spec.name, spec.precision, matrix.miou(), ref_matrix.miou(),
-                    agreement=float((predictions == reference).double().mean()))
     logits = session.logits_all(spec)
     ref_logits = session.reference_logits()
     logit_error = (None if logits is None else
                    float((logits.double() - ref_logits.double()).norm() / ref_logits.double().norm()))
+    parity = Parity(spec.name, spec.precision, matrix.miou(), ref_matrix.miou(),
+                    agreement=float((predictions == reference).double().mean()), logit_rel_error=logit_error)
     benchmark.extra_info.update(images=len(session.eval_set), miou=parity.miou,
                                 reference_miou=parity.reference_miou, delta_points=parity.delta_points,
                                 tolerance_points=parity.tolerance_points, agreement=parity.agreement,

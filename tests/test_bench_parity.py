@@ -1,5 +1,6 @@
 """The accuracy parity rule of the benchmark: a backend fails when its mIoU strays from the reference's by more than
-its precision's tolerance (fp32 0.1 points, fp16/bf16 0.5 points)."""
+its precision's tolerance (fp32 0.1 points, fp16/bf16 0.5 points), or its logits by more than their relative
+tolerance (fp32 1e-4, fp16 0.05, bf16 0.1)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bench.metrics import TOLERANCE_POINTS, Parity, check_parity
+from bench.metrics import LOGIT_TOLERANCE, TOLERANCE_POINTS, Parity, check_parity
 from qd_core.metrics import ConfusionMatrix
 
 
@@ -17,6 +18,7 @@ def parity(precision: str, delta_points: float, reference: float = 0.6) -> Parit
 
 def test_tolerances_are_the_documented_ones():
     assert TOLERANCE_POINTS == {"fp32": 0.1, "bf16": 0.5, "fp16": 0.5}
+    assert LOGIT_TOLERANCE == {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 
 
 @pytest.mark.parametrize("precision, delta", [("fp32", 0.09), ("fp32", -0.09), ("bf16", 0.49), ("fp16", -0.49)])
@@ -65,3 +67,45 @@ def test_fp32_backend_flipping_one_percent_of_pixels_fails():
     assert p.delta_points == pytest.approx(100 * (expected - 1))
     with pytest.raises(AssertionError, match="ort-fp32"):
         check_parity(p)
+
+
+def random_weight_logits(seed: int = 0) -> torch.Tensor:
+    """(4, 19, 32, 32) logits like a randomly initialised student's: a per-class level, and a spatial variation
+    thousands of times smaller (measured on the tiny student: mean |L| 0.52, spatial std 2e-4)."""
+    g = torch.Generator().manual_seed(seed)
+    level = torch.randn(1, 19, 1, 1, generator=g) * 0.6
+    return level + 2e-4 * torch.randn(4, 19, 32, 32, generator=g)
+
+
+def rel_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((logits - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("wrong", ["shifted", "other image", "zeros", "nan"])
+def test_a_wrong_fp32_path_fails_on_its_logits_where_its_labels_cannot_tell(wrong: str):
+    """A random-weight student predicts one class everywhere: shifting or swapping its output leaves mIoU and the
+    labels unchanged, and only the logits show it."""
+    ref = random_weight_logits()
+    logits = {"shifted": ref.roll(4, dims=-1), "other image": ref.roll(1, dims=0), "zeros": torch.zeros_like(ref),
+              "nan": torch.full_like(ref, math.nan)}[wrong]
+    assert bool((ref.argmax(1) == ref.argmax(1)[0, 0, 0]).all())  # one class everywhere: labels cannot tell
+    p = Parity("ort-fp32", "fp32", 0.05, 0.05, agreement=1.0, logit_rel_error=rel_error(logits, ref))
+    assert p.miou_passed and not p.passed
+    with pytest.raises(AssertionError, match="ort-fp32: .*logit relative error .* exceeds the fp32 tolerance"):
+        check_parity(p)
+
+
+@pytest.mark.parametrize("precision, bits", [("fp32", 24), ("fp16", 11), ("bf16", 8)])
+def test_rounding_to_the_backends_precision_passes(precision: str, bits: int):
+    """Rounding every logit to the precision's mantissa (a lower bound of what its path does) stays far inside."""
+    ref = random_weight_logits().double()
+    mantissa, exponent = torch.frexp(ref)
+    scale = 2.0 ** bits
+    rounded = torch.ldexp(torch.round(mantissa * scale) / scale, exponent)
+    p = Parity("x", precision, 0.05, 0.05, agreement=1.0, logit_rel_error=rel_error(rounded, ref))
+    assert p.passed and p.logit_rel_error < LOGIT_TOLERANCE[precision] / 10
+
+
+def test_a_labels_only_backend_is_judged_on_its_miou():
+    assert Parity("qd-infer", "fp32", 0.5, 0.5, agreement=1.0).passed
+    assert not Parity("qd-infer", "fp32", 0.49, 0.5, agreement=1.0).passed

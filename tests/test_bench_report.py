@@ -136,8 +136,8 @@ def test_markdown_lists_every_row_and_marks_the_failing_backend(bench_json):
     text = render_markdown(build_report(bench_json, meta={"date": "2025-01-01"}))
     assert "| ort-fp32 | fp32 | 1 | 25.00 | 25.00 | 25.00 | 40.0 | 2.02 | 12 | n/a |" in text
     assert "| torch-fp32 | fp32 | 1 | 50.50 | 90.10 | 99.01 | 19.8 | 1.00 | 12 | n/a |" in text
-    assert "| ort-fp16 | fp16 | 49.00 | -1.000 | ±0.5 | 99.000% | 3.25e-03 | FAIL |" in text
-    assert "| torch-fp32 | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | 0.00e+00 | pass |" in text
+    assert "| ort-fp16 | fp16 | 49.00 | -1.000 | ±0.5 | 99.000% | 3.25e-03 | 5e-02 | FAIL |" in text
+    assert "| torch-fp32 | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | 0.00e+00 | 1e-04 | pass |" in text
     assert "random-init" in text and "mIoU is not" in text
     assert "## Kernel microbenchmarks" in text
 
@@ -192,7 +192,7 @@ def test_a_backend_without_logits_reads_n_a_in_the_accuracy_table(bench_json):
     """qd-infer returns labels only: its logit error is reported as n/a, not as 0."""
     bench_json["benchmarks"].append(accuracy_entry("qd-infer", "fp32", 0.5, 0.5, True))
     text = render_markdown(build_report(bench_json, meta={"date": "2025-01-01"}))
-    assert "| qd-infer | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | n/a | pass |" in text
+    assert "| qd-infer | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | n/a | 1e-04 | pass |" in text
 
 
 def test_a_write_that_fails_midway_leaves_the_earlier_report_whole(bench_json, tmp_path: Path, monkeypatch):
