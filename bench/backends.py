@@ -78,6 +78,10 @@ CAPTURED_IN_FIRST_CALL = ("torch-triton-bf16-graphs",)
 CAPTURED_IN_COMPILE = ("torch-compile-bf16", "torch-compile-triton-bf16")
 # Backends that run in another process and time themselves (``timed_passes``): see bench.native.
 EXTERNALLY_TIMED = ("qd-infer",)
+# Backends whose timed call takes host images and returns host outputs (ONNX Runtime's run() on numpy arrays;
+# qd_infer, whose batches are built on the host): on a GPU their latency includes the copies, which the report
+# marks.
+HOST_IO = ("ort-fp32", "ort-fp16", "qd-infer")
 # Compiled ahead of the run (minutes of C++ compilation on a CPU): see selected_here.
 CPU_COMPILED = ("torch-compile", "aoti", "qd-infer")
 

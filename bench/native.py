@@ -8,7 +8,9 @@
 A process per call cannot be timed from Python (start-up and model loading would dominate), so latency comes from
 ``qd_infer --timings``: the steady clock around each ``run`` of the loaded package inside the C++ process, batch
 preparation and PNG decoding excluded, as ``predict`` is timed for the Python backends (their images are already
-tensors). Accuracy uses ``predict``, one qd_infer process per batch.
+tensors). On a GPU that clock also covers copying the batch to the device and the outputs back (qd_infer builds
+its batches on the host), which the Python backends' device-resident images skip; the report marks such rows.
+Accuracy uses ``predict``, one qd_infer process per batch.
 """
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ class LatencyRow:
     speedup: float | None = None  # reference p50 / this p50 at the same batch
     ideal_ms: float | None = None  # bench.roofline's ideal time of the call on this GPU; None elsewhere
     memory_method: str | None = None  # how peak_mem_mib was measured (rows of one report may differ)
+    timing_note: str | None = None  # what the timed call includes beyond the others' (host-device copies)
 
 
 @dataclass
@@ -119,7 +120,8 @@ def _latency_row(entry: dict[str, Any], peak_override: float | None) -> LatencyR
         mean_ms=float(stats["mean"]) * ms, rounds=int(stats["rounds"]), images_per_s=batch / p50,
         peak_mem_mib=info.get("peak_mem_mib"), mfu=mfu(float(flops), batch, p50, peak) if flops else None,
         ideal_ms=None if info.get("ideal_ms") is None else float(info["ideal_ms"]),
-        memory_method=None if info.get("memory_method") is None else str(info["memory_method"]))
+        memory_method=None if info.get("memory_method") is None else str(info["memory_method"]),
+        timing_note=None if info.get("timing_note") is None else str(info["timing_note"]))
 
 
 def _accuracy_row(entry: dict[str, Any]) -> AccuracyRow:
@@ -243,15 +245,24 @@ def render_markdown(report: Report) -> str:
         return _num(r.peak_mem_mib, ".0f") + (marks.get(r.memory_method or "", "") if r.peak_mem_mib is not None
                                               else "")
 
+    # Rows whose timed call does more than the others' (a backend that takes host images on a GPU) are marked.
+    timing_notes = list(dict.fromkeys(r.timing_note for r in report.latency if r.timing_note))
+    timing_marks = {n: " " + "*" * (i + 1) for i, n in enumerate(timing_notes)}
+
+    def p50(r: LatencyRow) -> str:
+        return _num(r.p50_ms, ".2f") + timing_marks.get(r.timing_note or "", "")
+
     lines += _table(["backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
                      f"× {REFERENCE_BACKEND}", "peak MiB", "MFU"] + (["ideal ms", "× ideal"] if ideal else []),
-                    [[r.backend, r.precision, str(r.batch), _num(r.p50_ms, ".2f"), _num(r.p90_ms, ".2f"),
+                    [[r.backend, r.precision, str(r.batch), p50(r), _num(r.p90_ms, ".2f"),
                       _num(r.p99_ms, ".2f"), _num(r.images_per_s, ".1f"), _num(r.speedup, ".2f"),
                       peak(r), "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%"]
                      + ([_num(r.ideal_ms, ".2f"), _num(r.ideal_ms and r.p50_ms / r.ideal_ms, ".1f")] if ideal else [])
                      for r in report.latency])
-    if marks:
-        lines += [""] + [f"- peak MiB{mark}: {method}" for method, mark in marks.items()]
+    if marks or timing_marks:
+        lines += [""]
+    lines += [f"- p50{mark}: {note}" for note, mark in timing_marks.items()]
+    lines += [f"- peak MiB{mark}: {method}" for method, mark in marks.items()]
     if report.accuracy:
         ref = report.accuracy[0]
         lines += ["", f"## Accuracy parity against {REFERENCE_BACKEND} ({ref.images} images)", ""]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bench.backends import (CAPTURED_IN_COMPILE, CAPTURED_IN_FIRST_CALL, EXTERNALLY_TIMED, FOREIGN_ALLOCATOR,
-                            REFERENCE, BackendSpec, BenchSession, as_tensor, get_session, select_backends,
+                            HOST_IO, REFERENCE, BackendSpec, BenchSession, as_tensor, get_session, select_backends,
                             selected_here, unavailable_reason)
 from bench.memory import measure_peak
 from bench.metrics import Parity, check_parity
@@ -65,6 +65,10 @@ def test_latency(benchmark, session: BenchSession, spec: BackendSpec, batch: int
     benchmark.extra_info.update(session.info(), kind="latency", backend=spec.name, precision=spec.precision,
                                 description=spec.description, batch=batch,
                                 ideal_ms=session.ideal_ms(batch, spec.precision))
+    if cuda and spec.name in HOST_IO:
+        benchmark.extra_info.update(timing_note="includes copying the images to the GPU and the outputs back "
+                                                "(this backend takes and returns host memory; the others' images "
+                                                "and labels stay on the GPU)")
     if spec.name in EXTERNALLY_TIMED:
         # Another process: its own clock times each pass (bench.native); the report reads these samples.
         if not benchmark.disabled:

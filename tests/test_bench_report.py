@@ -254,3 +254,11 @@ def test_peaks_measured_differently_are_told_apart(bench_json):
     assert "| ort-fp32 | fp32 | 1 |" in text and "| 12 [1] |" in text and "| 12 [2] |" in text
     entries[1]["extra_info"]["memory_method"] = entries[0]["extra_info"]["memory_method"]
     assert "[1]" not in render_markdown(build_report(bench_json))  # one method: no notes
+
+
+def test_rows_whose_timing_includes_host_copies_are_marked(bench_json):
+    bench_json["benchmarks"][1]["extra_info"]["timing_note"] = "includes copying the images to the GPU"
+    text = render_markdown(build_report(bench_json))
+    assert "| ort-fp32 | fp32 | 1 | 25.00 * | 25.00 |" in text
+    assert "- p50 *: includes copying the images to the GPU" in text
+    assert "| torch-fp32 | fp32 | 1 | 50.50 | 90.10 |" in text
