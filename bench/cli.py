@@ -10,8 +10,9 @@ the data folder are checked (the model and the images loaded) before any suite r
 ``error:`` line and exit status 2, with nothing written. Otherwise the exit status is pytest's (1 when a backend
 fails its accuracy tolerance, 2 when interrupted); the report is written either way. Ctrl-C or SIGTERM (a time
 limit such as ``timeout``) stops the suites after the test in progress and still writes the report of what ran,
-marked as stopped. ``--time-limit S`` is the gentler stop: tests that would start after S seconds are skipped
-(the report lists them), so nothing is interrupted mid-call.
+marked as stopped. ``--time-limit S`` is the gentler stop: tests expected to end after S seconds (the time spent
+plus the longest earlier test of the same backend) are skipped (the report lists them), so nothing is interrupted
+mid-call.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=None, help="the larger timed batch (batch 1 is always timed)")
     ap.add_argument("--backends", default=None, help="comma-separated backends to run (default: all)")
     ap.add_argument("--no-compile", action="store_true",
-                    help="on CPU, leave out torch.compile and AOTInductor (minutes of C++ compilation)")
+                    help="on CPU, leave out torch.compile, AOTInductor and qd-infer, the C++ runner of the "
+                         "AOTInductor package (minutes of C++ compilation)")
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
                     help="also run bench/test_kernels.py (default: on CUDA only; on CPU it times the Triton "
                          "interpreter, which says nothing about the kernels)")
@@ -80,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak TFLOP/s for MFU, overriding the table (needed for an MFU on CPUs)")
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                    help="skip the tests that would start after this many seconds (the report lists them); "
-                         "default: no limit")
+                    help="skip the tests expected to end after this many seconds (time spent + the longest "
+                         "earlier test of the same backend; the report lists them); default: no limit")
     ap.add_argument("--overwrite", action="store_true", help="replace today's report files if they exist")
     return ap
 

@@ -252,9 +252,10 @@ def render_markdown(report: Report) -> str:
     def p50(r: LatencyRow) -> str:
         return _num(r.p50_ms, ".2f") + timing_marks.get(r.timing_note or "", "")
 
-    lines += _table(["backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
+    # The round count says what the percentiles rest on (a p99 of a handful of rounds is their maximum).
+    lines += _table(["backend", "precision", "batch", "rounds", "p50 ms", "p90 ms", "p99 ms", "img/s",
                      f"× {REFERENCE_BACKEND}", "peak MiB", "MFU"] + (["ideal ms", "× ideal"] if ideal else []),
-                    [[r.backend, r.precision, str(r.batch), p50(r), _num(r.p90_ms, ".2f"),
+                    [[r.backend, r.precision, str(r.batch), str(r.rounds), p50(r), _num(r.p90_ms, ".2f"),
                       _num(r.p99_ms, ".2f"), _num(r.images_per_s, ".1f"), _num(r.speedup, ".2f"),
                       peak(r), "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%"]
                      + ([_num(r.ideal_ms, ".2f"), _num(r.ideal_ms and r.p50_ms / r.ideal_ms, ".1f")] if ideal else [])

@@ -94,8 +94,10 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
 
 def backend_names(text: str) -> tuple[str, ...] | None:
     """Comma-separated backend names (QD_BENCH_BACKENDS, ``python -m bench --backends``) → a tuple; None (all
-    backends) for an empty text."""
+    backends) for an empty text. Commas without a name (``","``) are a ValueError, not "all"."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names and text.strip():
+        raise ValueError(f"backends {text!r}: no backend named; expected comma-separated names, or nothing for all")
     return names or None
 
 

@@ -489,11 +489,18 @@ def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
     return shipped
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML parse error: PyYAML's own message spans several, with a copy of the offending line."""
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -134,8 +134,8 @@ def test_accuracy_and_kernel_entries_become_their_own_rows(bench_json):
 
 def test_markdown_lists_every_row_and_marks_the_failing_backend(bench_json):
     text = render_markdown(build_report(bench_json, meta={"date": "2025-01-01"}))
-    assert "| ort-fp32 | fp32 | 1 | 25.00 | 25.00 | 25.00 | 40.0 | 2.02 | 12 | n/a |" in text
-    assert "| torch-fp32 | fp32 | 1 | 50.50 | 90.10 | 99.01 | 19.8 | 1.00 | 12 | n/a |" in text
+    assert "| ort-fp32 | fp32 | 1 | 10 | 25.00 | 25.00 | 25.00 | 40.0 | 2.02 | 12 | n/a |" in text
+    assert "| torch-fp32 | fp32 | 1 | 100 | 50.50 | 90.10 | 99.01 | 19.8 | 1.00 | 12 | n/a |" in text
     assert "| ort-fp16 | fp16 | 49.00 | -1.000 | ±0.5 | 99.000% | 3.25e-03 | 5e-02 | FAIL |" in text
     assert "| torch-fp32 | fp32 | 50.00 | +0.000 | ±0.1 | 99.000% | 0.00e+00 | 1e-04 | pass |" in text
     assert "random-init" in text and "mIoU is not" in text
@@ -259,6 +259,6 @@ def test_peaks_measured_differently_are_told_apart(bench_json):
 def test_rows_whose_timing_includes_host_copies_are_marked(bench_json):
     bench_json["benchmarks"][1]["extra_info"]["timing_note"] = "includes copying the images to the GPU"
     text = render_markdown(build_report(bench_json))
-    assert "| ort-fp32 | fp32 | 1 | 25.00 * | 25.00 |" in text
+    assert "| ort-fp32 | fp32 | 1 | 10 | 25.00 * | 25.00 |" in text
     assert "- p50 *: includes copying the images to the GPU" in text
-    assert "| torch-fp32 | fp32 | 1 | 50.50 | 90.10 |" in text
+    assert "| torch-fp32 | fp32 | 1 | 100 | 50.50 | 90.10 |" in text

@@ -13,7 +13,7 @@ import pytest
 from bench.backends import BACKENDS, select_backends
 from bench.cli import main
 from bench.evalset import center_crop, load_synthetic
-from bench.settings import newest_checkpoint, settings_from_env
+from bench.settings import backend_names, newest_checkpoint, settings_from_env
 
 
 def env(**values: str) -> dict[str, str]:
@@ -80,6 +80,17 @@ def test_backend_selection_keeps_canonical_order_and_rejects_unknown_names():
     assert select_backends(None) == list(BACKENDS)
     with pytest.raises(ValueError, match="unknown backend.*torch-int8"):
         select_backends(("torch-int8",))
+
+
+@pytest.mark.parametrize("text, expected", [("", None), ("  ", None), ("ort-fp32, aoti,", ("ort-fp32", "aoti"))])
+def test_backend_names_empty_means_all(text: str, expected):
+    assert backend_names(text) == expected
+
+
+@pytest.mark.parametrize("text", [",", " , ,"])
+def test_backend_names_of_commas_alone_are_an_error_not_all(text: str):
+    with pytest.raises(ValueError, match="no backend named"):
+        backend_names(text)
 
 
 def test_center_crop_keeps_image_and_label_aligned():
