@@ -137,15 +137,18 @@ class GuidanceLoss(nn.Module):
         """queries Q (B, N, D), weak F_w (B, M, D), strong F_s (B, M, D) → {"loss_dist", "loss_sup"} scalars."""
         self._check(queries, weak, strong)
         with torch.autocast(device_type=queries.device.type, enabled=False):
-            q, fw, fs = queries.float(), weak.float(), strong.float()
+            # The module's own precision: fp32 unless it was converted (.half(), .bfloat16()); the softmaxes, the
+            # KL and the smooth-L1 are fp32 either way.
+            dtype = self.value_proj.weight.dtype
+            q, fw, fs = queries.to(dtype), weak.to(dtype), strong.to(dtype)
             s = self.similarity(q, fw)
             reconstruction = self.out_mlp(s.transpose(1, 2) @ self.value_proj(q))  # F̂ (B, M, D)
             b = q.shape[0]
             # Flattened to (B, M·D) so that "batchmean" divides the sum over positions and channels by B alone.
-            log_p = F.log_softmax(reconstruction, dim=-1).reshape(b, -1)
-            target = F.softmax(fs.detach(), dim=-1).reshape(b, -1)
+            log_p = F.log_softmax(reconstruction.float(), dim=-1).reshape(b, -1)
+            target = F.softmax(fs.detach().float(), dim=-1).reshape(b, -1)
             loss_dist = F.kl_div(log_p, target, reduction="batchmean")
             # sg(S · F_w): METHOD §4.5 sends L_sup's gradient to Q only, so neither S nor F_w may carry it.
             pulled = (s @ fw).detach()
-            loss_sup = F.smooth_l1_loss(q, pulled, beta=1.0)
+            loss_sup = F.smooth_l1_loss(q.float(), pulled.float(), beta=1.0)
         return {"loss_dist": loss_dist, "loss_sup": loss_sup}

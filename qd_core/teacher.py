@@ -14,6 +14,7 @@ The teacher is read from a local diffusers folder only (Stable Diffusion 2 / 2.1
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import random
@@ -42,7 +43,10 @@ __all__ = [
 
 def diffusers_folder_problem(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` cannot serve as a teacher folder, or None when it has every part the teacher reads."""
-    root = Path(path)
+    root = Path(path).expanduser()
+    if root.is_file():
+        return ("a single checkpoint file, not a diffusers folder (convert it once: diffusers' "
+                "StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR), then use DIR)")
     if not root.is_dir():
         return "folder does not exist (expected a local diffusers folder with vae/, unet/ and scheduler/)"
     needed = {"vae": "config.json", "unet": "config.json", "scheduler": "scheduler_config.json"}
@@ -59,8 +63,28 @@ def diffusers_folder_problem(path: str | os.PathLike[str]) -> str | None:
 def _load(what: str, root: Path, load: Callable[[], Any]) -> Any:
     try:
         return load()
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ValueError(f"teacher folder '{root}': could not load {what} ({err})") from None
+    except Exception as err:  # noqa: BLE001 -- diffusers, transformers and safetensors each raise their own kinds
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        sub = root / what.rstrip("/")
+        if sub.is_dir() and not any(sub.glob("*.bin")) and not any(
+                p for p in sub.glob("*.safetensors") if ".fp16." not in p.name) and any(sub.glob("*.fp16.*")):
+            reason += " (the folder holds only fp16-variant weights, *.fp16.*; save it again without variant)"
+        raise ValueError(f"teacher folder '{root}': could not load {what} ({reason})") from None
+
+
+def _load_model(what: str, root: Path, cls: Any, **kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained(root, subfolder=what)`` that refuses missing, unexpected or mismatched weights:
+    diffusers fills missing ones with random values and only logs a warning (a partial download, or another
+    model's folder with a compatible config, would then teach the student noise)."""
+    model, info = _load(f"{what}/", root, lambda: cls.from_pretrained(root, subfolder=what,
+                                                                       output_loading_info=True, **kwargs))
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ValueError(f"teacher folder '{root}': {what}/ weights do not match its config: "
+                             f"{len(keys)} {kind.replace('_', ' ')} ({shown})")
+    return model
 
 
 def _empty_prompt_embedding(root: Path, device: torch.device | str | None) -> Tensor:
@@ -131,10 +155,12 @@ class DiffusionTeacher(nn.Module):
         self.seed = int(seed)
         self._seeds = random.Random(self.seed)
         self.noise_draws = 0
-        self._captured: list[Tensor] | None = None
+        self._captured: list[Tensor | None] | None = None
         self._feature_convs = self._find_feature_convs(unet)
-        for conv in self._feature_convs:
-            conv.register_forward_hook(self._capture)
+        # Each hook fills its own map's slot, so the order of the maps is FEATURE_BLOCKS' whatever order the
+        # UNet runs its blocks in; close() removes them.
+        self._hooks = [conv.register_forward_hook(functools.partial(self._capture, k))
+                       for k, conv in enumerate(self._feature_convs)]
         self.requires_grad_(False)
         super().train(False)
 
@@ -145,7 +171,7 @@ class DiffusionTeacher(nn.Module):
                     t_strong: int = 100, seed: int = 2024, share_noise: bool = False) -> "DiffusionTeacher":
         """Load a local diffusers folder (vae/, unet/, scheduler/, and text_encoder/ + tokenizer/ or
         ``empty_prompt.safetensors``). Never contacts a model hub."""
-        root = Path(path)
+        root = Path(path).expanduser()
         problem = diffusers_folder_problem(root)
         if problem is not None:
             raise ValueError(f"teacher folder '{root}' is not a usable diffusers folder: {problem}")
@@ -156,8 +182,8 @@ class DiffusionTeacher(nn.Module):
                                   "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
-        vae = _load("vae/", root, lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs))
-        unet = _load("unet/", root, lambda: UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs))
+        vae = _load_model("vae", root, AutoencoderKL, **kwargs)
+        unet = _load_model("unet", root, UNet2DConditionModel, **kwargs)
         # Only the noise schedule ᾱ_t is used (add_noise); no sampler step is ever taken (METHOD §10.10), so
         # the folder's own scheduler class and prediction type do not matter.
         config = _load("scheduler/", root, lambda: DDPMScheduler.load_config(root, subfolder="scheduler",
@@ -183,11 +209,19 @@ class DiffusionTeacher(nn.Module):
             convs.append(resnets[j].conv2)
         return convs
 
-    def _capture(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+    def _capture(self, index: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
         # conv2's output is the residual branch of ResnetBlock2D, taken before the shortcut is added and the sum
         # divided by output_scale_factor (Hyperfeatures' choice, METHOD §4.3).
         if self._captured is not None:
-            self._captured.append(output)
+            if self._captured[index] is not None:
+                raise RuntimeError(f"unet: up_blocks{FEATURE_BLOCKS[index]} conv2 ran twice in one forward pass")
+            self._captured[index] = output
+
+    def close(self) -> None:
+        """Remove the feature hooks from the UNet (for a UNet that outlives this teacher)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -245,27 +279,33 @@ class DiffusionTeacher(nn.Module):
 
     def unet_features(self, latents: Tensor, timesteps: Tensor) -> list[Tensor]:
         """latents (B, 4, h, w), timesteps (B,) long → the 9 residual-branch maps, each (B, C_k, h_k, w_k), fp32."""
+        if not self._hooks:
+            raise RuntimeError("DiffusionTeacher: closed (its feature hooks were removed)")
         context = self.empty_prompt.expand(latents.shape[0], -1, -1)
-        self._captured = []
+        self._captured = [None] * NUM_HYPERFEATURE_MAPS
         try:
             self.unet(latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context.to(self.unet.dtype),
                       return_dict=False)
             maps = self._captured
         finally:
             self._captured = None
-        if len(maps) != NUM_HYPERFEATURE_MAPS:
-            raise RuntimeError(f"unet: captured {len(maps)} feature maps, expected {NUM_HYPERFEATURE_MAPS}")
+        missing = [FEATURE_BLOCKS[k] for k, m in enumerate(maps) if m is None]
+        if missing:
+            raise RuntimeError(f"unet: no feature map from up_blocks/resnets {missing} (their conv2 did not run)")
         return [m.float() for m in maps]
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """images (B, 3, H, W), ImageNet-normalised → (weak_maps, strong_maps), each 9 tensors (B, C_k, h_k, w_k).
 
-        Weak is t = t_weak, strong t = t_strong (METHOD §4.2). On CUDA the VAE and UNet run under bf16 autocast.
+        Weak is t = t_weak, strong t = t_strong (METHOD §4.2). On CUDA the VAE and UNet run under bf16 autocast;
+        elsewhere in their own dtype, whatever autocast the caller runs under (a CPU run with train.amp=bf16 keeps
+        an fp32 teacher fp32).
         """
         self._check_images(images)
         b = images.shape[0]
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        cuda = images.device.type == "cuda"
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=cuda):
             z0 = self.encode(images)
             z_weak, z_strong = self.noised_latents(z0)
             # Both noise levels in one UNet pass of 2B samples: every UNet layer is per-sample, so this equals
@@ -315,6 +355,9 @@ class QueryDiffGuidance(nn.Module):
             raise ValueError(f"images_norm: expected shape ({agent_queries.shape[0]}, 3, H, W) (one image per row "
                              f"of agent_queries), got {tuple(images_norm.shape)}")
         weak_maps, strong_maps = self.teacher(images_norm)
+        # The teacher returns fp32; after .half() / .bfloat16() the aggregator's weights are not.
+        dtype = self.aggregator.mixing_logits.dtype
+        weak_maps, strong_maps = [m.to(dtype) for m in weak_maps], [m.to(dtype) for m in strong_maps]
         weak = self.aggregator(weak_maps)
         # F_s is only a stop-gradient target of L_dist, so building its graph would be wasted memory; the
         # aggregator has no running statistics, so this gives the same values.

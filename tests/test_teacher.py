@@ -121,6 +121,61 @@ def test_forward_returns_nine_maps_per_noise_level_from_up_blocks_1_to_3(teacher
     assert teacher.channels == UP_CHANNELS
 
 
+def test_the_unet_sees_t_weak_for_the_first_half_and_t_strong_for_the_second(folder: Path) -> None:
+    """One UNet pass of 2B samples: the weak maps are those of z_weak at t_weak, the strong ones of z_strong at
+    t_strong, each equal to a separate pass."""
+    t = DiffusionTeacher.from_folder(folder, pixel_mean=MEAN, pixel_std=STD, t_weak=3, t_strong=500)
+    seen = []
+    handle = t.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[1].clone()), with_kwargs=True)
+    try:
+        _, x = normalised_images(b=2)
+        t.reset_noise(5)
+        weak, strong = t(x)
+    finally:
+        handle.remove()
+    assert [s.tolist() for s in seen] == [[3, 3, 500, 500]]
+    t.reset_noise(5)
+    with torch.no_grad():
+        z_weak, z_strong = t.noised_latents(t.encode(x))
+        alone_weak = t.unet_features(z_weak, torch.full((2,), 3))
+        alone_strong = t.unet_features(z_strong, torch.full((2,), 500))
+    for a, b in zip(weak + strong, alone_weak + alone_strong):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # And the two levels differ: a swap or one level twice would not.
+    assert not torch.allclose(weak[0], strong[0], atol=1e-3)
+
+
+def test_the_cpu_teacher_ignores_the_callers_autocast(teacher: DiffusionTeacher) -> None:
+    """train.amp=bf16 on a CPU must not turn the fp32 teacher into a bf16 one (its features would change by ~2 %)."""
+    _, x = normalised_images()
+    teacher.reset_noise(3)
+    plain = teacher(x)[0]
+    teacher.reset_noise(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = teacher(x)[0]
+    for a, b in zip(plain, under_autocast):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_close_removes_the_hooks_and_a_second_teacher_on_the_same_unet_has_its_own(folder: Path) -> None:
+    first = DiffusionTeacher.from_folder(folder, pixel_mean=MEAN, pixel_std=STD)
+    conv = first.unet.up_blocks[1].resnets[0].conv2
+    hooks_before = len(conv._forward_hooks)
+    second = DiffusionTeacher(first.vae, first.unet, first.scheduler, first.empty_prompt, pixel_mean=MEAN,
+                              pixel_std=STD)
+    assert len(conv._forward_hooks) == hooks_before + 1
+    _, x = normalised_images()
+    first.reset_noise(2)
+    second.reset_noise(2)
+    for a, b in zip(first(x)[0], second(x)[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    first.close()
+    assert len(conv._forward_hooks) == hooks_before
+    with pytest.raises(RuntimeError, match="closed"):
+        first(x)
+    assert len(second(x)[0]) == 9
+
+
 def test_maps_are_the_residual_branch_before_the_shortcut_add(teacher: DiffusionTeacher) -> None:
     resnets = [teacher.unet.up_blocks[i].resnets[j] for i in (1, 2, 3) for j in (0, 1, 2)]
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -285,6 +340,47 @@ def test_a_folder_that_is_not_a_teacher_folder_is_named_in_the_error(tmp_path: P
 def test_a_missing_folder_or_hub_id_is_named_in_the_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="stabilityai/stable-diffusion-2.*does not exist"):
         DiffusionTeacher.from_folder("stabilityai/stable-diffusion-2", pixel_mean=MEAN, pixel_std=STD)
+
+
+def test_a_single_checkpoint_file_gets_the_conversion_hint(tmp_path: Path) -> None:
+    (tmp_path / "v2-1_512-ema-pruned.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="single checkpoint file.*from_single_file"):
+        DiffusionTeacher.from_folder(tmp_path / "v2-1_512-ema-pruned.safetensors", pixel_mean=MEAN, pixel_std=STD)
+
+
+def test_a_home_relative_folder_is_expanded(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(folder.parent))
+    t = DiffusionTeacher.from_folder(f"~/{folder.name}", pixel_mean=MEAN, pixel_std=STD)
+    assert t.channels == UP_CHANNELS
+
+
+def test_a_unet_with_missing_weights_is_refused_not_filled_at_random(tmp_path: Path, folder: Path) -> None:
+    """diffusers fills weights missing from the file with random values and only logs a warning: a partial
+    download would then guide the student with noise."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root = tmp_path / "partial"
+    shutil.copytree(folder, root)
+    weights = next((root / "unet").glob("*.safetensors"))
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if not k.startswith("up_blocks.3.")}, str(weights))
+    with pytest.raises(ValueError, match=r"partial.*unet/ weights do not match its config: \d+ missing keys "
+                                         r"\(up_blocks\.3\."):
+        DiffusionTeacher.from_folder(root, pixel_mean=MEAN, pixel_std=STD)
+
+
+def test_a_corrupt_empty_prompt_file_is_named_in_one_line(tmp_path: Path, folder: Path) -> None:
+    import shutil
+
+    root = tmp_path / "corrupt_prompt"
+    shutil.copytree(folder, root)
+    prompt = root / "empty_prompt.safetensors"
+    prompt.write_bytes(prompt.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"corrupt_prompt.*could not load empty_prompt.safetensors") as info:
+        DiffusionTeacher.from_folder(root, pixel_mean=MEAN, pixel_std=STD)
+    assert "\n" not in str(info.value)
 
 
 def test_a_folder_with_unloadable_weights_is_named_in_the_error(tmp_path: Path, folder: Path) -> None:
@@ -495,10 +591,14 @@ def test_state_dict_and_parameters_hold_only_aggregator_and_loss(guidance: Query
     assert not any(isinstance(m, DiffusionTeacher) for m in guidance.modules())
 
 
-def test_to_moves_the_teacher_too(guidance: QueryDiffGuidance) -> None:
-    guidance.to(torch.float64)
-    assert guidance.teacher.unet.dtype == torch.float64 and guidance.teacher.empty_prompt.dtype == torch.float64
-    assert guidance.aggregator.mixing_logits.dtype == torch.float64
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_to_moves_the_teacher_too_and_the_guidance_still_runs(guidance: QueryDiffGuidance, dtype: torch.dtype) -> None:
+    guidance.to(dtype)
+    assert guidance.teacher.unet.dtype == dtype and guidance.teacher.empty_prompt.dtype == dtype
+    assert guidance.aggregator.mixing_logits.dtype == dtype
+    # The teacher returns fp32 maps; the converted aggregator and loss must still take them.
+    out = guidance(normalised_images()[1].to(dtype), _queries().detach().to(dtype))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values()), out
 
 
 def test_losses_are_weighted_by_the_config_lambdas(folder: Path) -> None:

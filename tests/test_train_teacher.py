@@ -59,10 +59,27 @@ def test_teacher_off_trains_the_baseline(tmp_path: Path, data_root: Path) -> Non
     assert load_training_state(files.state)["guidance"] is None
 
 
+def test_noise_seeds_differ_by_step_micro_batch_and_rank_and_repeat_for_the_same_ones() -> None:
+    from train.trainer import noise_seed
+
+    seeds = {noise_seed(2024, step, micro, rank) for step in range(3) for micro in range(2) for rank in range(2)}
+    assert len(seeds) == 12
+    assert noise_seed(2024, 1, 0, 0) == noise_seed(2024, 1, 0, 0) != noise_seed(2025, 1, 0, 0)
+
+
 def test_teacher_on_adds_both_guidance_losses_and_trains_the_aggregator(tmp_path: Path, data_root: Path,
-                                                                        teacher_dir: Path) -> None:
+                                                                        teacher_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from qd_core.teacher import DiffusionTeacher
+
+    seeds: list[int | None] = []
+    reset = DiffusionTeacher.reset_noise
+    monkeypatch.setattr(DiffusionTeacher, "reset_noise", lambda self, seed=None: seeds.append(seed) or reset(self, seed))
     files = RunFiles(tmp_path / "on")
-    run_training(tiny_config(data_root, f"teacher.path={teacher_dir}", "train.iters=2"), files, progress=False)
+    run_training(tiny_config(data_root, f"teacher.path={teacher_dir}", "train.iters=2",
+                             "train.grad_accum=2"), files, progress=False)
+    # Fresh noise for every micro-batch of every step (METHOD §4.2), not one noise reused.
+    assert len(seeds) == 4 and len(set(seeds)) == 4, seeds
     for r in losses(files):
         assert r["loss_dist"] > 0 and r["loss_sup"] > 0
         assert r["loss"] == pytest.approx(r["loss_seg"] + r["loss_dist"] + r["loss_sup"], rel=1e-6)
