@@ -79,7 +79,13 @@ def state_dict_mismatch(expected: Mapping[str, Tensor], state: Mapping[str, Tens
         parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatch(es): {_listing(shapes)}")
-        if any(s.startswith((POS_EMBED_KEY + " ", PATCH_WEIGHT_KEY + " ")) for s in shapes):
+        width, model_width = (state[POS_EMBED_KEY].shape[-1], expected[POS_EMBED_KEY].shape[-1]) if (
+            POS_EMBED_KEY in state and POS_EMBED_KEY in expected) else (None, None)
+        if width is not None and width != model_width:
+            # Another ViT size (ViT-B weights for a ViT-L config): no conversion fixes that.
+            parts.append(f"its width is {width} but the model's is {model_width} (a ViT of another size: "
+                         f"check model.backbone.embed_dim/depth/num_heads against the checkpoint)")
+        elif any(s.startswith((POS_EMBED_KEY + " ", PATCH_WEIGHT_KEY + " ")) for s in shapes):
             parts.append("convert the DINOv2 checkpoint for this patch size and input size with "
                          "`python -m qd_core.checkpoint convert-dinov2 IN OUT --height H --width W`")
     return "; ".join(parts)
@@ -178,7 +184,8 @@ def load_torch_file(path: PathLike) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # each format raises its own family of errors for a damaged file
-        raise CheckpointError(f"checkpoint file '{path}' could not be read: {_first_line(e)}") from None
+        raise CheckpointError(f"checkpoint file '{path}' could not be read as a PyTorch (.pth, .pt) or .safetensors "
+                              f"state dict: {_first_line(e)}") from None
     return _unwrap(obj, path)
 
 
@@ -531,7 +538,11 @@ def _convert_command(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"'{out}' already exists: pass --overwrite to replace it")
     state = dinov2_backbone_state(load_torch_file(args.input))
-    converted = convert_dinov2(state, patch_size=args.kernel, height=args.height, width=args.width)
+    try:
+        converted = convert_dinov2(state, patch_size=args.kernel, height=args.height, width=args.width)
+    except CheckpointError as e:
+        raise CheckpointError(f"'{args.input}': {e} (expected an official DINOv2 ViT checkpoint, e.g. "
+                              f"dinov2_vitl14_pretrain.pth)") from None
     save_state_file(converted, out)
     changed = [k for k in converted if converted[k] is not state[k]]
     print(f"converted '{args.input}' -> '{out}' (patch {args.kernel}, input {args.height}x{args.width})")

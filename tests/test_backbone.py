@@ -230,6 +230,24 @@ def test_pyramid_stride_16_level_is_the_tap_and_stride_32_is_bilinear_halving():
     torch.testing.assert_close(maps[3], F.avg_pool2d(tap3, 2), atol=1e-6, rtol=0)
 
 
+def test_pyramid_stride_4_and_8_levels_are_bilinear_upsampling_with_half_pixel_centres():
+    backbone = tiny_backbone()
+    layers = [torch.randn(2, 4 * 6, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    maps = backbone.pyramid(BackboneOutput(layers=layers, grid=(4, 6), final=torch.zeros(2, 25, 16)))
+    for level, scale in ((0, 4), (1, 2)):
+        tap = layers[level].transpose(1, 2).reshape(2, 16, 4, 6)
+        expected = F.interpolate(tap, scale_factor=scale, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(maps[level], expected, atol=1e-5, rtol=0)
+
+
+def test_layer_norms_use_dinov2s_eps():
+    """DINOv2 builds its LayerNorms with eps 1e-6, not PyTorch's 1e-5 (the transformers comparison's 1e-4
+    tolerance would not see the difference)."""
+    assert BackboneConfig().layer_norm_eps == 1e-6
+    norms = [m for m in tiny_backbone().modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 4 + 1 and all(m.eps == 1e-6 for m in norms)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Frozen
 # --------------------------------------------------------------------------------------------------------------

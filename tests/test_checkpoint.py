@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -94,6 +95,22 @@ def test_converted_official_checkpoint_loads_strictly(official, arch, size, grid
     assert state_dict_mismatch(backbone.state_dict(), converted) == ""
     result = backbone.load_state_dict(converted, strict=True, assign=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
+
+
+def test_conversion_equals_reins_conversion_tool_on_random_weights():
+    """The values, not only the shapes: Rein's tools/convert_models/convert_dinov2_large_512x512.py re-stated
+    (bicubic, align_corners=False, to an explicit size; no DINOv2-style +0.1 scale factor) on random tensors."""
+    g = torch.Generator().manual_seed(0)
+    kernel = torch.randn(8, 3, 14, 14, generator=g)
+    pos = torch.randn(1, 1 + OFFICIAL_GRID ** 2, 8, generator=g)
+    out = convert_dinov2({"patch_embed.proj.weight": kernel, "pos_embed": pos}, patch_size=16, height=512,
+                         width=512)
+    grid = pos[:, 1:].reshape(1, OFFICIAL_GRID, OFFICIAL_GRID, 8).permute(0, 3, 1, 2)
+    expected_pos = torch.cat([pos[:, :1], F.interpolate(grid, size=(32, 32), mode="bicubic", align_corners=False)
+                              .permute(0, 2, 3, 1).reshape(1, 32 * 32, 8)], dim=1)
+    expected_kernel = F.interpolate(kernel, size=(16, 16), mode="bicubic", align_corners=False)
+    assert torch.equal(out["pos_embed"], expected_pos)
+    assert torch.equal(out["patch_embed.proj.weight"], expected_kernel)
 
 
 def test_kernel_resize_keeps_magnitude():
@@ -181,7 +198,8 @@ def test_missing_file_is_named(tmp_path):
 @pytest.mark.parametrize("name", ["corrupt.pth", "corrupt.safetensors"])
 def test_corrupt_file_is_named(tmp_path, name):
     (tmp_path / name).write_bytes(b"\x00not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match=rf"checkpoint file '.*{name}' could not be read: \w+") as info:
+    with pytest.raises(CheckpointError,
+                       match=rf"checkpoint file '.*{name}' could not be read as a PyTorch .* state dict: \w+") as info:
         load_torch_file(tmp_path / name)
     assert "\n" not in str(info.value)
 
@@ -256,6 +274,23 @@ def test_cli_refuses_what_no_backbone_could_load_or_no_file_could_hold(tiny_offi
                  "--width", "32"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write '{tmp_path / 'afile' / 'x.safetensors'}'") and err.count("\n") == 1
+
+
+def test_cli_names_the_input_of_a_state_dict_that_is_not_dinov2(tmp_path, capsys):
+    torch.save({"a": torch.zeros(2)}, tmp_path / "other.pth")
+    assert main(["convert-dinov2", str(tmp_path / "other.pth"), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other.pth': DINOv2 state dict has no 'patch_embed.proj.weight'" in err
+    assert "expected an official DINOv2 ViT checkpoint" in err
+
+
+def test_weights_of_another_vit_size_are_not_told_to_convert(official):
+    """ViT-S weights for a ViT-B-wide backbone: converting cannot fix a width, so the hint says what can."""
+    state = convert_dinov2(official("vits14"), patch_size=16, height=256, width=256)
+    wider = DinoVisionTransformer(BackboneConfig(patch_size=16, embed_dim=768, depth=2, num_heads=12,
+                                                 pos_grid_size=256))
+    problem = state_dict_mismatch(wider.state_dict(), state)
+    assert "its width is 384 but the model's is 768" in problem and "convert-dinov2" not in problem
 
 
 def test_a_dinov2_training_checkpoints_teacher_backbone_converts(tiny_official, tmp_path):

@@ -54,11 +54,41 @@ class BumpRow(nn.Module):
         return out + bump
 
 
+class BumpRow3d(BumpRow):
+    """BumpRow for the (L, m, D) values ``bind`` computes: the row of every block."""
+
+    def forward(self, t: Tensor) -> Tensor:
+        out = self.inner(t)
+        bump = torch.zeros_like(out)
+        bump[..., self.row, :] = 50.0
+        return out + bump
+
+
 @pytest.mark.parametrize("layer", [0, LAYERS - 1])
 def test_update_equals_the_method_equations(layer):
     reins, x = make_reins(), tokens_in()
     with torch.no_grad():
         torch.testing.assert_close(reins(x, layer), method_reference(reins, x, layer), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [0, 1, LAYERS - 1])
+def test_the_bound_adapter_the_model_runs_equals_the_method_equations(layer):
+    """``bind`` (what QueryDiffStudent.forward uses) computes every block's tokens and values at once: each block
+    must still get its own."""
+    reins, x = make_reins(), tokens_in()
+    with torch.no_grad():
+        adapter = reins.bind(reins.all_tokens())
+        torch.testing.assert_close(adapter(x, layer), method_reference(reins, x, layer), atol=ATOL, rtol=0)
+
+
+def test_the_bound_adapter_keeps_token_zero_value_free():
+    reins, x = make_reins(), tokens_in()
+    with torch.no_grad():
+        before = reins.bind(reins.all_tokens())(x, 1)
+        reins.mlp_token2feat = BumpRow3d(reins.mlp_token2feat, row=0)
+        assert torch.equal(reins.bind(reins.all_tokens())(x, 1), before)
+        reins.mlp_token2feat = BumpRow3d(reins.mlp_token2feat.inner, row=1)
+        assert not torch.allclose(reins.bind(reins.all_tokens())(x, 1), before, atol=1e-3)
 
 
 def test_cls_token_passes_through_unchanged():
@@ -131,7 +161,8 @@ def test_parameters_are_named_and_shaped_as_in_rein():
         "mlp_delta_f.weight": (1024, 1024), "mlp_delta_f.bias": (1024,),
     }
     assert reins.scale.item() == pytest.approx(1e-3)
-    # Trainable parameters of the paper's configuration: ~2.99 M (METHOD §9 note d).
+    # 2.53 M trainable parameters; METHOD §9 note d's ~2.99 M also counts Rein's `transform` and `merge` layers,
+    # which are not part of LoRAReins here (W_h is the student's query_link).
     assert sum(p.numel() for p in reins.parameters()) == 2 * 1024 * 1025 + 24 * (100 * 16 + 16 * 1024) + 1
 
 

@@ -79,6 +79,19 @@ def test_train_makes_it_once_beside_the_data_and_names_it_in_the_config(data_roo
         manifest.write_text(json.dumps(record))
 
 
+def test_a_backbone_of_another_mlp_ratio_is_made_afresh_not_reused(data_root: Path, tmp_path: Path) -> None:
+    """The folder name holds the main sizes only: the record must hold all of the architecture, or a changed
+    mlp_ratio would reuse weights of another shape and fail to load."""
+    first = ensure_tiny_backbone(config(data_root, "model.backbone.pretrain_steps=1"), source(data_root), tmp_path,
+                                 progress=False)
+    made = first.stat().st_mtime_ns
+    cfg = config(data_root, "model.backbone.pretrain_steps=1", "model.backbone.mlp_ratio=2.0")
+    weights = ensure_tiny_backbone(cfg, source(data_root), tmp_path, progress=False)
+    assert weights.stat().st_mtime_ns != made
+    cfg.model.backbone.checkpoint = str(weights)
+    build_student(cfg)  # loads strictly
+
+
 def test_pretrain_on_non_synthetic_data_is_one_clear_error(data_root: Path) -> None:
     cfg = config(data_root, "teacher.enabled=false", "data.train.kind=cityscapes", "data.train.root=/nowhere")
     with pytest.raises(ValueError, match="model.backbone.pretrain"):

@@ -74,7 +74,8 @@ def test_teacher_on_adds_both_guidance_losses_and_trains_the_aggregator(tmp_path
 
     seeds: list[int | None] = []
     reset = DiffusionTeacher.reset_noise
-    monkeypatch.setattr(DiffusionTeacher, "reset_noise", lambda self, seed=None: seeds.append(seed) or reset(self, seed))
+    monkeypatch.setattr(DiffusionTeacher, "reset_noise",
+                        lambda self, seed=None: seeds.append(seed) or reset(self, seed))
     files = RunFiles(tmp_path / "on")
     run_training(tiny_config(data_root, f"teacher.path={teacher_dir}", "train.iters=2",
                              "train.grad_accum=2"), files, progress=False)

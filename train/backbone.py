@@ -47,6 +47,13 @@ def folder_name(b: BackboneConfig) -> str:
     return f"backbone-synthetic-p{b.patch_size}-d{b.embed_dim}-l{b.depth}-h{b.num_heads}-g{b.pos_grid_size}"
 
 
+def architecture(b: BackboneConfig) -> dict[str, Any]:
+    """Everything of ``model.backbone`` that the weights depend on (shapes, or what training made of them)."""
+    return {"patch_size": b.patch_size, "embed_dim": b.embed_dim, "depth": b.depth, "num_heads": b.num_heads,
+            "mlp_ratio": b.mlp_ratio, "pos_grid_size": b.pos_grid_size, "layerscale_init": b.layerscale_init,
+            "layer_norm_eps": b.layer_norm_eps}
+
+
 class PatchReadout(nn.Module):
     """Per-block linear maps from patch tokens to class logits, summed: every block's tokens are pushed toward
     the classes (the student reads the pyramid taps and the agent queries read every layer)."""
@@ -130,9 +137,7 @@ def make_tiny_backbone(cfg: Config, out: Path, train_spec: DatasetSpec, *, steps
         "made_by": "python -m train backbone", "config": cfg.name, "data": str(data_root),
         "data_identity": data_identity(data_root),
         "split": "source/train", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "crop_size": cfg.data.crop_size, "architecture": {"patch_size": b.patch_size, "embed_dim": b.embed_dim,
-                                                          "depth": b.depth, "num_heads": b.num_heads,
-                                                          "pos_grid_size": b.pos_grid_size},
+        "crop_size": cfg.data.crop_size, "architecture": architecture(b),
         "loss": {"first": _mean(losses, True), "last": _mean(losses, False)},
         "pixel_accuracy": {"first": _mean(accuracies, True), "last": _mean(accuracies, False)},
         "seconds": round(time.perf_counter() - start, 1),
@@ -170,7 +175,7 @@ def reusable(folder: Path, cfg: Config, steps: int, data_root: Path, batch_size:
     wanted = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "crop_size": cfg.data.crop_size,
               "data_identity": data_identity(data_root)}
     return ((folder / WEIGHTS_FILE).is_file() and all(info.get(k) == v for k, v in wanted.items())
-            and info.get("architecture", {}).get("embed_dim") == b.embed_dim)
+            and info.get("architecture") == architecture(b))
 
 
 def ensure_tiny_backbone(cfg: Config, train_spec: DatasetSpec, root: Path, *, progress: bool = True) -> Path:
