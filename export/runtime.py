@@ -183,9 +183,11 @@ class TrtSegmenter:
         """images (B, 3, H, W) → (logits, labels) as CUDA tensors on the engine's device. Any B ≥ 1: a batch outside
         the engine's optimisation profile runs as calls inside it (see ``profile_calls``)."""
         x = as_image_tensor(images)
+        if len(x) == 0:
+            raise ValueError(f"images: an empty batch {tuple(x.shape)}; expected at least one image")
         spec = self.runner.meta["inputs"][INPUT_NAME]
         lo, hi = int(spec["min"][0]), int(spec["max"][0])
-        if len(x) == 0 or lo <= len(x) <= hi:
+        if lo <= len(x) <= hi:
             outputs = self.runner.run(x)
             return outputs["logits"].float(), outputs["labels"]
         logits, labels = [], []

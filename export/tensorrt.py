@@ -86,12 +86,13 @@ def trtexec_command(onnx_path: str | os.PathLike[str], engine_path: str | os.Pat
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
             f"--minShapes={dims('min')}", f"--optShapes={dims('opt')}", f"--maxShapes={dims('max')}"]
     args.append("--stronglyTyped" if strongly_typed else "--fp16")
+    args.append("--noTF32")  # as build_engine: the fp32 parts stay fp32
     if timing_cache is not None:
         args.append(f"--timingCacheFile={timing_cache}")
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)
@@ -206,6 +207,11 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
             raise EngineError(f"TensorRT {trt.__version__} builds strongly typed networks only: build from the "
                               f"FP16 ONNX (python -m export ... --fp16) instead of '{onnx_path}'")
         config.set_flag(trt.BuilderFlag.FP16)
+    # TF32 is on by default and would round the inputs of the graph's fp32 parts (the deformable attention's
+    # sampling offsets and weights, the final products) to 10-bit mantissas: ONNX Runtime, which the parity
+    # checks run, never does that.
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     profile = builder.create_optimization_profile()
@@ -228,15 +234,16 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     if serialized is None:
         raise EngineError(f"TensorRT {trt.__version__} failed to build an engine from '{onnx_path}' (see the "
                           f"TensorRT log above)")
-    _write_atomic(engine_path, bytes(serialized))
+    _write_atomic(engine_path, memoryview(serialized))  # no copy of a ViT-L engine's hundreds of MB
     if cache_path is not None:
         _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     meta: dict[str, Any] = {
         "tensorrt": trt.__version__,
-        "gpu": gpu_info(),
+        "gpu": gpu_info(torch.cuda.current_device()),  # the device the builder ran on
         "onnx": onnx_path.name,
         "precision": "fp16",
         "strongly_typed": strongly_typed,
+        "tf32": False,
         "inputs": {INPUT_NAME: {**shapes, "dtype": "float32"}},
         "outputs": list(OUTPUT_NAMES),
         "build_seconds": round(seconds, 2),
@@ -312,13 +319,16 @@ class EngineRunner:
             if not self.context.set_input_shape(INPUT_NAME, tuple(x.shape)):
                 raise ValueError(f"images: TensorRT rejected shape {tuple(x.shape)} for engine '{self.path}' (see the "
                                  f"TensorRT log)")
-            self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+            if not self.context.set_tensor_address(INPUT_NAME, x.data_ptr()):
+                raise EngineError(f"TensorRT refused the input buffer of engine '{self.path}' (see the TensorRT log)")
             results: dict[str, Tensor] = {}
             for name in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(name))
                 dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
                 results[name] = torch.empty(shape, dtype=dtype, device=self.device)
-                self.context.set_tensor_address(name, results[name].data_ptr())
+                if not self.context.set_tensor_address(name, results[name].data_ptr()):
+                    raise EngineError(f"TensorRT refused the buffer of output '{name}' of engine '{self.path}' (see "
+                                      f"the TensorRT log)")
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)  # x and the output buffers are made on the current stream
             if not self.context.execute_async_v3(self.stream.cuda_stream):

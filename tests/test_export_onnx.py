@@ -174,6 +174,89 @@ def test_plugin_core_computes_the_same_sampling_as_the_gather_core():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def trt_msda_plugin_reference(value: np.ndarray, shapes: np.ndarray, starts: np.ndarray, locations: np.ndarray,
+                              weights: np.ndarray) -> np.ndarray:
+    """What TensorRT's MultiscaleDeformableAttnPlugin_TRT computes, written from its CUDA kernel in float64 numpy:
+    per level, sampling point (x, y) ∈ [0, 1]² → pixel (x·W − 0.5, y·H − 0.5), bilinear with zero padding outside
+    the map, weighted sum over levels and points. value (B, S, M, D), locations (B, Q, M, L, P, 2),
+    weights (B, Q, M, L, P) → (B, Q, M, D) in value's dtype."""
+    b, _, m, d = value.shape
+    q, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
+    v = value.astype(np.float64)
+    out = np.zeros((b, q, m, d))
+    bi, mi = np.arange(b)[:, None, None, None], np.arange(m)[None, None, :, None]
+    for level in range(levels):
+        h, w, start = int(shapes[level, 0]), int(shapes[level, 1]), int(starts[level])
+        maps = v[:, start:start + h * w].reshape(b, h, w, m, d)
+        y = locations[:, :, :, level, :, 1].astype(np.float64) * h - 0.5  # (B, Q, M, P)
+        x = locations[:, :, :, level, :, 0].astype(np.float64) * w - 0.5
+        inside = (y > -1) & (x > -1) & (y < h) & (x < w)
+        y0, x0 = np.floor(y).astype(np.int64), np.floor(x).astype(np.int64)
+        fy, fx = y - y0, x - x0
+        sampled = np.zeros((b, q, m, points, d))
+        for dy, dx, corner in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)),
+                               (1, 1, fy * fx)):
+            yy, xx = y0 + dy, x0 + dx
+            valid = inside & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+            pixels = maps[bi, np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1), mi]  # (B, Q, M, P, D)
+            sampled += pixels * (corner * valid)[..., None]
+        out += (sampled * weights[:, :, :, level, :, None].astype(np.float64)).sum(axis=3)
+    return out.astype(value.dtype)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_plugin_graph_computes_what_the_pytorch_student_does(student, plugin_onnx, fp16):
+    """No GPU and no TensorRT here: the plugin graph (fp32, and as converted for the FP16 engine) runs in ONNX's
+    reference evaluator with the plugin node given TensorRT's kernel semantics. Each plugin node's output must be
+    the PyTorch student's deformable attention on the same images (a random-weight student's logits hardly
+    depend on it, so the attention itself is compared), and the logits and labels the student's."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    import qd_core.head.msda as msda_module
+
+    class MultiscaleDeformableAttnPlugin_TRT(OpRun):
+        op_domain = PLUGIN_DOMAIN
+
+        def _run(self, value, shapes, starts, locations, weights, plugin_version=None, plugin_namespace=None):
+            # The plugin's contract: int32 shapes and starts, one float type for the three float inputs.
+            assert shapes.dtype == starts.dtype == np.int32
+            assert value.dtype == locations.dtype == weights.dtype, (value.dtype, locations.dtype, weights.dtype)
+            return (trt_msda_plugin_reference(value, shapes, starts, locations, weights),)
+
+    assert MultiscaleDeformableAttnPlugin_TRT.__name__ == PLUGIN_OP
+    model = onnx.load(str(plugin_onnx))
+    if fp16:
+        model = convert_to_fp16(model)
+    images = scene_batch(2, seed=5)
+    attended: list[torch.Tensor] = []
+    core = msda_module.ms_deform_attn_core
+
+    def recording_core(*args, **kwargs):
+        attended.append(core(*args, **kwargs))
+        return attended[-1]
+
+    msda_module.ms_deform_attn_core = recording_core
+    try:
+        with torch.no_grad():
+            ref_logits = student.semantic_logits(student.normalize(images))
+    finally:
+        msda_module.ms_deform_attn_core = core
+    ref_labels = reference(student, images)[1]
+    evaluator = ReferenceEvaluator(model, new_ops=[MultiscaleDeformableAttnPlugin_TRT])
+    results = evaluator.run(None, {"images": images.numpy()}, intermediate=True)
+    nodes = plugin_nodes(model)
+    assert len(nodes) == len(attended) == 2
+    for node, expected in zip(nodes, attended):
+        got = torch.from_numpy(results[node.output[0]]).float().reshape(expected.shape)
+        error = float((got - expected).norm() / expected.norm())
+        # fp32: summation order only; fp16: the plugin's inputs come from fp16 layers (11-bit mantissas).
+        assert error < (1e-2 if fp16 else 1e-5), (node.name, error)
+    tol = 5e-3 if fp16 else LOGIT_TOL  # ONNX Runtime's fp16 gather graph is off by ~6e-4 on these images
+    torch.testing.assert_close(torch.from_numpy(results["logits"]).float(), ref_logits, atol=tol, rtol=0)
+    assert (torch.from_numpy(results["labels"]).long() == ref_labels).double().mean() >= MIN_AGREEMENT
+
+
 def test_plugin_graph_is_refused_by_onnx_runtime_with_a_clear_message(plugin_onnx):
     with pytest.raises(ValueError, match="run only in TensorRT"):
         OrtSegmenter(plugin_onnx, device="cpu")

@@ -35,6 +35,8 @@ if(NOT TensorRT_INCLUDE_DIR)
   set(TensorRT_REASON "NvInfer.h not found (set TensorRT_ROOT to the TensorRT install folder)")
 elseif(NOT TensorRT_LIBRARY)
   set(TensorRT_REASON "NvInfer.h found in ${TensorRT_INCLUDE_DIR} but libnvinfer was not (set TensorRT_ROOT)")
+elseif(NOT TensorRT_VERSION)
+  set(TensorRT_REASON "NvInfer.h found in ${TensorRT_INCLUDE_DIR} but not its version (NvInferVersion.h)")
 elseif(TensorRT_VERSION VERSION_LESS 10)
   # The runner uses the name-based I/O API (setTensorAddress, enqueueV3) introduced with TensorRT 10.
   set(TensorRT_REASON "TensorRT ${TensorRT_VERSION} found, but qd_infer needs TensorRT 10 or newer")
