@@ -104,13 +104,32 @@ def test_default_validation_is_source_plus_every_target_domain() -> None:
     cfg = load_config("tiny", ["data.val=[]"])
     specs = val_specs(cfg)
     assert [s.domain for s in specs] == ["source", *TARGET_DOMAINS]
-    assert [is_target(s, cfg.data.train) for s in specs] == [False] + [True] * len(TARGET_DOMAINS)
+    assert [is_target(s, cfg) for s in specs] == [False] + [True] * len(TARGET_DOMAINS)
 
 
 def test_other_dataset_kinds_are_targets() -> None:
+    cfg = load_config("tiny")
     train = DatasetSpec(kind="gta", root="/d/gta", split="train")
-    assert is_target(DatasetSpec(kind="cityscapes", root="/d/cs"), train)
-    assert not is_target(DatasetSpec(kind="gta", root="/d/gta"), train)
+    assert is_target(DatasetSpec(kind="cityscapes", root="/d/cs"), cfg, train)
+    assert not is_target(DatasetSpec(kind="gta", root="/d/gta"), cfg, train)
+
+
+def test_the_training_data_spelt_differently_is_still_the_source(tmp_path: Path, monkeypatch) -> None:
+    """A trailing slash, a relative path or the synthetic default root must not turn the source into a target
+    (it would enter the target mean)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", [f"data.synthetic.root={tmp_path / 'syn'}"])
+    cityscapes = DatasetSpec(kind="cityscapes", root=str(tmp_path / "cs"), split="train")
+    assert not is_target(DatasetSpec(kind="cityscapes", root=f"{tmp_path / 'cs'}/", split="val"), cfg, cityscapes)
+    assert not is_target(DatasetSpec(kind="cityscapes", root="cs", split="val"), cfg, cityscapes)
+    assert is_target(DatasetSpec(kind="cityscapes", root="cs2", split="val"), cfg, cityscapes)
+    # The default synthetic training spec has no root: the config's synthetic root is the same folder.
+    assert cfg.data.train.kind == "synthetic" and not cfg.data.train.root
+    source = DatasetSpec(kind="synthetic", root=str(tmp_path / "syn"), split="val", domain="source")
+    assert not is_target(source, cfg)
+    assert is_target(DatasetSpec(kind="synthetic", root=str(tmp_path / "syn"), split="val", domain="fog"), cfg)
+    assert is_target(DatasetSpec(kind="synthetic", root=str(tmp_path / "other"), split="val", domain="source"),
+                     cfg)
 
 
 @pytest.fixture(scope="module")

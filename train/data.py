@@ -80,11 +80,24 @@ def val_specs(cfg: Config) -> list[DatasetSpec]:
             for d in (SOURCE_DOMAIN, *target_domains())]
 
 
-def is_target(spec: DatasetSpec, train: DatasetSpec) -> bool:
-    """Whether ``spec`` is an unseen domain relative to the training data (its mIoU enters the target mean)."""
-    if spec.kind == "synthetic" and train.kind == "synthetic":
-        return (spec.domain or SOURCE_DOMAIN) != (train.domain or SOURCE_DOMAIN) or spec.root != train.root
-    return (spec.kind, spec.root) != (train.kind, train.root)
+def dataset_root(spec: DatasetSpec, cfg: Config) -> Path:
+    """Where ``spec``'s data lives, as one spelling: a synthetic spec without a root is ``cfg``'s synthetic root;
+    '~', relative parts and trailing slashes are resolved."""
+    root = synthetic_root(cfg, spec) if spec.kind == "synthetic" else Path(spec.root)
+    return root.expanduser().resolve()
+
+
+def is_target(spec: DatasetSpec, cfg: Config, train: DatasetSpec | None = None,
+              train_cfg: Config | None = None) -> bool:
+    """Whether ``spec`` (its roots resolved with ``cfg``) is an unseen domain relative to the training data
+    ``train`` (default ``cfg.data.train``, resolved with ``train_cfg``, default ``cfg``): its mIoU enters the target
+    mean. The same folder spelt differently (a trailing slash, a relative path, the synthetic default) is the
+    same dataset."""
+    train_cfg = train_cfg or cfg
+    train = train or train_cfg.data.train
+    if spec.kind != train.kind or dataset_root(spec, cfg) != dataset_root(train, train_cfg):
+        return True
+    return spec.kind == "synthetic" and (spec.domain or SOURCE_DOMAIN) != (train.domain or SOURCE_DOMAIN)
 
 
 def parse_data_arg(text: str) -> list[DatasetSpec]:

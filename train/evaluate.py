@@ -149,10 +149,11 @@ def save_visuals(pred: Prediction, out_dir: Path, name: str, alpha: float = 0.5)
 
 def evaluate(model: nn.Module, specs: Sequence[DatasetSpec], cfg: Config, *, env: DistEnv | None = None,
              mode: str | None = None, batch_size: int = 1, num_workers: int = 0, show_dir: Path | None = None,
-             progress: bool = False) -> list[DatasetScore]:
+             progress: bool = False, train_cfg: Config | None = None) -> list[DatasetScore]:
     """Score ``model`` (a student) on each dataset spec; returns one ``DatasetScore`` per spec, reduced over ranks.
 
-    ``cfg`` supplies the data roots (synthetic), the normalisation and the training spec (for the target flag).
+    ``cfg`` supplies the data roots (synthetic) and the normalisation; ``train_cfg`` (default ``cfg``) the data the
+    model was trained on, which is a source, not a target, in the target mean.
     """
     env = env or DistEnv(device=next(model.parameters()).device)
     was_training = model.training
@@ -181,7 +182,7 @@ def evaluate(model: nn.Module, specs: Sequence[DatasetSpec], cfg: Config, *, env
             if any_rank([error is not None], env)[0]:
                 raise DataError(error or f"{name}: another rank could not load its validation data (see its error)")
             matrix.all_reduce()
-            scores.append(DatasetScore(name, matrix, is_target(spec, cfg.data.train), len(dataset)))
+            scores.append(DatasetScore(name, matrix, is_target(spec, cfg, train_cfg=train_cfg), len(dataset)))
     finally:
         model.train(was_training)
     return scores
@@ -348,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{args.format_only / 'submission.zip'}")
             return 0
         scores = evaluate(model, specs, data_cfg, env=env, mode=args.mode, batch_size=args.batch_size,
-                          num_workers=workers, show_dir=args.show_dir, progress=True)
+                          num_workers=workers, show_dir=args.show_dir, progress=True, train_cfg=cfg)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
