@@ -253,6 +253,21 @@ def test_miou_table_marks_targets_and_averages_them() -> None:
     lines = table.splitlines()
     assert lines[1].split() == ["src", "100.00", "source"]
     assert lines[-1].split()[-1] == "50.00"
+    # A dataset with no labelled pixel is named, not averaged in silently.
+    empty = DatasetScore("unlabelled", ConfusionMatrix(2), True, 3)
+    lines = miou_table([score("a", True, True), empty]).splitlines()
+    assert lines[2].split() == ["unlabelled", "n/a", "target"]
+    assert lines[3].split()[-1] == "100.00"
+    assert lines[4] == "n/a: no labelled pixel was scored in unlabelled (left out of the means)"
+
+
+def test_an_unlabelled_folder_is_refused_for_scoring(checkpoint: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "photos").mkdir()
+    code = evaluate_main(["--checkpoint", str(checkpoint), "--data", f"folder:{tmp_path / 'photos'}",
+                          "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "has no labels to score" in err and "--format-only" in err
 
 
 def test_figure_shows_input_truth_and_the_prediction_per_domain(checkpoint: Path, data_root: Path,

@@ -257,9 +257,13 @@ def miou_table(scores: Sequence[DatasetScore]) -> str:
     width = max([len("mean over targets")] + [len(s.name) for s in scores])
     lines = [f"{'dataset':<{width}}  {'mIoU':>6}  domain"]
     for s in scores:
-        lines.append(f"{s.name:<{width}}  {s.miou:6.2f}  {'target' if s.target else 'source'}")
+        score = f"{s.miou:6.2f}" if not math.isnan(s.miou) else f"{'n/a':>6}"
+        lines.append(f"{s.name:<{width}}  {score}  {'target' if s.target else 'source'}")
     if any(s.target for s in scores):
         lines.append(f"{'mean over targets':<{width}}  {target_mean(scores):6.2f}")
+    unscored = [s.name for s in scores if math.isnan(s.miou)]
+    if unscored:
+        lines.append(f"n/a: no labelled pixel was scored in {', '.join(unscored)} (left out of the means)")
     return "\n".join(lines)
 
 
@@ -321,6 +325,10 @@ def resolve_specs(args: argparse.Namespace, model_cfg: Config) -> tuple[list[Dat
         specs = val_specs(data_cfg)
     if not specs:
         raise ValueError("no datasets to evaluate: pass --data KIND:ROOT[:SPLIT] or a --config with data.val")
+    unlabelled = [s for s in specs if s.kind == "folder"]
+    if unlabelled and not (args.format_only or args.show_dir):
+        raise ValueError(f"--data folder:{unlabelled[0].root}: a folder of images has no labels to score; write "
+                         f"its predictions with --format-only DIR or --show-dir DIR, or use python -m train.visualize")
     return specs, data_cfg
 
 
