@@ -57,6 +57,7 @@ def test_test_time_resize_fits_the_long_short_box() -> None:
     assert fit_size(1080, 1920, (960, 540)) == (540, 960)          # ACDC, 512 config
     assert fit_size(720, 1280, (1280, 720)) == (720, 1280)         # BDD: already fits
     assert fit_size(1000, 1000, (1024, 512)) == (512, 512)         # the short side binds
+    assert fit_size(1224, 1632, (1024, 512)) == (512, 683)         # 682.7 rounds half up, as mmcv's int(x + 0.5)
 
 
 # (in_h, in_w, out_h, out_w): the 2x test-time downscale (OpenCV takes its area path there), up- and downscales of
@@ -246,6 +247,13 @@ def test_eval_transform_resizes_the_image_but_not_the_label() -> None:
     out_image, out_label = EvalTransform(box=(100, 50))(image, label)
     assert out_image.shape == (3, 50, 100)
     assert torch.equal(out_label, torch.from_numpy(label))
+    # The values: the bilinear uint8 resize, then RGB normalisation (not BGR, not a float resize).
+    torch.testing.assert_close(out_image, normalize(resize_image(image, (50, 100))), rtol=0, atol=0)
+    red = np.zeros((4, 8, 3), np.uint8)
+    red[..., 0] = 255
+    out_red, _ = EvalTransform(box=(8, 4))(red)
+    torch.testing.assert_close(out_red[:, 0, 0], torch.tensor([(255 - 123.675) / 58.395, -116.28 / 57.12,
+                                                               -103.53 / 57.375]))
 
 
 def test_train_transform_requires_a_label() -> None:

@@ -102,6 +102,8 @@ def test_a_window_that_is_not_a_multiple_is_padded_up_to_one():
     images = torch.randn(1, 3, 50, 200)
     out = slide_inference(fn, images, (96, 96), (64, 64), num_classes=2, multiple=64)
     assert seen and all(h % 64 == 0 and w % 64 == 0 for h, w in seen)
+    # Each 50x96 crop is first raised to the full window, then to the multiple: 128x128, not 64x128.
+    assert set(seen) == {(128, 128)}
     torch.testing.assert_close(out, images[:, :2])
 
 

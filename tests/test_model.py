@@ -34,6 +34,21 @@ def test_semantic_logits_combine_class_and_mask_probabilities(tiny):
     torch.testing.assert_close(logits, expected)
 
 
+def test_window_logits_upsample_the_mask_logits_before_the_sigmoid(tiny, monkeypatch):
+    """The reference head's test-time order: mask logits resized bilinearly (half-pixel centres) to the window,
+    then sigmoid and the class-weighted sum, not the stride-4 semantic map resized afterwards."""
+    images = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(3))
+    out = tiny(images)
+    # A random student's mask logits hardly vary over the image, which would hide the order: make them vary.
+    out.mask_logits[-1] = torch.randn(out.mask_logits[-1].shape, generator=torch.Generator().manual_seed(4)) * 8
+    monkeypatch.setattr(tiny, "forward", lambda x, all_layers=True: out)
+    probs = out.class_logits[-1].softmax(-1)[..., :19]
+    masks = torch.nn.functional.interpolate(out.mask_logits[-1], size=(96, 128), mode="bilinear",
+                                            align_corners=False)
+    expected = torch.einsum("bqc,bqhw->bchw", probs, masks.sigmoid())
+    torch.testing.assert_close(tiny.window_logits(images), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_predict_returns_labels_at_input_size_for_any_size(tiny, mode):
     labels = tiny.predict(torch.randn(2, 3, 100, 230), mode=mode)
