@@ -80,6 +80,31 @@ def test_a_16_bit_grey_png_is_read_by_its_high_byte(tmp_path: Path) -> None:
     assert (image == image[..., :1]).all()
 
 
+def exif_jpeg(path: Path, pixels: np.ndarray, orientation: int) -> Path:
+    """A JPEG of ``pixels`` whose EXIF says how to turn it upright (as cameras store portrait photos)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_jpeg_is_turned_upright_by_its_exif_orientation_as_opencv_reads_it(tmp_path: Path,
+                                                                            orientation: int) -> None:
+    """mmseg reads images with OpenCV, which applies the EXIF orientation: a phone photo must not be segmented
+    sideways. Labels (PNG, read unchanged) are never turned."""
+    import cv2
+
+    from qd_core.data.files import read_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    path = exif_jpeg(tmp_path / "photo.jpg", pixels, orientation)
+    image = read_image(path)
+    assert image.shape == ((50, 30, 3) if orientation >= 5 else (30, 50, 3))
+    np.testing.assert_array_equal(image, cv2.imread(str(path))[..., ::-1])
+
+
 def test_readers_never_take_a_killed_writes_temp_file_for_data(tmp_path: Path) -> None:
     # An atomic write killed before its rename leaves ".<stem>.tmp<pid><suffix>" beside the real files.
     _image(tmp_path / "half/val_img/abc.jpg", 100)

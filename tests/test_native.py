@@ -251,12 +251,18 @@ class RedChannelProbe(torch.nn.Module):
         return logits + x[:, :1, ::4, ::4] * 0, x[:, 0].round().to(torch.int32)
 
 
-def test_the_model_sees_the_python_sides_resized_pixels(native: NativeBuild, tmp_path: Path) -> None:
-    """Resizing must give the model the very values qd_core.data.transforms.resize_image gives it in training,
-    evaluation and export.infer (whole grey levels, OpenCV-like fixed point), not an fp32 interpolation."""
+@pytest.fixture(scope="session")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The AOTInductor package of RedChannelProbe at the tiny package's size, batch 1."""
     from export.aoti import export_aoti
 
-    probe = export_aoti(RedChannelProbe(), tmp_path / "probe.pt2", height=SIZE, width=SIZE, batch=(1, 1, 1))
+    return export_aoti(RedChannelProbe(), tmp_path_factory.mktemp("probe") / "probe.pt2", height=SIZE, width=SIZE,
+                       batch=(1, 1, 1))
+
+
+def test_the_model_sees_the_python_sides_resized_pixels(native: NativeBuild, probe: Path, tmp_path: Path) -> None:
+    """Resizing must give the model the very values qd_core.data.transforms.resize_image gives it in training,
+    evaluation and export.infer (whole grey levels, OpenCV-like fixed point), not an fp32 interpolation."""
     (tmp_path / "in").mkdir()
     rng = np.random.default_rng(0)
     # Shrinking and enlarging, each axis at its own ratio; random pixels so every interpolation weight shows.
@@ -270,6 +276,35 @@ def test_the_model_sees_the_python_sides_resized_pixels(native: NativeBuild, tmp
         seen = torch.from_numpy(resize_image(rgb, (SIZE, SIZE))[..., 0].copy())[None, None]
         expected = F.interpolate(seen, size=sizes[name], mode="nearest")[0, 0].numpy()
         np.testing.assert_array_equal(read_labels(tmp_path / "out" / f"{name}.png"), expected, err_msg=name)
+
+
+def test_a_jpeg_is_turned_upright_by_its_exif_orientation_as_the_python_side_reads_it(native: NativeBuild,
+                                                                                     probe: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Phone photos are stored sideways with an EXIF orientation: qd_infer must segment them the way
+    qd_core.data.files.read_image (and OpenCV) turn them, and write labels of the upright size."""
+    from qd_core.data.files import read_image
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    # Smooth content (JPEG keeps it nearly intact) that differs under every flip and turn.
+    y, x = np.mgrid[0:48, 0:80]
+    red = (y * 5 + x * 2 + rng.integers(0, 3, (48, 80))).clip(0, 255).astype(np.uint8)
+    pixels = np.stack([red, red // 2, 255 - red], axis=-1)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(tmp_path / "in" / f"o{orientation}.jpg", exif=exif.tobytes(), quality=95)
+    result = run_qd_infer(native, "--model", probe, "--images", tmp_path / "in", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    for orientation in range(1, 9):
+        upright = read_image(tmp_path / "in" / f"o{orientation}.jpg")
+        seen = torch.from_numpy(resize_image(upright, (SIZE, SIZE))[..., 0].copy())[None, None]
+        expected = F.interpolate(seen, size=upright.shape[:2], mode="nearest")[0, 0].numpy().astype(int)
+        got = read_labels(tmp_path / "out" / f"o{orientation}.png").astype(int)
+        assert got.shape == expected.shape, orientation
+        # libjpeg here and Pillow's own may round a few samples apart; a wrong turn is off by tens of levels.
+        assert np.abs(got - expected).max() <= 2, (orientation, np.abs(got - expected).max())
 
 
 # --------------------------------------------------------------------------------------------------------------

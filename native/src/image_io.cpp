@@ -165,10 +165,74 @@ void jpeg_note(j_common_ptr info, int level) {
   }
 }
 
+}  // namespace
+
+int exif_orientation(const std::uint8_t* data, std::size_t size) {
+  // APP1 payload: "Exif\0\0", then a TIFF header (byte order, 42, offset of IFD0) and IFD0's 12-byte entries.
+  static const std::uint8_t kExif[6] = {'E', 'x', 'i', 'f', 0, 0};
+  if (size < 6 + 8 || std::memcmp(data, kExif, 6) != 0) return 1;
+  const std::uint8_t* tiff = data + 6;
+  const std::size_t n = size - 6;
+  const bool little = tiff[0] == 'I' && tiff[1] == 'I';
+  if (!little && !(tiff[0] == 'M' && tiff[1] == 'M')) return 1;
+  auto u16 = [&](std::size_t at) -> unsigned {
+    return little ? tiff[at] | (tiff[at + 1] << 8) : (tiff[at] << 8) | tiff[at + 1];
+  };
+  auto u32 = [&](std::size_t at) -> std::uint64_t {
+    return little ? std::uint64_t{u16(at)} | (std::uint64_t{u16(at + 2)} << 16)
+                  : (std::uint64_t{u16(at)} << 16) | std::uint64_t{u16(at + 2)};
+  };
+  if (u16(2) != 42) return 1;
+  const std::uint64_t ifd = u32(4);
+  if (ifd + 2 > n) return 1;
+  const unsigned entries = u16(static_cast<std::size_t>(ifd));
+  for (unsigned i = 0; i < entries; ++i) {
+    const std::uint64_t entry = ifd + 2 + 12 * std::uint64_t{i};
+    if (entry + 12 > n) return 1;
+    const auto at = static_cast<std::size_t>(entry);
+    if (u16(at) == 0x0112) {  // Orientation: SHORT, one value, held in the entry itself
+      const unsigned value = u16(at + 2) == 3 ? u16(at + 8) : 0;
+      return value >= 1 && value <= 8 ? static_cast<int>(value) : 1;
+    }
+  }
+  return 1;
+}
+
+Image apply_orientation(const Image& in, int orientation) {
+  if (orientation <= 1 || orientation > 8) return in;
+  const bool swap = orientation >= 5;  // 5..8 turn the picture a quarter: height and width trade places
+  Image out;
+  out.height = swap ? in.width : in.height;
+  out.width = swap ? in.height : in.width;
+  out.rgb.resize(in.rgb.size());
+  const int h = in.height, w = in.width;
+  for (int y = 0; y < out.height; ++y) {
+    for (int x = 0; x < out.width; ++x) {
+      // The source pixel (sy, sx) of output pixel (y, x), as Pillow's ImageOps.exif_transpose turns it.
+      int sy = y, sx = x;
+      switch (orientation) {
+        case 2: sx = w - 1 - x; break;                      // mirrored left-right
+        case 3: sy = h - 1 - y; sx = w - 1 - x; break;      // turned 180°
+        case 4: sy = h - 1 - y; break;                      // mirrored top-bottom
+        case 5: sy = x; sx = y; break;                      // transposed
+        case 6: sy = h - 1 - x; sx = y; break;              // turned 90° clockwise to display
+        case 7: sy = h - 1 - x; sx = w - 1 - y; break;      // transversed
+        case 8: sy = x; sx = w - 1 - y; break;              // turned 90° counter-clockwise to display
+        default: break;
+      }
+      const std::uint8_t* src = &in.rgb[(static_cast<std::size_t>(sy) * w + sx) * 3];
+      std::copy(src, src + 3, &out.rgb[(static_cast<std::size_t>(y) * out.width + x) * 3]);
+    }
+  }
+  return out;
+}
+
+namespace {
+
 // No C++ object with a destructor may be created between setjmp and a longjmp back to it, so everything
 // that owns memory lives in the caller.
 bool decode_jpeg(FILE* file, jpeg_decompress_struct* info, JpegErrors* errors, Image* out,
-                 std::vector<std::uint8_t>* cmyk) {
+                 std::vector<std::uint8_t>* cmyk, int* orientation) {
   info->err = jpeg_std_error(&errors->manager);
   errors->manager.error_exit = jpeg_fail;
   errors->manager.emit_message = jpeg_note;
@@ -180,7 +244,18 @@ bool decode_jpeg(FILE* file, jpeg_decompress_struct* info, JpegErrors* errors, I
   }
   jpeg_create_decompress(info);
   jpeg_stdio_src(info, file);
+  jpeg_save_markers(info, JPEG_APP0 + 1, 0xFFFF);  // APP1: the EXIF block with the orientation tag
   jpeg_read_header(info, TRUE);
+  *orientation = 1;
+  for (jpeg_saved_marker_ptr m = info->marker_list; m != nullptr; m = m->next) {
+    if (m->marker == JPEG_APP0 + 1) {
+      const int found = exif_orientation(m->data, m->data_length);
+      if (found != 1) {
+        *orientation = found;
+        break;
+      }
+    }
+  }
   // Grey and YCbCr files are converted to RGB by the library; CMYK and YCCK ones (which it cannot convert) are
   // read as CMYK and converted below.
   const bool four_channels = info->jpeg_color_space == JCS_CMYK || info->jpeg_color_space == JCS_YCCK;
@@ -223,11 +298,14 @@ Image read_jpeg(const fs::path& path) {
   JpegErrors errors;
   Image out;
   std::vector<std::uint8_t> cmyk;
-  if (!decode_jpeg(file.get(), &info, &errors, &out, &cmyk)) {
+  int orientation = 1;
+  if (!decode_jpeg(file.get(), &info, &errors, &out, &cmyk, &orientation)) {
     throw ImageError(path, std::string("damaged JPEG data (libjpeg: ") + errors.message + ")");
   }
   if (!cmyk.empty()) cmyk_to_rgb(cmyk, &out.rgb);
-  return out;
+  // Stored sideways by a camera: turned upright as the EXIF orientation says (as OpenCV's and the Python side's
+  // readers do), so the picture is segmented the way it is seen.
+  return apply_orientation(out, orientation);
 }
 
 }  // namespace

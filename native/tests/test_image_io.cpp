@@ -204,3 +204,70 @@ QD_TEST(image_io, other_files_are_errors) {
   const std::uint8_t pixel = 0;
   CHECK_THROWS(qd::write_png(dir / "no" / "such" / "x.png", &pixel, 1, 1, 1), ImageError, "cannot write PNG");
 }
+
+namespace {
+
+// An APP1 payload holding one IFD0 entry: the orientation, in either byte order.
+std::vector<std::uint8_t> exif_payload(bool big_endian, unsigned orientation, unsigned type = 3) {
+  std::vector<std::uint8_t> p = {'E', 'x', 'i', 'f', 0, 0};
+  auto u16 = [&](unsigned v) {
+    if (big_endian) p.insert(p.end(), {static_cast<std::uint8_t>(v >> 8), static_cast<std::uint8_t>(v)});
+    else p.insert(p.end(), {static_cast<std::uint8_t>(v), static_cast<std::uint8_t>(v >> 8)});
+  };
+  auto u32 = [&](unsigned v) {
+    if (big_endian) { u16(v >> 16); u16(v & 0xFFFF); } else { u16(v & 0xFFFF); u16(v >> 16); }
+  };
+  p.insert(p.end(), big_endian ? std::initializer_list<std::uint8_t>{'M', 'M'}
+                               : std::initializer_list<std::uint8_t>{'I', 'I'});
+  u16(42);
+  u32(8);  // IFD0 right after the header
+  u16(2);  // two entries: ImageWidth, then Orientation
+  u16(0x0100); u16(3); u32(1); u16(640); u16(0);
+  u16(0x0112); u16(type); u32(1); u16(orientation); u16(0);
+  u32(0);  // no next IFD
+  return p;
+}
+
+}  // namespace
+
+QD_TEST(image_io, exif_orientation_is_read_in_both_byte_orders) {
+  for (bool big : {false, true}) {
+    for (unsigned o = 1; o <= 8; ++o) {
+      const auto p = exif_payload(big, o);
+      CHECK_EQ(qd::exif_orientation(p.data(), p.size()), static_cast<int>(o));
+    }
+  }
+}
+
+QD_TEST(image_io, a_missing_or_malformed_exif_orientation_means_upright) {
+  auto p = exif_payload(false, 6);
+  CHECK_EQ(qd::exif_orientation(p.data(), p.size() - 10), 1);  // cut inside the orientation entry
+  const auto wrong_type = exif_payload(true, 6, 4);           // LONG, not SHORT
+  CHECK_EQ(qd::exif_orientation(wrong_type.data(), wrong_type.size()), 1);
+  const auto out_of_range = exif_payload(false, 9);
+  CHECK_EQ(qd::exif_orientation(out_of_range.data(), out_of_range.size()), 1);
+  p[0] = 'X';  // not an EXIF block (an XMP packet also lives in APP1)
+  CHECK_EQ(qd::exif_orientation(p.data(), p.size()), 1);
+  CHECK_EQ(qd::exif_orientation(p.data(), 3), 1);
+}
+
+QD_TEST(image_io, orientations_turn_the_picture_as_pillow_does) {
+  // 2 x 3 picture, one distinct value per pixel (all channels equal): a b c / d e f.
+  qd::Image in;
+  in.height = 2;
+  in.width = 3;
+  for (std::uint8_t v : {'a', 'b', 'c', 'd', 'e', 'f'}) in.rgb.insert(in.rgb.end(), {v, v, v});
+  auto red = [](const qd::Image& im) {
+    std::string s;
+    for (std::size_t i = 0; i < im.rgb.size(); i += 3) s += static_cast<char>(im.rgb[i]);
+    return s;
+  };
+  // Pillow's exif_transpose: 2 FLIP_LEFT_RIGHT, 3 ROTATE_180, 4 FLIP_TOP_BOTTOM, 5 TRANSPOSE, 6 ROTATE_270,
+  // 7 TRANSVERSE, 8 ROTATE_90 (counter-clockwise), rows read top to bottom.
+  const char* expected[9] = {"", "abcdef", "cbafed", "fedcba", "defabc", "adbecf", "daebfc", "fcebda", "cfbead"};
+  for (int o = 1; o <= 8; ++o) {
+    const qd::Image out = qd::apply_orientation(in, o);
+    CHECK_EQ(out.height, o >= 5 ? 3 : 2);
+    CHECK_EQ(red(out), std::string(expected[o]));
+  }
+}

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 # PNG label modes that store one class index per pixel ("P" keeps the index, not the palette colour).
 _LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
@@ -15,12 +17,15 @@ _LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8 (H, W, 3); grey, palette and alpha images are converted to RGB, 16-bit
-    samples keep their high byte."""
+    samples keep their high byte, and a JPEG stored sideways is turned upright by its EXIF orientation (as
+    OpenCV's reader, and so mmseg's pipeline, turns it; label files are never turned)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     try:
         with Image.open(path) as img:
+            if img.format in ("JPEG", "MPO") and img.getexif().get(ORIENTATION_TAG, 1) != 1:
+                img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I;16"):
                 # 16-bit grey: Pillow's convert("RGB") clips the values to 255 (mid-grey 32896 turns white); take
                 # the high byte, as Pillow itself reads 16-bit RGB and as the C++ runner reads every 16-bit PNG.
