@@ -93,6 +93,14 @@ def test_parse_data_arg_rejects_malformed_text(text: str) -> None:
         parse_data_arg(text)
 
 
+@pytest.mark.parametrize("text, expected", [("synthetic/nope:/x", "expected one of source, fog"),
+                                            ("acdc/dusk:/x", "expected one of fog, night, rain, snow"),
+                                            ("cityscapes/fog:/x", "cityscapes has no domains")])
+def test_parse_data_arg_names_the_domains_it_knows(text: str, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        parse_data_arg(text)
+
+
 def test_default_test_sizes_follow_the_paper_and_scale_with_the_window() -> None:
     assert default_test_size("cityscapes", [512, 512]) == [1024, 512]
     assert default_test_size("acdc", [1024, 1024]) == [1920, 1080]

@@ -110,6 +110,11 @@ def parse_data_arg(text: str) -> list[DatasetSpec]:
     if kind not in DATASET_KINDS:
         raise ValueError(f"--data {text!r}: kind {kind!r} is not one of {', '.join(DATASET_KINDS)}")
     split = parts[2] if len(parts) == 3 and parts[2] else "val"
+    known = {"synthetic": (SOURCE_DOMAIN, *target_domains()), "acdc": tuple(ACDC_CONDITIONS)}.get(kind)
+    if domain and known is not None and domain not in known:
+        raise ValueError(f"--data {text!r}: {kind} has no domain {domain!r}; expected one of {', '.join(known)}")
+    if domain and known is None:
+        raise ValueError(f"--data {text!r}: {kind} has no domains; expected {kind}:ROOT[:SPLIT]")
     if domain:
         domains = [domain]
     elif kind == "synthetic":

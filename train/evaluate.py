@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: data.num_workers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides of the checkpoint's config, e.g. inference.stride=[256,256]")
     return p
@@ -340,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
+        if args.num_workers is not None and args.num_workers < 0:
+            raise ValueError(f"--num-workers {args.num_workers}: expected 0 (load in this process) or more")
         env = init_distributed(args.device)
         model, cfg = load_student(args.checkpoint, args.overrides, device=env.device)
         specs, data_cfg = resolve_specs(args, cfg)
@@ -350,14 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             main_first(env, lambda: check_output_dir(args.format_only, args.overwrite, "--format-only"))
             count = format_predictions(model, specs, data_cfg, args.format_only, ids=args.format_ids, env=env,
                                        mode=args.mode, batch_size=args.batch_size, num_workers=workers,
-                                       show_dir=args.show_dir, progress=True)
+                                       show_dir=args.show_dir, progress=not args.no_progress)
             if env.is_main:
                 kind = "Cityscapes label ids" if args.format_ids == "label" else "train ids"
                 print(f"wrote {count} predictions ({kind}) to {args.format_only} and "
                       f"{args.format_only / 'submission.zip'}")
             return 0
         scores = evaluate(model, specs, data_cfg, env=env, mode=args.mode, batch_size=args.batch_size,
-                          num_workers=workers, show_dir=args.show_dir, progress=True, train_cfg=cfg)
+                          num_workers=workers, show_dir=args.show_dir, progress=not args.no_progress,
+                          train_cfg=cfg)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
