@@ -171,6 +171,43 @@ def _trt_logger(trt: Any) -> Any:
     return logger
 
 
+def missing_plugin_versions(creators: list[tuple[str, str]] | None, wanted: set[tuple[str, str]]) -> str | None:
+    """Why the plugin nodes of a graph, ``wanted`` {(op type, plugin_version)}, cannot be built by a TensorRT whose
+    registry holds ``creators`` [(name, version)]; None when all are there or the registry could not be listed.
+    Said before parsing: the parser's own message for a missing creator is an assertion deep in its log."""
+    if creators is None:
+        return None
+    for name, version in sorted(wanted):
+        if (name, version) not in creators:
+            have = sorted(v for n, v in creators if n == name)
+            return (f"this TensorRT has no {name} version {version} (it has: {', '.join(have) or 'none'}); "
+                    f"export with --msda gather instead")
+    return None
+
+
+def _registry_creators(trt: Any) -> list[tuple[str, str]] | None:
+    """(name, version) of every plugin creator TensorRT registered; None where its registry cannot be listed."""
+    registry = trt.get_plugin_registry()
+    creators = getattr(registry, "all_creators", None)
+    if creators is None:
+        creators = getattr(registry, "plugin_creator_list", None)
+    if creators is None:
+        return None
+    return [(str(c.name), str(c.plugin_version)) for c in creators
+            if hasattr(c, "name") and hasattr(c, "plugin_version")]
+
+
+def _graph_plugins(onnx_path: Path) -> set[tuple[str, str]]:
+    """{(op type, plugin_version)} of the graph's TensorRT plugin nodes (the graph without its external data)."""
+    import onnx
+
+    from export.onnx import plugin_nodes
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return {(n.op_type, next((a.s.decode() for a in n.attribute if a.name == "plugin_version"), "1"))
+            for n in plugin_nodes(model)}
+
+
 def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], *,
                  batch: tuple[int, int, int], height: int, width: int, strongly_typed: bool = True,
                  timing_cache: str | os.PathLike[str] | None = None, workspace_gib: float | None = None,
@@ -197,6 +234,9 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     if strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
+    problem = missing_plugin_versions(_registry_creators(trt), _graph_plugins(onnx_path))
+    if problem is not None:
+        raise EngineError(f"'{onnx_path}': {problem} (TensorRT {trt.__version__})")
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the file as well
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

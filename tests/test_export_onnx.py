@@ -304,3 +304,17 @@ def test_fully_blocked_query_is_unblocked_inside_the_graph(tmp_path):
     assert bool(torch.isfinite(logits).all())
     assert float((logits - ref_logits).abs().max()) <= LOGIT_TOL
     assert float((labels.long() == ref_labels).float().mean()) >= MIN_AGREEMENT
+
+
+def test_the_engine_builder_names_a_plugin_version_tensorrt_lacks(plugin_onnx, gather_onnx):
+    """Checked before TensorRT's parser runs (its message for a missing creator is an assertion in its log)."""
+    from export.tensorrt import _graph_plugins, missing_plugin_versions
+
+    wanted = _graph_plugins(plugin_onnx)
+    assert wanted == {(PLUGIN_OP, "1")} and _graph_plugins(gather_onnx) == set()
+    assert missing_plugin_versions([(PLUGIN_OP, "1"), (PLUGIN_OP, "2"), ("Other", "1")], wanted) is None
+    assert missing_plugin_versions(None, wanted) is None  # a registry that cannot be listed: the parser decides
+    assert missing_plugin_versions([("Other", "1")], set()) is None
+    problem = missing_plugin_versions([(PLUGIN_OP, "2")], wanted)
+    assert problem == (f"this TensorRT has no {PLUGIN_OP} version 1 (it has: 2); export with --msda gather "
+                       f"instead")
