@@ -49,6 +49,14 @@ def _importable(module: str) -> bool:
         return False
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing. The flag is read itself: under torch.compile, Dynamo of torch 2.11 folds
+    ``torch.compiler.is_exporting()`` to True (2.13 reads the flag), which would keep the Triton kernels out of
+    every compiled graph."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def backend_for(t: Tensor) -> str:
     """The implementation used for tensor ``t`` (see module docstring)."""
     forced = os.environ.get("QD_ATTENTION", "").strip().lower()
@@ -58,7 +66,7 @@ def backend_for(t: Tensor) -> str:
         # torch.compile (not an export) with the kernels named and no gradient wanted: they enter the graph as
         # custom operators (kernels.ops, forward only); every other traced or compiled graph is plain PyTorch.
         if (forced == "triton" and not torch.is_grad_enabled() and torch.compiler.is_compiling()
-                and not torch.compiler.is_exporting()):
+                and not _exporting()):
             return "triton"
         return "torch"
     if forced:

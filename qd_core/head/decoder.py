@@ -152,7 +152,8 @@ class MaskedAttentionDecoder(nn.Module):
         query = self.querys2feat(query_pos)
         class_logits: list[Tensor] = []
         mask_logits: list[Tensor] = []
-        embed = self._outputs(query, mask_features, all_layers or not self.layers, class_logits, mask_logits)
+        # len(), not truthiness: Dynamo of torch 2.11 cannot trace `not ModuleList` and breaks the graph here.
+        embed = self._outputs(query, mask_features, all_layers or len(self.layers) == 0, class_logits, mask_logits)
         for i, layer in enumerate(self.layers):
             level = i % NUM_LEVELS
             memory, pos, key = levels[level]
