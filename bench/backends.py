@@ -120,11 +120,12 @@ def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``model`` with every floating parameter and buffer in ``dtype``: the whole forward then runs in it.
 
     Against autocast this drops a cast kernel in front of every matrix product whose input is fp32 (autocast keeps
-    LayerNorm outputs and the residual stream in fp32, and without its cast cache, which CUDA graphs need off, it
-    also re-casts every weight on every call) and halves the bytes of the memory-bound operations: on the ViT-L
-    student at 512×512, batch 1, ~150 fewer kernels and ~2.2 of ~11.4 GB moved (counted with CPU autocast). What
-    precision needs stays fp32 inside the kernels: PyTorch's norm and softmax kernels accumulate low-precision
-    inputs in fp32, and the deformable attention computes its sampling locations in fp32 whatever its dtype.
+    LayerNorm outputs and the residual stream in fp32; it caches the casts of weights that require gradients only,
+    so the frozen ones (the student's backbone; every weight here, load_model freezes them) are re-cast on every
+    call, and inside a CUDA graph it runs without that cache at all) and halves the bytes of the memory-bound
+    operations. What precision needs stays fp32 inside the kernels: PyTorch's norm and softmax kernels accumulate
+    low-precision inputs in fp32, and the deformable attention computes its sampling locations in fp32 whatever
+    its dtype.
     """
     return copy.deepcopy(model).to(dtype)
 

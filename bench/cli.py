@@ -280,6 +280,26 @@ def check_arguments(args: argparse.Namespace, images: int, batch: int) -> tuple[
     return checkpoint, kernel_entries
 
 
+def mfu_note(peak_tflops: float | None, device: str, bench_json: dict[str, Any]) -> str:
+    """What the MFU column is measured against: the --peak-tflops value (for every row, whatever its precision),
+    or the datasheet entry of the GPU the run found, named with both its peaks."""
+    from bench.metrics import gpu_spec_for
+
+    if peak_tflops:
+        return f"against {peak_tflops:g} TFLOP/s given by --peak-tflops, for every row whatever its precision"
+    if device == "cpu":
+        return "n/a on CPU (no peak FLOP/s table for CPUs; --peak-tflops sets one)"
+    names = {str(b.get("extra_info", {}).get("device_name")) for b in bench_json.get("benchmarks", [])
+             if b.get("extra_info", {}).get("device_name")}
+    specs = {gpu_spec_for(n) for n in names}
+    if len(specs) != 1 or None in specs:
+        return (f"n/a: no datasheet entry in bench.metrics.GPUS for {', '.join(sorted(names)) or 'this GPU'} "
+                f"(--peak-tflops sets one)")
+    (spec,) = specs
+    return (f"against the dense datasheet peak of {spec.name} at the row's precision: bf16/fp16 "
+            f"{spec.tensor_tflops:g}, fp32 {spec.fp32_tflops:g} TFLOP/s (bench.metrics.GPUS)")
+
+
 def build_session(env: dict[str, str]) -> None:
     """Load the model and the evaluation images now, as the suites' ``session`` fixture would: a config that does
     not resolve, a checkpoint that does not load or a data folder in neither layout is then one error (ValueError,
@@ -353,10 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "versions": versions(),
         "memory_note": ("memory one predict call adds at its peak; " + "; ".join(methods)) if methods else None,
-        "mfu_note": (f"against {args.peak_tflops} TFLOP/s given by --peak-tflops" if args.peak_tflops else
-                     "n/a on CPU (no peak FLOP/s table for CPUs; --peak-tflops sets one)" if device == "cpu" else
-                     "datasheet dense peak of the GPU at the backend's precision (bench.metrics.GPUS; H100 SXM and "
-                     "H200: bf16/fp16 989, fp32 67 TFLOP/s; their NVL cards 836 and 60; n/a for a GPU not listed)"),
+        "mfu_note": mfu_note(args.peak_tflops, device, bench_json),
         "quick": args.quick,
         # Other processes on the machine inflate and scatter the timings; the load says how much to trust them.
         "load_note": f"1-minute load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end, on "

@@ -57,6 +57,8 @@ def gpu_spec_for(device_name: str) -> GpuSpec | None:
     """The datasheet entry for a ``torch.cuda.get_device_name()`` string, or None when it is not one of GPUS
     (then MFU and ideal times are n/a rather than computed against another card's peaks)."""
     name = device_name.upper()
+    if " MIG " in f" {name} " or "MIG " in name:
+        return None  # a MIG slice has a fraction of the card's SMs and bandwidth: the datasheet peaks do not apply
     if "GH200" in name:
         return None  # its HBM (96 GB at 4.0 TB/s or 144 GB at 4.9) is not told by the name
     if "H200" in name:

@@ -68,10 +68,19 @@ class Cost:
         self.seconds += seconds
 
 
+def _distinct_elements(x: Tensor) -> int:
+    """Elements a kernel must read of ``x``: a broadcast (stride-0) dimension holds one value, read once."""
+    count = 1
+    for size, stride in zip(x.shape, x.stride()):
+        if stride != 0:
+            count *= size
+    return count if x.numel() else 0
+
+
 def _bytes(x: Any, dtype: torch.dtype) -> int:
     if isinstance(x, Tensor):
         size = torch.finfo(dtype).bits // 8 if x.is_floating_point() else x.element_size()
-        return x.numel() * size
+        return _distinct_elements(x) * size
     if isinstance(x, (list, tuple)):
         return sum(_bytes(y, dtype) for y in x)
     if isinstance(x, dict):

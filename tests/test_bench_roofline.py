@@ -49,6 +49,17 @@ def test_views_move_nothing_and_elementwise_work_is_memory_bound():
     assert counter.by_owner[WRAPPER].seconds == pytest.approx(4 * 64 * 4 / 1e12)
 
 
+def test_a_broadcast_operand_is_read_once_not_once_per_copy():
+    """An expanded (stride-0) weight, as the agent-query merger's Linear broadcast over the query slots, holds one
+    value per broadcast dimension: a kernel reads it once."""
+    counter = _Counter(UNIT, torch.float32, [WRAPPER])
+    x = torch.zeros(100, 4, 32, device="meta")
+    w = torch.zeros(32, 16, device="meta").expand(100, 32, 16)
+    with counter:
+        torch.bmm(x, w)
+    assert counter.by_op["aten.bmm"].bytes == 4 * (100 * 4 * 32 + 32 * 16 + 100 * 4 * 16)
+
+
 def test_attention_counts_as_one_fused_kernel():
     counter = _Counter(UNIT, torch.bfloat16, [WRAPPER])
     q = torch.zeros(2, 4, 100, 8, device="meta")
@@ -98,7 +109,8 @@ def test_the_student_forward_is_booked_like_the_profiler_ranges_and_keeps_every_
                                        ("NVIDIA H200 NVL", "h200-nvl"), ("NVIDIA GH200 480GB", None),
                                        ("NVIDIA A100-SXM4-40GB", "a100-sxm-40gb"),
                                        ("NVIDIA A100-SXM4-80GB", "a100-sxm"),
-                                       ("NVIDIA GeForce RTX 4090", None)])
+                                       ("NVIDIA GeForce RTX 4090", None),
+                                       ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None)])
 def test_device_names_map_to_datasheets(name, key):
     assert gpu_spec_for(name) == (GPUS[key] if key else None)
 

@@ -378,3 +378,18 @@ def test_a_report_written_by_another_run_meanwhile_is_kept(tmp_path: Path, monke
     assert (out / f"{stem}-2.md").read_text().startswith("# QueryDiff benchmark: cpu")
     assert (out / f"{stem}-2.json").is_file()
     assert f"writing this one as {stem}-2.*" in capsys.readouterr().err
+
+
+def test_the_mfu_note_names_the_peak_the_column_was_measured_against():
+    from bench.cli import mfu_note
+
+    def run(*names: str) -> dict:
+        return {"benchmarks": [{"extra_info": {"device_name": n}} for n in names]}
+
+    assert "H100 PCIe" in mfu_note(None, "cuda", run("NVIDIA H100 PCIe")) and "756" in mfu_note(
+        None, "cuda", run("NVIDIA H100 PCIe"))
+    assert "989" in mfu_note(None, "cuda", run("NVIDIA H100 80GB HBM3"))
+    assert mfu_note(None, "cuda", run("NVIDIA GeForce RTX 4090")).startswith("n/a")
+    assert mfu_note(None, "cuda", run()).startswith("n/a")
+    assert "400 TFLOP/s given by --peak-tflops" in mfu_note(400.0, "cuda", run("NVIDIA H100 PCIe"))
+    assert mfu_note(None, "cpu", run("Intel Xeon")).startswith("n/a on CPU")

@@ -43,6 +43,28 @@ def test_module_rows_add_up_to_the_total():
     assert abs(sum(m["gflops"] for m in s["modules"]) - s["gflops"]) < 1e-6 * max(s["gflops"], 1)
 
 
+def test_the_combine_row_is_the_students_own_work_and_the_total_a_plain_count():
+    """(combine) is total minus the children, so the sum above holds by construction: pin it to what the student
+    does itself (the class × mask product of the semantic logits, the Rein tokens' A·B product), and the total to
+    an independent FlopCounterMode count of the same forward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qd_core.summary import build_meta_student
+
+    cfg = load_config("tiny")
+    s = summarize(cfg)
+    b, r, h = cfg.model.backbone, cfg.model.reins, cfg.model.head
+    grid = (cfg.inference.window[0] // 4) * (cfg.inference.window[1] // 4)
+    combine = 2 * h.num_queries * h.num_classes * grid + 2 * b.depth * r.token_length * r.lora_dim * b.embed_dim
+    rows = {m["name"]: m["gflops"] for m in s["modules"]}
+    assert rows["(combine)"] * 1e9 == pytest.approx(combine, rel=1e-9)
+    model = build_meta_student(cfg).requires_grad_(False)
+    with FlopCounterMode(display=False) as plain, torch.no_grad():
+        model.semantic_logits(torch.zeros(1, 3, *cfg.inference.window, device="meta"))
+    assert s["gflops"] * 1e9 == pytest.approx(plain.get_total_flops(), rel=1e-9)
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--height", "100", "--width", "100"], "--height 100"),
     (["--height", "-32", "--width", "64"], "--height -32"),
