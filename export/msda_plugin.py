@@ -1,9 +1,10 @@
 """MSDeformAttn as TensorRT's built-in ``MultiscaleDeformableAttnPlugin_TRT`` node (``--msda plugin``).
 
 TensorRT's ONNX parser hands any op type it has no importer for to the plugin registry, looked up by op type
-with the node attributes ``plugin_version`` and ``plugin_namespace`` (the node's domain only as a fallback
-namespace, after ``plugin_namespace`` "" has found the built-in creator). The domain used here, ``trt.plugins``, is the one ONNX Runtime's TensorRT execution provider registers the built-in
-plugins under, and as a non-default domain it keeps ``onnx.checker`` and shape inference working around the node.
+with the node attributes ``plugin_version`` and ``plugin_namespace`` (the node's domain is tried as a namespace only
+when no creator is found under ``plugin_namespace``; "" finds the built-in one first). The domain used here,
+``trt.plugins``, is the one ONNX Runtime's TensorRT execution provider registers the built-in plugins under, and as
+a non-default domain it keeps ``onnx.checker`` and shape inference working around the node.
 
 The plugin (TensorRT ``plugin/multiscaleDeformableAttnPlugin``) takes five inputs:
 
