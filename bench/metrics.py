@@ -1,19 +1,9 @@
 """The numbers of a benchmark report: latency percentiles, throughput, MFU, and the accuracy parity rule.
 
-Parity: a backend is scored on the same images as the PyTorch fp32 reference; its mIoU may differ from the
-reference's by at most ``TOLERANCE_POINTS[precision]`` mIoU points. fp32 backends only reorder fp32 sums (a handful
-of pixels on a decision boundary may flip), so 0.1 points; fp16/bf16 round every activation to 8–11 mantissa bits
-and flip more boundary pixels, so 0.5 points.
-
-Where the backend returns logits, their relative error against the reference's (‖L − L_ref‖ / ‖L_ref‖ over all
-images) must also stay within ``LOGIT_TOLERANCE[precision]``: labels cannot show a wrong fast path of a randomly
-initialised student, whose logits hardly vary over the image (it predicts one class everywhere), while its logits
-still can. fp32: the unit roundoff is 6e-8 and reordered sums measured ≤ 1.2e-7 (ONNX Runtime, AOTInductor,
-torch.compile against eager, tiny student on CPU); 1e-4 leaves a thousandfold margin and still fails a prediction
-shifted by 4 pixels (5.7e-4 on the random-weight tiny student) or taken from another image (3.4e-3). fp16 / bf16:
-unit roundoff 4.9e-4 / 3.9e-3 per rounding, measured 2.9e-4–1.3e-3 (fp16) and 4.1e-3–2.0e-2 (bf16) on the tiny
-student, random and trained; 0.05 / 0.1 leave room for a 24-block ViT-L and catch a broken path (zeros, NaN,
-another model's numbers), not a subtle one: that is the mIoU rule's job on trained weights.
+Parity: a backend is scored on the same images as the PyTorch fp32 reference and held to the tolerances of
+``export.parity`` (one rule for the exporter's checks and the benchmark's): its mIoU within
+``TOLERANCE_POINTS[precision]`` points of the reference's, and, where it returns logits, their relative error
+within ``LOGIT_TOLERANCE[precision]``; that module says why these numbers.
 """
 from __future__ import annotations
 
@@ -21,9 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-TOLERANCE_POINTS = {"fp32": 0.1, "bf16": 0.5, "fp16": 0.5}
-LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
+from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS
 
+__all__ = ["LOGIT_TOLERANCE", "TOLERANCE_POINTS", "GpuSpec", "GPUS", "Parity", "check_parity", "gpu_spec_for", "mfu",
+           "peak_flops", "percentile"]
 
 
 @dataclass(frozen=True)

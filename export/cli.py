@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a strongly typed FP16 ONNX (LayerNorm, softmax, MSDA sampling kept in fp32)")
     p.add_argument("--opset", type=int, choices=(17, 18), default=18, help="ONNX opset (default 18)")
     p.add_argument("--batch", type=parse_batch, default=(1, 1, 8), metavar="MIN:OPT:MAX",
-                   help="dynamic batch range of the TensorRT optimisation profile; the ONNX batch axis is always "
-                        "dynamic (default 1:1:8)")
+                   help="dynamic batch range (N alone means 1:N:N) of the TensorRT optimisation profile and the "
+                        "AOTInductor package; OPT is also the parity batch; the ONNX batch axis is always dynamic "
+                        "(default 1:1:8; write --batch=-1:2:3 style for a value starting with '-')")
     p.add_argument("--height", type=int, default=None,
                    help="input height, a multiple of 32 (default: the config's inference window)")
     p.add_argument("--width", type=int, default=None,
@@ -344,11 +345,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if checkpoint is None:
         log("note: randomly initialised weights (--random-init): the parity numbers check the export, not a "
             "trained model")
+    failed = [f"{a['name']}: {'; '.join(a['parity']['problems'])}" for a in report["artifacts"]
+              if a.get("parity") and not a["parity"]["passed"]]
+    if failed:
+        raise ParityError(f"parity against the PyTorch fp32 reference failed for {' | '.join(failed)} (the report "
+                          f"is in {report_path}; the artifacts are kept for inspection)")
     return report
+
+
+class ParityError(ValueError):
+    """An exported artifact's outputs strayed from the PyTorch reference beyond its precision's tolerance."""
 
 
 def _parity(args: argparse.Namespace, model: Any, cfg: Any, height: int, width: int, report: dict[str, Any],
             runnable_in_ort: bool, fp16: bool, fp16_path: Path, fp32_path: Path, engine_path: Path) -> dict[str, Any]:
+    from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS, parity_problems
     from export.report import evaluate_parity, load_evaluation_set
     from export.runtime import OrtSegmenter, TorchSegmenter, TrtSegmenter
 
@@ -387,6 +398,12 @@ def _parity(args: argparse.Namespace, model: Any, cfg: Any, height: int, width: 
     parity = evaluate_parity(reference, artifacts, samples, batch_size=batch, num_classes=model.num_classes)
     parity["data"] = data_name
     for name, numbers in parity["artifacts"].items():
+        precision = "fp16" if entries[name]["precision"].startswith("fp16") else "fp32"
+        problems = parity_problems(precision, numbers["logit_rel_error"], numbers["miou_delta"])
+        numbers["tolerance"] = {"precision": precision, "logit_rel_error": LOGIT_TOLERANCE[precision],
+                                "miou_points": TOLERANCE_POINTS[precision]}
+        numbers["passed"] = not problems
+        numbers["problems"] = problems
         entries[name]["parity"] = numbers
     return parity
 

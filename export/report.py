@@ -115,8 +115,9 @@ def evaluate_parity(reference: Segmenter, artifacts: dict[str, Segmenter], sampl
                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run the reference and every artifact on ``samples``; return the parity numbers.
 
-    Returns {"reference": {"miou", "per_domain"}, "artifacts": {name: {"max_abs_logit_error",
-    "argmax_agreement", "miou", "miou_delta", "per_domain", "seconds"}}, "images": N}.
+    Returns {"reference": {"miou", "per_domain"}, "artifacts": {name: {"max_abs_logit_error", "logit_rel_error"
+    (‖L − L_ref‖ / ‖L_ref‖ over all images), "argmax_agreement", "miou", "miou_delta", "per_domain", "seconds"}},
+    "images": N}.
     """
     from qd_core.metrics import ConfusionMatrix
 
@@ -124,6 +125,9 @@ def evaluate_parity(reference: Segmenter, artifacts: dict[str, Segmenter], sampl
     names = ["reference", *artifacts]
     matrices = {n: {d: ConfusionMatrix(num_classes, IGNORE_INDEX) for d in domains} for n in names}
     max_err = {n: 0.0 for n in artifacts}
+    # Σ (L − L_ref)² and Σ L_ref² in float64, for the relative error export.parity judges.
+    sq_err = {n: 0.0 for n in artifacts}
+    sq_ref = 0.0
     agree = {n: 0 for n in artifacts}
     seconds = {n: 0.0 for n in names}
     pixels = 0
@@ -140,6 +144,7 @@ def evaluate_parity(reference: Segmenter, artifacts: dict[str, Segmenter], sampl
         for i, s in enumerate(batch):
             matrices["reference"][s.domain].update(ref_labels[i], labels[i])
         pixels += ref_labels.numel()
+        sq_ref += float(ref_logits.double().square().sum())
         for name, seg in artifacts.items():
             start = time.perf_counter()
             logits, pred = seg.run(images)
@@ -149,6 +154,7 @@ def evaluate_parity(reference: Segmenter, artifacts: dict[str, Segmenter], sampl
             # fails; they must show as an infinite error, not as 0.
             err = float((logits - ref_logits).abs().nan_to_num(nan=math.inf).max())
             max_err[name] = max(max_err[name], err)
+            sq_err[name] += float((logits.double() - ref_logits.double()).square().sum())
             agree[name] += int((pred.long() == ref_labels.long()).sum())
             for i, s in enumerate(batch):
                 matrices[name][s.domain].update(pred[i].long(), labels[i])
@@ -168,8 +174,10 @@ def evaluate_parity(reference: Segmenter, artifacts: dict[str, Segmenter], sampl
     results: dict[str, Any] = {}
     for name in artifacts:
         s = summary(name)
+        rel = math.sqrt(sq_err[name] / sq_ref) if sq_ref > 0 else (0.0 if sq_err[name] == 0 else math.inf)
         results[name] = {
             "max_abs_logit_error": max_err[name],
+            "logit_rel_error": math.inf if math.isnan(rel) else rel,
             "argmax_agreement": agree[name] / max(pixels, 1),
             "miou": s["miou"],
             "miou_delta": s["miou"] - reference_summary["miou"],
@@ -204,18 +212,21 @@ def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
 
 def format_summary(report: dict[str, Any]) -> str:
     """The artifact table printed at the end of an export."""
-    lines = [f"{'artifact':<22} {'size MB':>9} {'export s':>9} {'max|Δlogit|':>12} {'argmax agree':>13} "
-             f"{'mIoU':>7} {'ΔmIoU':>7}"]
+    lines = [f"{'artifact':<22} {'size MB':>9} {'export s':>9} {'max|Δlogit|':>12} {'rel. error':>10} "
+             f"{'argmax agree':>13} {'mIoU':>7} {'ΔmIoU':>7}  parity"]
     ref = report.get("parity", {}).get("reference")
     if ref is not None:
-        lines.append(f"{'pytorch fp32 (ref)':<22} {'':>9} {'':>9} {'':>12} {'':>13} {ref['miou']:7.2f} {'':>7}")
+        lines.append(f"{'pytorch fp32 (ref)':<22} {'':>9} {'':>9} {'':>12} {'':>10} {'':>13} {ref['miou']:7.2f} "
+                     f"{'':>7}")
     for art in report.get("artifacts", []):
         p = art.get("parity")
         size = f"{art['bytes'] / 2**20:9.2f}" if art.get("bytes") is not None else f"{'':>9}"
         secs = f"{art['export_seconds']:9.1f}" if art.get("export_seconds") is not None else f"{'':>9}"
         if p:
+            verdict = "" if "passed" not in p else "pass" if p["passed"] else "FAIL"
             lines.append(f"{art['name']:<22} {size} {secs} {p['max_abs_logit_error']:12.2e} "
-                         f"{100 * p['argmax_agreement']:12.3f}% {p['miou']:7.2f} {p['miou_delta']:+7.2f}")
+                         f"{p.get('logit_rel_error', math.nan):10.2e} {100 * p['argmax_agreement']:12.3f}% "
+                         f"{p['miou']:7.2f} {p['miou_delta']:+7.2f}  {verdict}")
         else:
             lines.append(f"{art['name']:<22} {size} {secs}   {art.get('note', 'not evaluated')}")
     return "\n".join(lines)

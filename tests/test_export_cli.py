@@ -169,3 +169,31 @@ def test_nan_logits_are_an_infinite_error_not_zero():
     result = evaluate_parity(Reference(), {"first": Broken(1), "last": Broken(3), "fine": Broken(0)}, samples)
     errors = {name: a["max_abs_logit_error"] for name, a in result["artifacts"].items()}
     assert errors == {"first": float("inf"), "last": float("inf"), "fine": 0.0}
+    relative = {name: a["logit_rel_error"] for name, a in result["artifacts"].items()}
+    assert relative == {"first": float("inf"), "last": float("inf"), "fine": 0.0}
+
+
+def test_an_artifact_that_strays_from_pytorch_fails_the_export_after_its_report(tiny_checkpoint, tmp_path, capsys,
+                                                                                monkeypatch):
+    """The parity numbers are judged, not only recorded: ONNX Runtime giving another image's logits (labels
+    unchanged, as a random student's are) must fail the command, with the report still written."""
+    from export.runtime import OrtSegmenter
+    from qd_core.data import ensure_synthetic
+
+    data = ensure_synthetic(tmp_path / "synthetic", num_train=1, num_val=1, size=(128, 256), progress=False)
+    run = OrtSegmenter.run
+
+    def other_images_logits(self, images):
+        logits, labels = run(self, images)
+        return logits.roll(1, dims=0) * 1.5, labels
+
+    monkeypatch.setattr(OrtSegmenter, "run", other_images_logits)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["--checkpoint", tiny_checkpoint, "--out", out, "--data", data, "--max-images", "1",
+                            "--batch", "1:2:2"], capsys)
+    assert code == 1
+    assert_one_error_line(err, "parity against the PyTorch fp32 reference failed for onnx_fp32",
+                          "logit relative error", "exceeds the fp32 tolerance 1e-04", "report.json")
+    report = json.loads((out / "report.json").read_text())
+    parity = next(a for a in report["artifacts"] if a["name"] == "onnx_fp32")["parity"]
+    assert parity["passed"] is False and parity["logit_rel_error"] > 1e-4

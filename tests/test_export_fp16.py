@@ -79,6 +79,18 @@ def test_fp32_onnx_matches_pytorch_on_the_evaluation_set(pipeline):
     assert abs(parity["miou_delta"]) <= 0.01
 
 
+@pytest.mark.parametrize("name, precision", [("onnx_fp32", "fp32"), ("onnx_fp16", "fp16")])
+def test_report_judges_each_artifact_by_its_precisions_tolerance(pipeline, name, precision):
+    from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS
+
+    parity = artifact(pipeline["report"], name)["parity"]
+    assert parity["tolerance"] == {"precision": precision, "logit_rel_error": LOGIT_TOLERANCE[precision],
+                                   "miou_points": TOLERANCE_POINTS[precision]}
+    assert parity["passed"] is True and parity["problems"] == []
+    assert 0 <= parity["logit_rel_error"] <= LOGIT_TOLERANCE[precision]
+    assert " pass" in pipeline["stdout"]
+
+
 def test_report_records_versions_sizes_times_and_data(pipeline):
     report, out = pipeline["report"], pipeline["out"]
     assert report["format"] == "querydiff-export-report"
