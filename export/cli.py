@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_batch, default=(1, 1, 8), metavar="MIN:OPT:MAX",
                    help="dynamic batch range (N alone means 1:N:N) of the TensorRT optimisation profile and the "
                         "AOTInductor package; OPT is also the parity batch; the ONNX batch axis is always dynamic "
-                        "(default 1:1:8; write --batch=-1:2:3 style for a value starting with '-')")
+                        "(default 1:1:8)")
     p.add_argument("--height", type=int, default=None,
                    help="input height, a multiple of 32 (default: the config's inference window)")
     p.add_argument("--width", type=int, default=None,
