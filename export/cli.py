@@ -159,8 +159,21 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Path | None]:
     return model.eval(), cfg, Path(checkpoint)
 
 
+def earlier_outputs(out: Path) -> list[Path]:
+    """The files an earlier export left in ``out`` (its report and every artifact it can write, with their data and
+    metadata files). The timing cache is kept: it holds kernel timings only and is checked against the GPU."""
+    names = ["report.json", "student.pt2"]
+    for stem in ARTIFACT_STEMS.values():
+        for onnx_name in (f"{stem}.onnx", f"{stem}_fp16.onnx"):
+            names += [onnx_name, onnx_name + ".data"]
+        names += [f"{stem}_fp16.engine", f"{stem}_fp16.json"]
+    return [out / n for n in names if (out / n).is_file()]
+
+
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Create ``out`` (or accept it, if empty or with ``overwrite``) and prove it is writable; UsageError if not."""
+    """Create ``out`` (or accept it, if empty or with ``overwrite``) and prove it is writable; UsageError if not.
+    With ``overwrite`` an earlier export's files are removed first: an artifact this run does not make (an fp16
+    ONNX of other weights, say) must not stay beside a report that does not describe it."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -170,6 +183,8 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        for stale in earlier_outputs(out):
+            stale.unlink()
     except OSError as e:
         raise UsageError(f"--out '{out}' is not writable: {e.strerror or e}") from None
 
@@ -213,13 +228,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ort_providers("cuda")
             except ValueError as e:
                 raise UsageError(f"--device cuda: the parity check runs ONNX Runtime on CUDA, but {e}") from None
-    if args.data is not None and args.max_images > 0:
-        from export.report import evaluation_sources
-
-        try:
-            evaluation_sources(args.data)
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(str(e)) from None
+    samples, data_name = None, ""
+    if args.max_images > 0:
+        # Read before anything is written: a corrupt image must not stop the run after the artifacts exist.
+        samples, data_name = parity_samples(args, cfg, height, width)
     prepare_out_dir(args.out, args.overwrite)
 
     steps = 2 + int(fp16) + int(args.engine) + int(args.aoti) + int(args.max_images > 0)
@@ -334,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 5. Parity
     if args.max_images > 0:
         t = begin("parity against the PyTorch fp32 reference")
-        report["parity"] = _parity(args, model, cfg, height, width, report, runnable_in_ort, fp16, fp16_path,
+        report["parity"] = _parity(args, model, samples, data_name, report, runnable_in_ort, fp16, fp16_path,
                                    exported.path, engine_path)
         log(f"      {report['parity']['images']} images in {time.perf_counter() - t:.1f} s")
 
@@ -357,22 +369,39 @@ class ParityError(ValueError):
     """An exported artifact's outputs strayed from the PyTorch reference beyond its precision's tolerance."""
 
 
-def _parity(args: argparse.Namespace, model: Any, cfg: Any, height: int, width: int, report: dict[str, Any],
-            runnable_in_ort: bool, fp16: bool, fp16_path: Path, fp32_path: Path, engine_path: Path) -> dict[str, Any]:
-    from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS, parity_problems
-    from export.report import evaluate_parity, load_evaluation_set
-    from export.runtime import OrtSegmenter, TorchSegmenter, TrtSegmenter
+def parity_samples(args: argparse.Namespace, cfg: Any, height: int, width: int) -> tuple[list[Any], str]:
+    """The parity images (``--data``, else the config's synthetic evaluation set, made if absent) → (samples, name).
+    Any unreadable image or unknown layout is a UsageError naming it."""
+    from export.report import evaluation_sources, load_evaluation_set
 
     if args.data is not None:
         data, data_name = args.data, str(args.data)
+        try:
+            evaluation_sources(args.data)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
     else:
         from qd_core.data.synthetic import ensure_synthetic
 
         syn = cfg.data.synthetic
+        if not (Path(syn.root) / "manifest.json").is_file():
+            log(f"generating the synthetic evaluation scenes in {syn.root} (once)")
         data = ensure_synthetic(Path(syn.root), seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val,
                                 size=syn.size, progress=False)
         data_name = f"synthetic ({data})"
-    samples = load_evaluation_set(data, height=height, width=width, max_per_domain=args.max_images)
+    try:
+        samples = load_evaluation_set(data, height=height, width=width, max_per_domain=args.max_images)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--data: {e}") from None
+    return samples, data_name
+
+
+def _parity(args: argparse.Namespace, model: Any, samples: list[Any], data_name: str, report: dict[str, Any],
+            runnable_in_ort: bool, fp16: bool, fp16_path: Path, fp32_path: Path, engine_path: Path) -> dict[str, Any]:
+    from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS, parity_problems
+    from export.report import evaluate_parity
+    from export.runtime import OrtSegmenter, TorchSegmenter, TrtSegmenter
+
     log(f"      {len(samples)} images from {data_name}")
     reference = TorchSegmenter(model, device=args.device, name="pytorch_fp32")
     ort_device = "cuda" if args.device == "cuda" else "cpu"

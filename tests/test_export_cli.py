@@ -197,3 +197,36 @@ def test_an_artifact_that_strays_from_pytorch_fails_the_export_after_its_report(
     report = json.loads((out / "report.json").read_text())
     parity = next(a for a in report["artifacts"] if a["name"] == "onnx_fp32")["parity"]
     assert parity["passed"] is False and parity["logit_rel_error"] > 1e-4
+
+
+def test_a_corrupt_parity_image_stops_the_export_before_anything_is_written(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from qd_core.data import ensure_synthetic
+
+    data = tmp_path / "synthetic"
+    shutil.copytree(ensure_synthetic(tmp_path / "made", num_train=1, num_val=1, size=(128, 256), progress=False),
+                    data)
+    broken = next((data / "fog").rglob("*_leftImg8bit.png"))
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["--checkpoint", tiny_checkpoint, "--out", out, "--data", data, "--max-images", "1"],
+                           capsys)
+    assert code == 2
+    assert_one_error_line(err, broken.name)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_overwrite_removes_what_an_earlier_export_left(tiny_checkpoint, tmp_path, capsys):
+    """An fp16 ONNX of an earlier run must not stay beside a report that does not list it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model_fp16.onnx", "model_fp16.onnx.data", "model_fp16.engine", "report.json", "student.pt2"):
+        (out / name).write_bytes(b"earlier run")
+    (out / "timing.cache").write_bytes(b"kernel timings")
+    (out / "notes.txt").write_text("the user's")
+    code, _, err = run_cli(["--checkpoint", tiny_checkpoint, "--out", out, "--max-images", "0", "--overwrite"],
+                           capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt", "report.json", "timing.cache"]
+    assert json.loads((out / "report.json").read_text())["artifacts"][0]["name"] == "onnx_fp32"
