@@ -15,6 +15,7 @@ range would run out of bounds instead of failing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass
@@ -284,7 +285,8 @@ def aoti_parity(wrapper: nn.Module, segmenter: AotiSegmenter, images: Tensor | n
     for chunk in x.split(hi):
         ref_logits, ref_labels = wrapper(chunk)
         logits, labels = segmenter.run(chunk)
-        error = max(error, (logits - ref_logits.float()).abs().max().item())
+        # NaN-aware (Python's max drops a NaN): a broken package's NaN logits are an infinite error, not 0.
+        error = max(error, (logits - ref_logits.float()).abs().nan_to_num(nan=math.inf).max().item())
         agree += (labels.long() == ref_labels.long()).sum().item()
         total += labels.numel()
     return AotiParity(max_abs_logit_error=error, argmax_agreement=agree / total, num_images=int(x.shape[0]))

@@ -65,7 +65,7 @@ def _check_size(images: Tensor, size: tuple[int, int] | None, multiple: int, nam
     if size is not None and (h, w) != tuple(size):
         raise ValueError(f"images: {name} was exported for {size[0]}x{size[1]} inputs, got {h}x{w} "
                          f"(resize the images, or export again with --height {h} --width {w})")
-    if size is None and (h == 0 or h % multiple or w % multiple):
+    if size is None and (h == 0 or w == 0 or h % multiple or w % multiple):
         raise ValueError(f"images: height and width must be positive multiples of {multiple}, got {h}x{w}")
 
 

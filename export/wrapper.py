@@ -46,7 +46,7 @@ class ExportWrapper(nn.Module):
             raise ValueError(f"images: expected float RGB values in [0, 255], got dtype {images.dtype}")
         k = self.size_multiple
         h, w = images.shape[-2:]
-        if h == 0 or h % k or w % k:
+        if h == 0 or w == 0 or h % k or w % k:
             raise ValueError(f"images: height and width must be positive multiples of {k}, got {h}x{w}")
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
