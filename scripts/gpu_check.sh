@@ -10,12 +10,15 @@
 # by 30 s (SIGINT, then SIGKILL). The kernel benchmark and the end-to-end report in one call, the report picking up
 # the kernel JSON of the same run (the evaluation images are drawn there in seconds; nothing needs carrying):
 #   E2E_BATCH=1 E2E_BACKENDS=torch-fp32,torch-bf16,torch-bf16-pure,torch-triton-bf16,torch-triton-bf16-graphs,\
-#   torch-compile-triton-bf16 GPU_CHECK_SECONDS=540 bash scripts/gpu_check.sh env bench bench_e2e   # timeout_s 590
+#   torch-compile-triton-bf16 GPU_CHECK_SECONDS=540 bash scripts/gpu_check.sh env dynamo bench bench_e2e
+#   (timeout_s 590)
 # Each torch.compile backend takes ~130 s per batch size, so the e2e step's 270 s holds one of them at batch 1
 # beside the eager and CUDA-graph backends. op_profile (~150 s) needs a slot of its own.
 #
-# STEPs, run in this order: env gpu_tests bench host_profile compile_overhead op_profile bench_e2e bench_flex
-# kernel_tests. The default is the kernel check (all but compile_overhead and bench_e2e, ~7 minutes on an H100);
+# STEPs, run in this order: env dynamo gpu_tests bench host_profile compile_overhead op_profile bench_e2e bench_flex
+# kernel_tests. dynamo (~20 s, no GPU work) checks this machine's Dynamo on the model: the compiled graphs take the
+# kernel operators and the paper's student compiles in one graph (torch 2.11 folded is_exporting() to True and could
+# not trace `not ModuleList`: both silently, caught on a CPU copy of its torch). The default is the kernel check (all but compile_overhead and bench_e2e, ~7 minutes on an H100);
 # bench_e2e, the end-to-end benchmark of the ViT-L student, takes up to 7 minutes more and is run by naming it.
 # host_profile (~20 s)
 # splits the host time of one kernel call (issue rate, synchronised rate, cProfile; direct launches beside Triton's
@@ -42,7 +45,7 @@ FAILED=()
 LOG="$RESULTS/gpu_check.log"
 : >"$LOG"
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(env gpu_tests bench host_profile op_profile bench_flex kernel_tests)
+((${#STEPS[@]})) || STEPS=(env dynamo gpu_tests bench host_profile op_profile bench_flex kernel_tests)
 wanted() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
 # run NAME MAX_SECONDS CMD...: at most MAX_SECONDS and never past the overall budget; output appended to $LOG
@@ -83,6 +86,11 @@ BENCH_OPTS=(--benchmark-min-rounds=10 --benchmark-max-time=0.25 --benchmark-warm
 run env 30 bash -c 'nvidia-smi -L; python3 -c "import sys, torch, triton; print(sys.version.split()[0], \
 torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null \
 | grep -i -E "^(torch|triton|pytest|pytest-benchmark|xformers) " || true'
+# What this torch's Dynamo makes of the model (fake tensors and a probe: seconds, no kernel runs).
+run dynamo 60 python3 -m pytest -q -p no:cacheprovider \
+    "tests/test_kernel_ops.py::test_compiled_graphs_take_the_kernels_only_when_named_and_without_gradients" \
+    tests/test_kernel_ops.py::test_exports_never_take_the_kernels \
+    tests/test_kernel_ops.py::test_the_paper_student_compiles_to_one_graph_with_every_kernel_operator
 # Only test_kernels.py and test_layers.py hold gpu tests; collecting all of tests/ would import diffusers, absent on
 # the GPU image.
 # Correctness runs use one fixed config per kernel (QD_TRITON_AUTOTUNE=0): compiling every autotune config for each
