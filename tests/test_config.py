@@ -121,3 +121,27 @@ def test_dump_round_trips(tmp_path):
     again = load_config(p)
     assert again.to_dict() == cfg.to_dict()
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_the_paper_configs_carry_methods_optimisation_and_loss_settings() -> None:
+    """METHOD §6.3 and §7, most of them from TrainConfig's defaults (which the paper configs rely on)."""
+    tr = load_config("vitl16_512").train
+    assert (tr.lr, tr.weight_decay, list(tr.betas), tr.eps) == (1e-4, 0.05, [0.9, 0.999], 1e-8)
+    assert (tr.poly_power, tr.min_lr, tr.warmup_iters, tr.iters, tr.batch_size) == (0.9, 0.0, 0, 40000, 4)
+    assert (tr.class_weight, tr.mask_weight, tr.dice_weight, tr.no_object_weight) == (2.0, 5.0, 5.0, 0.1)
+    assert (tr.num_points, tr.oversample_ratio, tr.importance_sample_ratio) == (12544, 3.0, 0.75)
+    big = load_config("vitl16_1024").train
+    assert (big.lr, big.warmup_iters, big.warmup_ratio, big.batch_size) == (6e-5, 10000, 1e-6, 2)
+
+
+def test_the_trainers_criterion_is_built_from_the_config() -> None:
+    from train.trainer import build_criterion
+
+    crit = build_criterion(load_config("vitl16_512"))
+    assert crit.class_weights.tolist() == pytest.approx([1.0] * 19 + [0.1])
+    assert (crit.class_weight, crit.mask_weight, crit.dice_weight) == (2.0, 5.0, 5.0)
+    assert (crit.num_points, crit.oversample_ratio, crit.importance_sample_ratio) == (12544, 3.0, 0.75)
+    m = crit.matcher
+    assert (m.cost_class, m.cost_mask, m.cost_dice, m.num_points) == (2.0, 5.0, 5.0, 12544)
+    tiny = build_criterion(load_config("tiny"))  # its own loss weights, which the matcher shares
+    assert (tiny.class_weight, tiny.matcher.cost_class, tiny.mask_weight, tiny.matcher.cost_mask) == (5.0, 5.0, 2.0, 2.0)

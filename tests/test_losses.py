@@ -247,6 +247,58 @@ def test_importance_points_keep_the_most_uncertain_candidates(monkeypatch: pytes
     assert torch.equal(pts, torch.cat([centres[[1]][None], filler], dim=1))
 
 
+def test_importance_sampling_draws_oversample_times_the_points_then_fills_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+    real = losses_module.uniform_points
+    monkeypatch.setattr(losses_module, "uniform_points",
+                        lambda n, num_points, *a, **k: asked.append(num_points) or real(n, num_points, *a, **k))
+    pts = importance_points(torch.randn(3, 1, 4, 4), num_points=8, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    assert asked == [24, 2] and pts.shape == (3, 8, 2)  # 24 candidates, the 6 most uncertain kept, 2 uniform
+
+
+def test_mask_losses_take_their_points_where_the_matched_logits_are_least_certain(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without fixed coords the loss points come from importance_points on the matched logits themselves (not
+    their sigmoid), with the loss's own ratios: checked through a spy, and by the loss value on masks that are
+    uncertain (logit 0) in one strip only."""
+    calls: list[tuple] = []
+    real = losses_module.importance_points
+
+    def spy(logits, num_points, oversample_ratio, importance_sample_ratio, generator=None):
+        calls.append((logits.clone(), num_points, oversample_ratio, importance_sample_ratio))
+        return real(logits, num_points, oversample_ratio, importance_sample_ratio, generator)
+
+    monkeypatch.setattr(losses_module, "importance_points", spy)
+    h = w = 16
+    mask_logits = torch.full((1, 2, h, w), 20.0)
+    mask_logits[0, 1, :, 7:9] = 0.0  # the only uncertain place: a 2-pixel-wide strip
+    label = torch.zeros(h, w, dtype=torch.int64)
+    targets = [semantic_to_instances(label, C)]
+    indices = [(torch.tensor([1]), torch.tensor([0]))]
+    loss = Mask2FormerLoss(C, HungarianMatcher(num_points=64), num_points=64, oversample_ratio=50.0,
+                           importance_sample_ratio=1.0)
+    loss_mask, _ = loss.mask_losses(mask_logits, targets, indices, num_masks=1.0,
+                                    generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    logits, num_points, oversample, importance = calls[0]
+    assert torch.equal(logits, mask_logits[0, 1][None, None]) and (num_points, oversample, importance) == (64, 50, 1)
+    # Every point inside the strip reads a logit near 0 against a ground truth of 1: BCE ≈ log 2 each. Uniform
+    # points would read 20 (BCE ≈ 0) almost everywhere.
+    assert float(loss_mask) == pytest.approx(math.log(2), rel=0.05)
+
+
+def test_more_classes_than_queries_normalise_by_the_matched_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With K classes in an image and Nq < K queries only Nq masks are matched: num_masks counts min(Nq, K)."""
+    counts: list[float] = []
+    real = losses_module.average_num_masks
+    monkeypatch.setattr(losses_module, "average_num_masks",
+                        lambda count, device: counts.append(float(count)) or real(count, device))
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 3, 3], [0, 1, 2, 3], [4, 4, 4, 4]])  # 5 classes
+    cls, masks = [torch.randn(1, 2, C + 1)], [torch.randn(1, 2, 4, 4)]  # 2 queries
+    make_loss()(cls, masks, label[None], generator=torch.Generator().manual_seed(0))
+    assert counts == [2.0]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The full loss
 # --------------------------------------------------------------------------------------------------------------

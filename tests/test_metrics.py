@@ -29,6 +29,13 @@ def test_small_case_by_hand() -> None:
     assert cm.miou() == pytest.approx((1 / 3 + 1 / 3 + 1) / 3, abs=1e-12)
 
 
+def test_rows_are_the_ground_truth_and_columns_the_prediction() -> None:
+    # IoU is the same for a matrix and its transpose: pin the orientation with an asymmetric case.
+    cm = ConfusionMatrix(num_classes=2)
+    cm.update(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]))
+    assert cm.matrix.tolist() == [[1, 1], [0, 0]]
+
+
 def test_class_only_predicted_scores_zero_not_nan() -> None:
     cm = ConfusionMatrix(num_classes=3)
     cm.update(torch.tensor([[2, 0]]), torch.tensor([[0, 0]]))

@@ -37,6 +37,11 @@ def test_image_counts_match_the_matched_masks_and_class_weights() -> None:
     assert counts.tolist() == pytest.approx([2.0, 2 + (NQ - 2) * 0.1 + NQ * 0.1])
 
 
+def test_image_counts_match_at_most_one_mask_per_query() -> None:
+    labels = torch.arange(16).reshape(1, 4, 4) % 5  # 5 classes in the image
+    assert image_counts(labels, C, 2, 0.1).tolist() == pytest.approx([2.0, 2.0])  # 2 queries, both matched
+
+
 def test_one_image_equals_mask2former_loss_with_the_same_generator() -> None:
     criterion = _criterion()
     cls, msk = _outputs(1)

@@ -76,6 +76,17 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def build_criterion(cfg: Config) -> Mask2FormerLoss:
+    """The Mask2Former loss of ``cfg.train`` (METHOD §6.3), its matcher's costs being the loss weights."""
+    tr = cfg.train
+    matcher = HungarianMatcher(cost_class=tr.class_weight, cost_mask=tr.mask_weight, cost_dice=tr.dice_weight,
+                               num_points=tr.num_points)
+    return Mask2FormerLoss(cfg.model.head.num_classes, matcher, no_object_weight=tr.no_object_weight,
+                           class_weight=tr.class_weight, mask_weight=tr.mask_weight, dice_weight=tr.dice_weight,
+                           num_points=tr.num_points, oversample_ratio=tr.oversample_ratio,
+                           importance_sample_ratio=tr.importance_sample_ratio)
+
+
 def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Seed of the teacher's noise for one micro-batch: fresh noise every call (METHOD §4.2), reproducible."""
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
@@ -116,11 +127,7 @@ class Trainer:
                 student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         else:
             self.model = student
-        matcher = HungarianMatcher(tr.class_weight, tr.mask_weight, tr.dice_weight, num_points=tr.num_points)
-        self.criterion = Mask2FormerLoss(cfg.model.head.num_classes, matcher, tr.no_object_weight, tr.class_weight,
-                                         tr.mask_weight, tr.dice_weight, num_points=tr.num_points,
-                                         oversample_ratio=tr.oversample_ratio,
-                                         importance_sample_ratio=tr.importance_sample_ratio).to(env.device)
+        self.criterion = build_criterion(cfg).to(env.device)
         modules: dict[str, nn.Module] = {"": student}
         if self.guidance is not None:
             modules["guidance"] = self.guidance
@@ -409,5 +416,5 @@ class Trainer:
         return batches, None
 
 
-__all__ = ["LOGGED_TERMS", "NonFiniteLossError", "TrainResult", "Trainer", "amp_dtype", "noise_seed",
-           "train_transform"]
+__all__ = ["LOGGED_TERMS", "NonFiniteLossError", "TrainResult", "Trainer", "amp_dtype", "build_criterion",
+           "noise_seed", "train_transform"]
