@@ -135,6 +135,19 @@ def test_masked_attention_follows_the_mask2former_rule() -> None:
     torch.testing.assert_close(out[:, :, 1], unmasked[:, :, 1], atol=ATOL, rtol=0)
 
 
+def test_a_mask_logit_of_exactly_zero_leaves_the_key_open() -> None:
+    """Mask2Former blocks where sigmoid(logit) < 0.5: a logit of exactly 0 (sigmoid 0.5) is open. A query whose
+    logits are 0 on half the keys and positive on the rest attends to all of them (not to the positive half)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (1, 16, 16))
+    feats = torch.zeros(1, 3, 16)
+    feats[0, 0, 8:] = 1.0  # channel 0: 0 on the first eight keys, 1 on the last eight
+    embed = torch.tensor([[[1.0, 0.0, 0.0]]])
+    out = masked_attention(q, k, v, embed, feats)
+    everywhere = direct_masked_softmax(q, k, v, torch.zeros(1, 1, 16, dtype=torch.bool))
+    torch.testing.assert_close(out, everywhere, atol=ATOL, rtol=0)
+
+
 def test_masked_attention_does_not_differentiate_the_mask() -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 8, generator=g, requires_grad=True) for n in (4, 16, 16))
@@ -200,6 +213,30 @@ def test_inference_computes_the_last_prediction_only_and_the_same_one() -> None:
     assert len(last_cls) == len(last_masks) == 1 and einsums == ["bqc,bchw->bqhw"]
     torch.testing.assert_close(last_cls[0], all_cls[-1], atol=0, rtol=0)
     torch.testing.assert_close(last_masks[0], all_masks[-1], atol=0, rtol=0)
+
+
+def test_predictions_read_each_layers_query_through_the_decoder_norm() -> None:
+    """class = cls_embed(LN(q)), mask = mask_embed(LN(q)) · mask features, for the query before the first layer
+    (querys2feat's output) and after each layer; the norm's affine parameters made non-trivial to show it."""
+    cfg = head_cfg(decoder_layers=2)
+    decoder = MaskedAttentionDecoder(cfg).eval()
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        decoder.decoder_norm.weight.copy_(torch.rand(cfg.dim, generator=g) + 0.5)
+        decoder.decoder_norm.bias.copy_(torch.rand(cfg.dim, generator=g) - 0.5)
+    queries: list[Tensor] = []
+    decoder.querys2feat.register_forward_hook(lambda m, a, out: queries.append(out))
+    for layer in decoder.layers:
+        layer.register_forward_hook(lambda m, a, out: queries.append(out[0] if isinstance(out, tuple) else out))
+    mask_features, memories, query_pos = inputs(cfg)
+    with torch.no_grad():
+        class_logits, mask_logits = decoder(mask_features, memories, query_pos)
+        assert len(queries) == len(class_logits) == 3
+        for q, cls, masks in zip(queries, class_logits, mask_logits):
+            x = F.layer_norm(q, (cfg.dim,), decoder.decoder_norm.weight, decoder.decoder_norm.bias)
+            torch.testing.assert_close(cls, decoder.cls_embed(x), atol=1e-5, rtol=1e-5)
+            expected = torch.einsum("bqc,bchw->bqhw", decoder.mask_embed(x), mask_features)
+            torch.testing.assert_close(masks, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_layers_cycle_through_the_memory_levels_from_coarse_to_fine() -> None:

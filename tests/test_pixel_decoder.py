@@ -158,3 +158,13 @@ def test_a_student_saved_without_the_input_biases_loads_and_predicts_as_before(t
     save_file(old, str(path))
     with pytest.raises(CheckpointError, match="lateral_conv.norm.weight"):
         load_student(path)
+
+
+def test_reference_points_are_the_pixel_centres_as_x_then_y() -> None:
+    """Normalised (x, y) centres ((j + 0.5)/w, (i + 0.5)/h), row-major per level, on a non-square level."""
+    from qd_core.head.pixel_decoder import DeformableEncoder
+
+    ref = DeformableEncoder.reference_points([(2, 3), (1, 1)], torch.device("cpu"), torch.float32)
+    expected = [[1 / 6, 1 / 4], [1 / 2, 1 / 4], [5 / 6, 1 / 4], [1 / 6, 3 / 4], [1 / 2, 3 / 4], [5 / 6, 3 / 4],
+                [1 / 2, 1 / 2]]
+    torch.testing.assert_close(ref, torch.tensor(expected), atol=1e-7, rtol=0)
