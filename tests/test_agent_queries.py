@@ -79,3 +79,44 @@ def test_gradients_reach_tokens_and_merger():
 def test_own_tokens_when_no_reins():
     enc = encoder(own_tokens=True)
     assert enc([torch.randn(1, 12, 32) for _ in range(8)]).shape == (1, 5, 32)
+
+
+def _attention(attn, query, key, value, heads):
+    """Multi-head attention written out from the module's four projections: (S, Lq, D) × (S, Lk, D) → (S, Lq, D)."""
+    q, k, v = attn.q_proj(query), attn.k_proj(key), attn.v_proj(value)
+    s, lq, d = q.shape
+    dh = d // heads
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], heads, dh).transpose(1, 2)
+
+    weights = (split(q) @ split(k).transpose(-1, -2) / dh ** 0.5).softmax(-1)
+    return attn.out_proj((weights @ split(v)).transpose(1, 2).reshape(s, lq, d))
+
+
+def test_merging_runs_the_stages_in_order_then_averages_the_last_groups():
+    """METHOD §3.3 written out: per slot, the L layer versions go through each stage in config order (groups
+    attend to proj_in of the previous stage's outputs, then LayerNorm and proj_out), then the mean of the last
+    stage's groups, LayerNorm and the MLP. Stages 6 → 3 → 2: the order and the final mean (not a max) both show."""
+    enc = encoder(stages=(6, 3, 2)).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for merger in enc.mergers:  # non-trivial norms, so a skipped or misplaced LayerNorm shows
+            merger.norm.weight.copy_(torch.rand(merger.norm.weight.shape, generator=g) + 0.5)
+            merger.norm.bias.copy_(torch.rand(merger.norm.bias.shape, generator=g) - 0.5)
+            # At init each stage's groups attend almost uniformly and come out nearly equal (their spread falls
+            # ~400-fold per stage), which would hide the order and mean-versus-max: sharper attention keeps them apart.
+            merger.attn.q_proj.weight.mul_(8.0)
+            merger.proj_out.weight.mul_(8.0)
+    assert [m.group_tokens.shape[0] for m in enc.mergers] == [6, 3, 2]
+    tokens = torch.randn(8, 5, 32, generator=g)
+    feats = [torch.randn(2, 12, 32, generator=g) for _ in range(8)]
+    with torch.no_grad():
+        got = enc(feats, tokens)
+        x = enc.layer_queries(tokens, feats).permute(0, 2, 1, 3).reshape(2 * 5, 8, 32)  # (B·m, L, D)
+        for merger in enc.mergers:
+            h = merger.proj_in(x)
+            groups = merger.group_tokens[None].expand(x.shape[0], -1, -1)
+            x = merger.proj_out(merger.norm(_attention(merger.attn, groups, h, h, heads=2)))
+        expected = enc.final_mlp(enc.final_norm(x.mean(dim=1))).view(2, 5, 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
