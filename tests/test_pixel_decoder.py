@@ -168,3 +168,50 @@ def test_reference_points_are_the_pixel_centres_as_x_then_y() -> None:
     expected = [[1 / 6, 1 / 4], [1 / 2, 1 / 4], [5 / 6, 1 / 4], [1 / 6, 3 / 4], [1 / 2, 3 / 4], [5 / 6, 3 / 4],
                 [1 / 2, 1 / 2]]
     torch.testing.assert_close(ref, torch.tensor(expected), atol=1e-7, rtol=0)
+
+
+def test_encoder_inputs_layers_and_fpn_step_written_out() -> None:
+    """METHOD §6.1 against the module: the encoder gets the input projections of the stride-32/16/8 maps as tokens
+    and their sine encodings plus each level's own embedding as positions; a layer is
+    LN(x + MSDA(x + pos → x)) then LN(x + FFN(x)); the stride-4 mask features come from lateral(stride 4) +
+    the upsampled stride-8 memory. Sampling offsets made non-zero (off-grid points), so the value input shows."""
+    import torch.nn.functional as F
+
+    from qd_core.head.pixel_decoder import DeformableEncoder
+
+    decoder = make_decoder(seed=4).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for layer in decoder.encoder.layers:
+            layer.attn.sampling_offsets.weight.copy_(torch.randn(layer.attn.sampling_offsets.weight.shape,
+                                                                 generator=g) * 0.5)
+    feats = pyramid(2, 128, 192, seed=2)
+    seen: dict[str, object] = {}
+    decoder.encoder.register_forward_pre_hook(lambda m, args: seen.update(inputs=args))
+    decoder.encoder.register_forward_hook(lambda m, args, out: seen.update(memory=out))
+    first = decoder.encoder.layers[0]
+    first.register_forward_hook(lambda m, args, out: seen.update(first_out=out))
+    with torch.no_grad():
+        mask_features, memories = decoder(feats)
+        x, pos, shapes, starts = seen["inputs"]
+        assert list(shapes) == [(4, 6), (8, 12), (16, 24)]
+        tokens, positions = [], []
+        for lvl, f in enumerate((feats[3], feats[2], feats[1])):
+            t = decoder.input_convs[lvl](f)
+            h, w = t.shape[-2:]
+            tokens.append(t.flatten(2).transpose(1, 2))
+            sine = sine_position_encoding(2, h, w, decoder.dim // 2).flatten(2).transpose(1, 2)
+            positions.append(sine + decoder.level_embed[lvl])
+        torch.testing.assert_close(x, torch.cat(tokens, 1), rtol=0, atol=0)
+        torch.testing.assert_close(pos, torch.cat(positions, 1), rtol=1e-6, atol=1e-6)
+        # The first layer, written out from its parts.
+        ref = DeformableEncoder.reference_points(shapes, x.device, torch.float32)[None, :, None].expand(
+            2, -1, len(shapes), -1)
+        y = first.norm1(x + first.attn(x + pos, ref, x, shapes, starts))
+        torch.testing.assert_close(seen["first_out"], first.norm2(y + first.ffn(y)), rtol=1e-5, atol=1e-5)
+        # The FPN step from the stride-8 memory.
+        fine = memories[-1]
+        assert fine.shape[-2:] == (16, 24)
+        up = F.interpolate(fine, size=feats[0].shape[-2:], mode="bilinear", align_corners=False)
+        expected = decoder.mask_feature(decoder.output_conv(decoder.lateral_conv(feats[0]) + up))
+        torch.testing.assert_close(mask_features, expected, rtol=1e-5, atol=1e-5)
