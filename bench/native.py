@@ -40,10 +40,15 @@ def build_qd_infer(build_dir: Path, jobs: int = 2) -> tuple[Path, str]:
 
     Needs cmake, a C++20 compiler and libpng / libjpeg development files (scripts/system_deps.sh installs them).
     """
+    root = Path(__file__).resolve().parent.parent
     if shutil.which("cmake") is None:
+        exe = build_dir / "native" / "qd_infer"
+        sources = [p for p in (root / "native").rglob("*") if p.is_file()] + [root / "CMakeLists.txt"]
+        if exe.is_file() and exe.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
+            # Built before and no source changed since: usable without the build tools.
+            return exe, "cmake not installed: the existing build, newer than every source file, is used\n"
         raise NativeError("cmake is not installed; qd_infer needs cmake, g++, libpng-dev and libjpeg-dev "
                           "(bash scripts/system_deps.sh)")
-    root = Path(__file__).resolve().parent.parent
     configure = subprocess.run(["cmake", "-S", str(root), "-B", str(build_dir),
                                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], capture_output=True, text=True)
     if configure.returncode:

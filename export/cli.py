@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(),
         "config": cfg.name,
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,  # valid from any folder
         "random_init": checkpoint is None,
         "exporter": "torch.onnx.export, TorchScript exporter (dynamo=False)",
         "opset": args.opset,
@@ -303,8 +303,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 3. TensorRT engine
     engine_path = args.out / f"{stem}_fp16.engine"
     cache_path = args.out / "timing.cache"
-    command = trtexec_command(fp16_path if fp16 else exported.path, engine_path, batch=args.batch, height=height,
-                              width=width, strongly_typed=fp16, timing_cache=cache_path)
+    # Absolute paths: the command is meant to be run later, from wherever.
+    command = trtexec_command((fp16_path if fp16 else exported.path).resolve(), engine_path.resolve(),
+                              batch=args.batch, height=height, width=width, strongly_typed=fp16,
+                              timing_cache=cache_path.resolve())
     report["engine"] = {"built": False, "trtexec": command}
     if not fp16:
         report["engine"]["trtexec_note"] = ("TensorRT 10 only (weakly typed, --fp16 flag): TensorRT 11 builds "

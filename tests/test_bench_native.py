@@ -106,3 +106,21 @@ def test_exported_files_are_reused_only_for_the_model_they_were_made_from(tmp_pa
     for model, size in ((first, (64, 64)), (first, (64, 64)), (second, (64, 64)), (second, (32, 64))):
         assert exported.onnx_fp32(model, size, tmp_path) == tmp_path / "model-fp32.onnx"
     assert calls == [first, second, second]
+
+
+def test_an_up_to_date_build_is_used_without_cmake_and_a_stale_one_is_not(tmp_path: Path, monkeypatch):
+    import os
+    import shutil as shutil_module
+
+    from bench.native import build_qd_infer
+
+    monkeypatch.setattr(shutil_module, "which", lambda name: None)  # no cmake on this machine
+    exe = tmp_path / "native" / "qd_infer"
+    with pytest.raises(NativeError, match="cmake is not installed"):
+        build_qd_infer(tmp_path)  # nothing built
+    exe.parent.mkdir(parents=True)
+    exe.write_text("built")
+    assert build_qd_infer(tmp_path)[0] == exe
+    os.utime(exe, (1, 1))  # older than the sources: a stale build is refused, not run
+    with pytest.raises(NativeError, match="cmake is not installed"):
+        build_qd_infer(tmp_path)

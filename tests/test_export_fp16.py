@@ -114,6 +114,9 @@ def test_engine_is_built_or_its_trtexec_command_printed(pipeline):
     else:
         assert report["engine"]["built"] is False and report["engine"]["reason"]
         assert "no engine built" in stdout and "trtexec --onnx=" in stdout and "--stronglyTyped" in stdout
+    # Absolute paths: the command runs later, from any folder.
+    assert f"--onnx={(pipeline['out'] / 'model_fp16.onnx').resolve()}" in report["engine"]["trtexec"].split()
+    assert os.path.isabs(report["checkpoint"])
     assert (pipeline["out"] / "model_fp16.onnx").is_file()
 
 
