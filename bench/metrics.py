@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS
+from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS, logits_within, miou_within
 
 __all__ = ["LOGIT_TOLERANCE", "TOLERANCE_POINTS", "GpuSpec", "GPUS", "Parity", "check_parity", "gpu_spec_for", "mfu",
            "peak_flops", "percentile"]
@@ -109,24 +109,21 @@ class Parity:
 
     @property
     def tolerance_points(self) -> float:
-        if self.precision not in TOLERANCE_POINTS:
-            raise ValueError(f"precision: expected one of {', '.join(TOLERANCE_POINTS)}, got {self.precision!r}")
+        miou_within(self.precision, 0.0)  # names an unknown precision
         return TOLERANCE_POINTS[self.precision]
 
     @property
     def logit_tolerance(self) -> float:
-        self.tolerance_points  # the same check of the precision
+        logits_within(self.precision, None)  # names an unknown precision
         return LOGIT_TOLERANCE[self.precision]
 
     @property
     def miou_passed(self) -> bool:
-        # NaN (nothing scored) never passes.
-        return abs(self.delta_points) <= self.tolerance_points
+        return miou_within(self.precision, self.delta_points)
 
     @property
     def logits_passed(self) -> bool:
-        # NaN never passes; a labels-only backend has nothing to fail.
-        return self.logit_rel_error is None or self.logit_rel_error <= self.logit_tolerance
+        return logits_within(self.precision, self.logit_rel_error)
 
     @property
     def passed(self) -> bool:

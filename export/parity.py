@@ -24,16 +24,32 @@ TOLERANCE_POINTS = {"fp32": 0.1, "bf16": 0.5, "fp16": 0.5}
 LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in TOLERANCE_POINTS:
+        raise ValueError(f"precision: expected one of {', '.join(TOLERANCE_POINTS)}, got {precision!r}")
+
+
+def miou_within(precision: str, miou_delta_points: float) -> bool:
+    """Whether an mIoU delta (points) holds ``precision``'s tolerance; NaN (nothing scored) never does."""
+    _check_precision(precision)
+    return abs(miou_delta_points) <= TOLERANCE_POINTS[precision]
+
+
+def logits_within(precision: str, logit_rel_error: float | None) -> bool:
+    """Whether a logit relative error holds ``precision``'s tolerance; NaN never does, and a path that returns
+    labels only (None) has nothing to fail."""
+    _check_precision(precision)
+    return logit_rel_error is None or logit_rel_error <= LOGIT_TOLERANCE[precision]
+
+
 def parity_problems(precision: str, logit_rel_error: float | None, miou_delta_points: float) -> list[str]:
     """What breaks the rule for a path of ``precision`` ("fp32", "fp16" or "bf16"): an empty list when it holds.
     NaN never holds."""
-    if precision not in TOLERANCE_POINTS:
-        raise ValueError(f"precision: expected one of {', '.join(TOLERANCE_POINTS)}, got {precision!r}")
     problems = []
-    if logit_rel_error is not None and not logit_rel_error <= LOGIT_TOLERANCE[precision]:
+    if not logits_within(precision, logit_rel_error):
         problems.append(f"logit relative error {logit_rel_error:.2e} exceeds the {precision} tolerance "
                         f"{LOGIT_TOLERANCE[precision]:.0e}")
-    if not abs(miou_delta_points) <= TOLERANCE_POINTS[precision]:
+    if not miou_within(precision, miou_delta_points):
         delta = "NaN" if math.isnan(miou_delta_points) else f"{miou_delta_points:+.3f}"
         problems.append(f"mIoU delta {delta} points exceeds the {precision} tolerance of "
                         f"{TOLERANCE_POINTS[precision]} points")

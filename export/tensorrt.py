@@ -174,7 +174,7 @@ def _trt_logger(trt: Any) -> Any:
 def missing_plugin_versions(creators: list[tuple[str, str]] | None, wanted: set[tuple[str, str]]) -> str | None:
     """Why the plugin nodes of a graph, ``wanted`` {(op type, plugin_version)}, cannot be built by a TensorRT whose
     registry holds ``creators`` [(name, version)]; None when all are there or the registry could not be listed.
-    Said before parsing: the parser's own message for a missing creator is an assertion deep in its log."""
+    Said instead of the parser's own message for a missing creator, an assertion deep in its log."""
     if creators is None:
         return None
     for name, version in sorted(wanted):
@@ -234,11 +234,12 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     if strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
-    problem = missing_plugin_versions(_registry_creators(trt), _graph_plugins(onnx_path))
-    if problem is not None:
-        raise EngineError(f"'{onnx_path}': {problem} (TensorRT {trt.__version__})")
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the file as well
+        # Read the graph again only now: a missing plugin creator is the likely cause, said plainly.
+        problem = missing_plugin_versions(_registry_creators(trt), _graph_plugins(onnx_path))
+        if problem is not None:
+            raise EngineError(f"'{onnx_path}': {problem} (TensorRT {trt.__version__})")
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT {trt.__version__} could not parse '{onnx_path}': {errors}")
     config = builder.create_builder_config()

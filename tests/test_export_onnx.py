@@ -307,7 +307,8 @@ def test_fully_blocked_query_is_unblocked_inside_the_graph(tmp_path):
 
 
 def test_the_engine_builder_names_a_plugin_version_tensorrt_lacks(plugin_onnx, gather_onnx):
-    """Checked before TensorRT's parser runs (its message for a missing creator is an assertion in its log)."""
+    """What a failed parse reports instead of the parser's own message for a missing creator (an assertion in its
+    log)."""
     from export.tensorrt import _graph_plugins, missing_plugin_versions
 
     wanted = _graph_plugins(plugin_onnx)
