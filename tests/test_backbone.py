@@ -153,6 +153,17 @@ def test_position_grid_is_resampled_with_the_dinov2_offset(pair, grid):
     torch.testing.assert_close(got, dinov2_pos_reference(ours.pos_embed, *grid), atol=1e-5, rtol=0)
 
 
+def test_half_precision_backbone_resamples_the_position_grid_in_fp32():
+    torch.manual_seed(0)
+    backbone = DinoVisionTransformer(small_config()).half()
+    with torch.no_grad():
+        backbone.pos_embed.normal_(0, 1)
+        got = backbone.interpolate_pos_embed(5, 7)
+    # fp16 bicubic would be off by ~1e-3; computed in fp32 from the fp16-stored grid it is a few fp32 ulps.
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, dinov2_pos_reference(backbone.pos_embed, 5, 7), atol=1e-5, rtol=0)
+
+
 def test_position_grid_is_used_unchanged_at_the_stored_size(pair):
     _, ours = pair
     assert torch.equal(ours.interpolate_pos_embed(4, 4), ours.pos_embed)
@@ -246,6 +257,20 @@ def test_layer_norms_use_dinov2s_eps():
     assert BackboneConfig().layer_norm_eps == 1e-6
     norms = [m for m in tiny_backbone().modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 2 * 4 + 1 and all(m.eps == 1e-6 for m in norms)
+
+
+def test_random_init_follows_dinov2():
+    """Used when the tiny config's stand-in backbone is pretrained from scratch: LayerScale 1e-5 (METHOD §2.1),
+    trunc-normal(0.02) position embedding and Linear weights, zero Linear biases."""
+    assert BackboneConfig().layerscale_init == 1e-5
+    torch.manual_seed(0)
+    backbone = DinoVisionTransformer(BackboneConfig(patch_size=16, embed_dim=64, depth=2, num_heads=2,
+                                                    pos_grid_size=128))
+    gammas = [p for n, p in backbone.named_parameters() if n.endswith("gamma")]
+    assert len(gammas) == 4 and all(torch.all(g == 1e-5) for g in gammas)
+    assert backbone.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    qkv = backbone.blocks[0].attn.qkv
+    assert qkv.weight.std().item() == pytest.approx(0.02, rel=0.1) and torch.all(qkv.bias == 0)
 
 
 # --------------------------------------------------------------------------------------------------------------

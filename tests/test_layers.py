@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qd_core.layers import CHANNELS_LAST_MIN, channels_last, class_argmax, map_layout, prefers_channels_last, resize
+from qd_core.layers import (
+    CHANNELS_LAST_MIN, Mlp, channels_last, class_argmax, map_layout, prefers_channels_last, resize,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -135,3 +137,13 @@ def test_map_layout_re_views_maps_and_leaves_thin_ones():
     assert map_layout(thin) is thin
     traced = torch.jit.trace(map_layout, x).graph
     assert not {node.kind() for node in traced.nodes()} & {"aten::permute", "aten::contiguous", "aten::view"}
+
+
+def test_mlp_is_linear_exact_gelu_linear_without_dropout():
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64).train()  # train mode: a dropout would show here
+    x = torch.randn(4, 16)
+    hidden = x @ mlp.fc1.weight.T + mlp.fc1.bias
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / 2 ** 0.5))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), hidden @ mlp.fc2.weight.T + mlp.fc2.bias, atol=1e-5, rtol=0)

@@ -152,6 +152,21 @@ def test_gradients_reach_every_rein_parameter():
         assert factor.grad[0].abs().sum() == 0 and factor.grad[2].abs().sum() == 0
 
 
+@pytest.mark.parametrize("path", ["forward", "bind"])
+def test_gradients_of_every_rein_parameter_equal_the_method_equations(path):
+    # Equal outputs do not mean equal training: values computed from detached tokens keep the forward pass but
+    # drop the tokens' gradient through the values.
+    reins, x = make_reins(), tokens_in()
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    names, params = zip(*reins.named_parameters())
+    out = reins(x, 1) if path == "forward" else reins.bind(reins.all_tokens())(x, 1)
+    got = torch.autograd.grad((out * weight).sum(), params, allow_unused=True)
+    expected = torch.autograd.grad((method_reference(reins, x, 1) * weight).sum(), params)
+    for name, g, e in zip(names, got, expected):
+        assert g is not None, name
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_parameters_are_named_and_shaped_as_in_rein():
     reins = LoRAReins(24, 1024, ReinsConfig(token_length=100, lora_dim=16, scale_init=1e-3))
     shapes = {name: tuple(p.shape) for name, p in reins.named_parameters()}
@@ -170,10 +185,37 @@ def test_token_init_is_uniform_within_reins_bound():
     # sqrt(6 / (3 * 16^2 + sqrt(1024 * 16))) = sqrt(6 / 896) for the paper's D = 1024, r = 16, patch 16.
     assert token_init_bound(1024, 16, 16) == pytest.approx(math.sqrt(6 / 896))
     assert token_init_bound(1024, 16, 16) == pytest.approx(0.0818, abs=1e-4)
-    reins = make_reins()
-    bound = token_init_bound(DIM, RANK, 16)
+    # The 16 is the patch size, not the rank: the tiny config (D = 64, r = 8) keeps 3 * 16^2.
+    assert token_init_bound(64, 8, 16) == pytest.approx(math.sqrt(6 / (3 * 16 ** 2 + math.sqrt(64 * 8))))
+    torch.manual_seed(0)
+    reins = LoRAReins(4, 64, ReinsConfig(token_length=50, lora_dim=8))
+    bound = token_init_bound(64, 8, 16)
     for factor in (reins.learnable_tokens_a, reins.learnable_tokens_b):
-        assert factor.abs().max() <= bound and factor.abs().max() > 0.5 * bound
+        values = factor.detach().flatten()  # U(-v, v): 1600+ samples, mean 0 and std v / sqrt(3)
+        assert values.abs().max() <= bound and values.min() < -0.9 * bound and values.max() > 0.9 * bound
+        assert abs(values.mean().item()) < 0.1 * bound
+        assert values.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+
+def test_rein_linear_layers_keep_pytorchs_default_init():
+    # Neither projection is zero-initialised: both are U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weights and biases.
+    torch.manual_seed(0)
+    reins = LoRAReins(2, 64, ReinsConfig(token_length=8, lora_dim=4))
+    bound = 1 / math.sqrt(64)
+    for layer in (reins.mlp_token2feat, reins.mlp_delta_f):
+        w, b = layer.weight.detach(), layer.bias.detach()
+        assert w.abs().max() <= bound and b.abs().max() <= bound and b.abs().max() > 0.5 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+
+def test_rein_defaults_are_the_papers():
+    # METHOD §2.3: m = 100 tokens, rank 16, scale initialised to 1e-3; no shipped config sets scale_init, so the
+    # paper config trains with the default.
+    from qd_core.config import load_config
+
+    assert (ReinsConfig().token_length, ReinsConfig().lora_dim, ReinsConfig().scale_init) == (100, 16, 1e-3)
+    model = load_config("vitl16_512").model
+    assert (model.reins.token_length, model.reins.lora_dim, model.reins.scale_init) == (100, 16, 1e-3)
 
 
 def test_zero_scale_leaves_the_backbone_output_unchanged():
