@@ -7,7 +7,6 @@ import colorsys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -171,3 +171,19 @@ def test_a_forward_moves_no_host_tensor_to_the_device_after_the_first(monkeypatc
             patch.setattr(torch, "as_tensor", spy(torch.as_tensor))
             student(images)
         assert copies == [], f"host-to-device copies in a {'training' if train else 'eval'} forward: {copies}"
+
+
+def test_full_size_labels_resize_mask_logits_with_half_pixel_centres_before_the_sigmoid() -> None:
+    """The export's labels must be the argmax of what predict computes (window_logits, METHOD §5/§6.4: bilinear,
+    align_corners=False, resized before the sigmoid); a non-integer scale makes the corner convention visible."""
+    student = QueryDiffStudent(load_config("tiny")).eval()
+    g = torch.Generator().manual_seed(5)
+    classes = torch.randn(2, 6, student.num_classes + 1, generator=g) * 3
+    masks = torch.randn(2, 6, 7, 5, generator=g) * 8  # strongly varying, so labels change across the image
+    size = (30, 17)
+    probs = classes.softmax(-1)[..., :student.num_classes]
+    full = torch.nn.functional.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+    expected = torch.einsum("bqc,bqhw->bchw", probs, full.sigmoid()).argmax(1)
+    labels = student.full_size_labels(classes, masks, size)
+    assert labels.shape == (2, *size) and labels.dtype == torch.int32
+    assert torch.equal(labels.long(), expected)
