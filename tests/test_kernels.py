@@ -188,8 +188,8 @@ def test_agent_low_precision_wide_shared_head(dtype):
 
 def test_agent_wide_head_output_columns_split_across_programs():
     """One query block of one head: the forward splits O's d-chunks over several programs (each recomputing the
-    softmax); d = 1000 leaves the last split a ragged chunk. Output, log-sum-exp (through the gradients) and
-    gradients must equal the reference's."""
+    softmax). Output, log-sum-exp (through the gradients) and gradients must equal the reference's (a ragged last
+    chunk: test_agent_wide_head_whose_last_column_split_gets_the_ragged_chunk)."""
     from kernels import agent_triton
 
     torch.manual_seed(9)
@@ -994,3 +994,221 @@ def assert_gpu_close(actual: list[torch.Tensor], expected: list[torch.Tensor], d
     # order than cuBLAS: 1e-5 relative stands in for "eps" there.
     eps = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
     assert_low_precision_close(actual, expected, eps)
+
+
+# ------------------------------------------------------------------------------------------------ more cases
+
+def test_agent_fp16_softmax_subtracts_the_row_maximum():
+    """fp16 logits from about -50 to +30 (natural units): exp of the unshifted logits overflows fp16 (65504 ≈ e^11),
+    so the 16-bit path must shift by the row maximum as the fp32 path does. Compared with the fp32 reference on the
+    same rounded inputs with tests/test_kernels.py's low-precision bounds (2·eps in norm, 4·eps of the largest
+    magnitude per element)."""
+    torch.manual_seed(20)
+    q = (torch.randn(1, 2, 70, 32, device=DEVICE) * 3).half()
+    k = (torch.randn(1, 2, 20, 32, device=DEVICE) * 3).half()
+    v = torch.randn(1, 2, 20, 32, device=DEVICE).half()
+    ref = kernels.agent_attention_reference(q.float(), k.float(), v.float())
+    logits = (q.float() @ k.float().transpose(-1, -2)) * 32 ** -0.5
+    assert float(logits.amax()) > 20  # the case bites: e^20 is far past fp16's range
+    out = kernels.agent_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    eps = torch.finfo(torch.float16).eps
+    err = out.float() - ref
+    assert float(err.norm()) <= 2 * eps * float(ref.norm())
+    assert float(err.abs().max()) <= 4 * eps * float(ref.abs().max())
+
+
+def test_agent_values_with_other_strides_than_the_keys():
+    """k contiguous, v a transposed (B, M, H, d) view: each operand must be read with its own strides."""
+    torch.manual_seed(21)
+    q = torch.randn(2, 2, 70, 32, device=DEVICE)
+    k = torch.randn(2, 2, 20, 32, device=DEVICE)
+    v = torch.randn(2, 20, 2, 32, device=DEVICE).transpose(1, 2)
+    assert k.stride() != v.stride()
+    check_agent(q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+
+
+def test_agent_gradients_reach_keys_and_values_when_the_queries_need_none():
+    """Rein's first block: frozen patch tokens (q, no grad) over trainable tokens (k, v). The kernel must still
+    run its autograd Function and give the reference's dK and dV."""
+    torch.manual_seed(22)
+    q = torch.randn(2, 1, 70, 32, device=DEVICE)
+    k = torch.randn(1, 1, 6, 32, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 1, 6, 32, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    out = kernels.agent_attention(q, k, v)
+    assert out.requires_grad
+    dk, dv = torch.autograd.grad(out, [k, v], grad_out)
+    kr, vr = k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    ref = kernels.agent_attention_reference(q, kr, vr)
+    edk, edv = torch.autograd.grad(ref, [kr, vr], grad_out)
+    torch.testing.assert_close(dk, edk, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dv, edv, atol=1e-4, rtol=1e-4)
+
+
+def test_agent_wide_head_whose_last_column_split_gets_the_ragged_chunk():
+    """fp32 d = 264: nine 32-wide forward chunks (the ninth 8 wide) over four column splits of one query block.
+    Every column of O, including the last chunk's, must be written."""
+    from kernels import agent_triton
+
+    torch.manual_seed(23)
+    q, k, v = leaf(1, 1, 20, 264), leaf(1, 1, 7, 264), leaf(1, 1, 7, 264)
+    chunk = agent_triton.block_d(264, 7, 4, "fwd")
+    assert 264 % chunk and agent_triton.d_splits(1, -(-264 // chunk), q.device) > 1
+    check_agent(q, k, v)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_agent_wide_head_dq_stays_finite_when_every_logit_is_far_below_zero():
+    """d = 1024 (chunked backward), logits near -120: exp2(0 - lse) of the zero-padded keys overflows to inf, so
+    the backward must drop padded keys before they reach dS, or dQ = dS·K is inf·0 = NaN. dQ is compared with the
+    reference to the rounding of the -120 offset (see test_agent_rows_whose_logits_all_lie_far_below_zero), column 0
+    (the constant one, where Σ dS = 0 cancels to that rounding alone) left out."""
+    torch.manual_seed(24)
+    d = 1024
+    q = torch.randn(1, 1, 70, d, device=DEVICE)
+    k = torch.randn(1, 1, 20, d, device=DEVICE) / d ** 0.5
+    q[..., 0], k[..., 0] = 12.0, -10.0
+    v = torch.randn(1, 1, 20, d, device=DEVICE)
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dq, dk = torch.autograd.grad(kernels.agent_attention(*leaves, scale=1.0), leaves[:2], grad_out)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    edq, = torch.autograd.grad(kernels.agent_attention_reference(*ref_leaves, scale=1.0), ref_leaves[:1], grad_out)
+    tol = 16 * 120 * torch.finfo(torch.float32).eps * float(edq.abs().max())
+    torch.testing.assert_close(dq[..., 1:], edq[..., 1:], atol=tol, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ compiled-path operators
+
+def test_agent_operator_applies_an_explicit_scale():
+    """torch.ops.qd.agent_attention (what torch.compile calls) with a scale other than d ** -0.5."""
+    torch.manual_seed(25)
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (9, 5, 5))
+    with torch.no_grad():
+        got = torch.ops.qd.agent_attention(q, k, v, 0.7)
+    torch.testing.assert_close(got, kernels.agent_attention_reference(q, k, v, scale=0.7), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_operator_applies_an_explicit_scale():
+    torch.manual_seed(26)
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (6, 40, 40))
+    me = torch.randint(-2, 3, (1, 6, 4), device=DEVICE).float()
+    mf = torch.randint(-2, 3, (1, 4, 40), device=DEVICE).float()
+    with torch.no_grad():
+        got = torch.ops.qd.masked_attention(q, k, v, me, mf, 0.7)
+    torch.testing.assert_close(got, kernels.masked_attention_reference(q, k, v, me, mf, scale=0.7), atol=1e-5,
+                               rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- the references
+
+def test_semantic_labels_reference_is_the_half_pixel_resize_sigmoid_class_product_argmax():
+    """The labels reference against the composition written out here: a half-pixel (align_corners=False)
+    bilinear resize computed by hand, the sigmoid, Σ_q p·s and the argmax (labels compared where the best two
+    classes are clearly apart)."""
+    g = torch.Generator().manual_seed(27)
+    b, nq, ncls, h, w, size = 2, 7, 5, 4, 3, (10, 7)
+    probs = torch.rand(b, nq, ncls, generator=g)
+    masks = torch.randn(b, nq, h, w, generator=g) * 3
+
+    def taps(n_out: int, n_in: int) -> torch.Tensor:
+        """(n_out, n_in) interpolation matrix: source coordinate max((i + 0.5)·n_in/n_out − 0.5, 0)."""
+        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
+        lo = src.floor().long()
+        hi = (lo + 1).clamp(max=n_in - 1)
+        frac = src - lo
+        m = torch.zeros(n_out, n_in, dtype=torch.float64)
+        m[torch.arange(n_out), lo] += 1 - frac
+        m[torch.arange(n_out), hi] += frac
+        return m
+
+    full = torch.einsum("yh,bqhw,xw->bqyx", taps(size[0], h), masks.double(), taps(size[1], w))
+    sums = torch.einsum("bqk,bqyx->bkyx", probs.double(), full.sigmoid())
+    top2 = sums.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert clear.float().mean() > 0.9
+    labels = kernels.semantic_labels_reference(probs, masks, size)
+    assert labels.dtype == torch.int32 and labels.shape == (b, *size)
+    assert torch.equal(labels[clear], sums.argmax(dim=1).to(torch.int32)[clear])
+
+
+def test_attention_references_return_the_query_dtype():
+    torch.manual_seed(28)
+    q, k, v = (torch.randn(1, 2, n, 16, dtype=torch.bfloat16) for n in (6, 40, 40))
+    me, mf = torch.randn(1, 6, 4), torch.randn(1, 4, 40)
+    assert kernels.agent_attention_reference(q, k, v).dtype == torch.bfloat16
+    assert kernels.masked_attention_reference(q, k, v, me, mf).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- the compiled path (kernels/__init__)
+
+def test_compiled_agent_call_with_an_explicit_scale_and_no_gradients():
+    torch.manual_seed(29)
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for n in (9, 5, 5))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(lambda q, k, v: kernels.agent_attention(q, k, v, scale=0.7), backend="eager")(q, k, v)
+    torch.testing.assert_close(got, kernels.agent_attention_reference(q, k, v, scale=0.7), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_agent_call_whose_keys_and_values_need_gradients_gets_them():
+    """A compiled call where only k and v require grad (frozen queries) must still run the autograd Function."""
+    torch.manual_seed(30)
+    q = torch.randn(1, 2, 9, 16, device=DEVICE)
+    k = torch.randn(1, 2, 4, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 2, 4, 16, device=DEVICE, requires_grad=True)
+    torch._dynamo.reset()
+    out = torch.compile(lambda q, k, v: kernels.agent_attention(q, k, v), backend="eager")(q, k, v)
+    dk, dv = torch.autograd.grad(out.square().sum(), [k, v])
+    kr, vr = k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    edk, edv = torch.autograd.grad(kernels.agent_attention_reference(q, kr, vr).square().sum(), [kr, vr])
+    torch.testing.assert_close(dk, edk, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dv, edv, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_labels_at_a_size_that_is_not_square():
+    """(H, W) must reach the operator in that order (a square size would not tell)."""
+    g = torch.Generator().manual_seed(31)
+    probs = torch.rand(1, 5, 4, generator=g).to(DEVICE)
+    masks = (torch.randn(1, 5, 3, 4, generator=g) * 3).to(DEVICE)
+    torch._dynamo.reset()
+    got = torch.compile(lambda p, m: kernels.semantic_labels(p, m, (6, 10)), backend="eager")(probs, masks)
+    assert got.shape == (1, 6, 10)
+    assert torch.equal(got, kernels.semantic_labels(probs, masks, (6, 10)))
+
+
+def test_compiled_deformable_call_whose_locations_and_weights_need_gradients_gets_them():
+    """A compiled call with a frozen value map and trainable locations and weights must run the autograd Function;
+    its gradients equal the gather reference's."""
+    from qd_core.head.msda import ms_deform_attn_core
+
+    g = torch.Generator().manual_seed(32)
+    shapes_hw = [(4, 5), (2, 3)]
+    value = torch.randn(1, 26, 2, 8, generator=g).to(DEVICE)
+    shapes = torch.tensor(shapes_hw, device=DEVICE)
+    starts = torch.tensor([0, 20], device=DEVICE)
+    locations = (torch.rand(1, 7, 2, 2, 2, 2, generator=g) * 1.2 - 0.1).to(DEVICE).requires_grad_()
+    weights = torch.rand(1, 7, 2, 2, 2, generator=g).to(DEVICE).requires_grad_()
+    torch._dynamo.reset()
+    out = torch.compile(kernels.ms_deform_attn, backend="eager")(value, shapes, starts, locations, weights)
+    upstream = torch.randn(out.shape, generator=g).to(DEVICE)
+    got = torch.autograd.grad(out, [locations, weights], upstream)
+    ref_in = [locations.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()]
+    ref = ms_deform_attn_core(value, shapes, starts, ref_in[0], ref_in[1], sampling="gather")
+    for a, e in zip(got, torch.autograd.grad(ref, ref_in, upstream)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_deformable_operator_fake_gives_fp32_for_a_bf16_value_map():
+    """The kernel returns fp32 whatever the value's dtype; the fake implementation Inductor plans with must too."""
+    g = torch.Generator().manual_seed(33)
+    value = torch.randn(1, 26, 2, 8, generator=g).to(DEVICE, torch.bfloat16)
+    shapes = torch.tensor([(4, 5), (2, 3)], device=DEVICE)
+    starts = torch.tensor([0, 20], device=DEVICE)
+    locations = torch.rand(1, 7, 2, 2, 2, 2, generator=g).to(DEVICE)
+    weights = torch.rand(1, 7, 2, 2, 2, generator=g).to(DEVICE)
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.qd.ms_deform_attn.default, (value, shapes, starts, locations, weights),
+                              test_utils=("test_faketensor",))
