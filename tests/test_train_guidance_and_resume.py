@@ -8,14 +8,12 @@ import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from qd_core.config import Config, load_config
 from qd_core.data import ensure_synthetic
 from qd_core.guidance import GuidanceLoss
 from train.checkpointing import (
@@ -29,28 +27,14 @@ from train.distributed import DistEnv
 from train.run import run_training
 from train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add synchronisation, which dominates on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The resume tests' tiny run, and the tiny-teacher tests' single-thread setting (an autouse fixture).
+from test_tiny_teacher import one_thread  # noqa: F401
+from test_train_resume import tiny_config
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_synthetic(tmp_path_factory.mktemp("syn"), num_train=8, num_val=1, size=[64, 128], progress=False)
-
-
-def tiny_config(data_root: Path, *extra: str) -> Config:
-    return load_config("tiny", [
-        f"data.synthetic.root={data_root}", "data.synthetic.num_train=8", "data.synthetic.num_val=1",
-        "data.synthetic.size=[64,128]", "data.val=[{kind: synthetic, domain: source, test_size: [128, 64]}]",
-        "data.crop_size=64", "data.num_workers=0", "teacher.enabled=false", "model.backbone.pretrain=false",
-        "train.batch_size=2", "train.num_points=256", "train.lr=0.001", "train.log_interval=1",
-        "train.eval_interval=1000", "train.checkpoint_interval=1000", *extra])
 
 
 def sd_alphas_cumprod() -> np.ndarray:
