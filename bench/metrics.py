@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS, logits_within, miou_within
+from export.parity import LOGIT_TOLERANCE, TOLERANCE_POINTS, check_precision, logits_within, miou_within
 
 __all__ = ["LOGIT_TOLERANCE", "TOLERANCE_POINTS", "GpuSpec", "GPUS", "Parity", "check_parity", "gpu_spec_for", "mfu",
            "peak_flops", "percentile"]
@@ -109,12 +109,12 @@ class Parity:
 
     @property
     def tolerance_points(self) -> float:
-        miou_within(self.precision, 0.0)  # names an unknown precision
+        check_precision(self.precision)
         return TOLERANCE_POINTS[self.precision]
 
     @property
     def logit_tolerance(self) -> float:
-        logits_within(self.precision, None)  # names an unknown precision
+        check_precision(self.precision)
         return LOGIT_TOLERANCE[self.precision]
 
     @property

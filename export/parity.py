@@ -24,21 +24,22 @@ TOLERANCE_POINTS = {"fp32": 0.1, "bf16": 0.5, "fp16": 0.5}
 LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 
 
-def _check_precision(precision: str) -> None:
+def check_precision(precision: str) -> None:
+    """ValueError naming ``precision`` unless it is one the rule knows."""
     if precision not in TOLERANCE_POINTS:
         raise ValueError(f"precision: expected one of {', '.join(TOLERANCE_POINTS)}, got {precision!r}")
 
 
 def miou_within(precision: str, miou_delta_points: float) -> bool:
     """Whether an mIoU delta (points) holds ``precision``'s tolerance; NaN (nothing scored) never does."""
-    _check_precision(precision)
+    check_precision(precision)
     return abs(miou_delta_points) <= TOLERANCE_POINTS[precision]
 
 
 def logits_within(precision: str, logit_rel_error: float | None) -> bool:
     """Whether a logit relative error holds ``precision``'s tolerance; NaN never does, and a path that returns
     labels only (None) has nothing to fail."""
-    _check_precision(precision)
+    check_precision(precision)
     return logit_rel_error is None or logit_rel_error <= LOGIT_TOLERANCE[precision]
 
 

@@ -18,20 +18,19 @@ from bench.metrics import gpu_spec_for, peak_flops
 from bench.report import build_report, render_markdown
 from bench.settings import settings_from_env
 
+from test_bench_report import latency_entry as cpu_latency_entry
+from test_kernel_summary import entry as kernel
+
 H100 = "NVIDIA H100 80GB HBM3"
 H100_DENSE_TENSOR = 989.4e12  # H100 SXM datasheet: dense bf16 = dense fp16 tensor-core FLOP/s
 MIB = 2 ** 20
 
 
-def latency_entry(backend: str, precision: str, batch: int, data_s: list[float], *, device_name: str = H100,
-                  flops: float = 1e12) -> dict:
-    stats = {"mean": float(np.mean(data_s)), "median": float(np.median(data_s)), "rounds": len(data_s),
-             "data": data_s}
-    return {"group": f"latency b{batch}", "name": f"test_latency[{backend}-b{batch}]",
-            "extra_info": {"kind": "latency", "backend": backend, "precision": precision, "batch": batch,
-                           "device": "cuda", "device_name": device_name, "config": "tiny", "height": 128,
-                           "width": 128, "flops_per_image": flops, "peak_mem_mib": 1.0},
-            "stats": stats}
+def latency_entry(backend: str, precision: str, batch: int, data_s: list[float], *, flops: float = 1e12) -> dict:
+    """test_bench_report's entry, timed on an H100."""
+    entry = cpu_latency_entry(backend, precision, batch, data_s, device_name=H100, flops=flops, peak_mem=1.0)
+    entry["extra_info"]["device"] = "cuda"
+    return entry
 
 
 # ------------------------------------------------------------------------------------------- metrics / report
@@ -173,12 +172,6 @@ def test_an_explicit_config_is_kept_beside_a_checkpoint_of_another(tmp_path: Pat
 # ------------------------------------------------------------------------------------------- kernel summary
 
 AGENT_SHAPES = [[1, 8, 1000, 32], [1, 8, 100, 32], [1, 8, 100, 32]]
-
-
-def kernel(impl: str, median: float, mode: str = "fwd", device_ms: float | None = None, mib: float = 1.0) -> dict:
-    return {"name": f"test_agent_attention[refine-b1-{impl}-{mode}]", "stats": {"median": median},
-            "extra_info": {"shapes": AGENT_SHAPES, "dtype": "bfloat16", "added_mem_mib": mib, "device": "GPU X",
-                           "device_ms": device_ms}}
 
 
 def test_forward_backward_bytes_read_o_and_do_and_write_the_three_gradients():

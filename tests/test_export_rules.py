@@ -21,7 +21,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+from test_export_fp16 import FLOAT, FLOAT16, float_io
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,10 +141,6 @@ def test_evaluation_images_are_centre_cropped_to_the_export_size():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _float_io(node, types):
-    return {types[n] for n in list(node.input) + list(node.output) if types.get(n) in (FLOAT, FLOAT16)}
-
-
 # The module docstring: normalisations and softmaxes (mean/variance, exp-sums) stay fp32.
 STAY_FP32 = [
     ("ReduceMean", {"keepdims": 1}), ("ReduceSumSquare", {"keepdims": 1}), ("ReduceL2", {"keepdims": 1}),
@@ -174,7 +170,7 @@ def test_fp16_pass_keeps_reductions_and_softmaxes_in_fp32_and_casts_to_float16_i
     # An fp32 cast inside an fp16 region becomes a cast to float16 (no fp32 island between the MatMuls).
     assert next(a.i for a in by_name["/net/Cast"].attribute if a.name == "to") == FLOAT16
     for op, _ in STAY_FP32:
-        assert _float_io(by_name[f"/net/{op}"], types) == {FLOAT}, op
+        assert set(float_io(by_name[f"/net/{op}"], types)) == {FLOAT}, op
 
 
 def test_fp16_pass_feeds_a_custom_op_float32_even_from_an_fp16_producer():
@@ -339,8 +335,8 @@ def test_engine_flag_implies_fp16_and_parity_runs_on_the_asked_device(tmp_path, 
            and any(types.get(o) in (FLOAT, FLOAT16) for o in n.output)]
     assert {n.op_type for n in own} >= {"Sub", "Div", "Softmax", "Einsum", "Resize", "Sigmoid"}
     for node in own:
-        assert _float_io(node, types) == {FLOAT}, node.name
+        assert set(float_io(node, types)) == {FLOAT}, node.name
     # ... while deformable attention's value and output projections are fp16 (only its sampling stays fp32).
     projections = [n for n in model.graph.node if n.op_type == "MatMul"
                    and re.search(r"/attn/(value_proj|output_proj)/", n.name)]
-    assert projections and all(_float_io(n, types) == {FLOAT16} for n in projections)
+    assert projections and all(set(float_io(n, types)) == {FLOAT16} for n in projections)

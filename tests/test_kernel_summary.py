@@ -8,11 +8,11 @@ import pytest
 from bench import kernel_summary as ks
 
 
-def entry(impl: str, median: float, mode: str = "fwd", device_ms: float | None = None) -> dict:
+def entry(impl: str, median: float, mode: str = "fwd", device_ms: float | None = None, mib: float = 1.0) -> dict:
     return {"name": f"test_agent_attention[refine-b1-{impl}-{mode}]",
             "stats": {"median": median},
             "extra_info": {"shapes": [[1, 8, 1000, 32], [1, 8, 100, 32], [1, 8, 100, 32]], "dtype": "bfloat16",
-                           "added_mem_mib": 1.0, "device": "GPU X", "device_ms": device_ms}}
+                           "added_mem_mib": mib, "device": "GPU X", "device_ms": device_ms}}
 
 
 def test_minimum_bytes_counts_inputs_read_and_output_written_once():

@@ -29,18 +29,13 @@ from train.trainer import Trainer
 
 # The resume tests' tiny run, and the tiny-teacher tests' single-thread setting (an autouse fixture).
 from test_tiny_teacher import one_thread  # noqa: F401
+from test_teacher import sd_alphas_cumprod
 from test_train_resume import tiny_config
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_synthetic(tmp_path_factory.mktemp("syn"), num_train=8, num_val=1, size=[64, 128], progress=False)
-
-
-def sd_alphas_cumprod() -> np.ndarray:
-    """ᾱ_t of SD's scaled-linear schedule (METHOD §4.2), in float64, from its definition."""
-    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
 
 
 # ------------------------------------------------------------------------------------------------------------------
