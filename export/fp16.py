@@ -18,6 +18,7 @@ writes it:
   Cast node (one per tensor and type, shared by all consumers). Inputs whose schema type is fixed (Resize's
   ``scales`` is always float32) and shape/index inputs are left alone.
 * ``Cast(to=float)`` inside an fp16 region becomes ``Cast(to=float16)``; ``ConstantOfShape`` follows its node.
+* Constants converted to fp16 saturate at ±65504 (finite stays finite); ±inf and NaN are kept.
 * Graph inputs and outputs keep their types (images float32 in, logits float32 and labels int32 out).
 
 The result type-checks under ONNX shape inference and runs in ONNX Runtime's CPU provider, which falls back to
@@ -43,6 +44,20 @@ KEEP_FP32_OPS = frozenset({
 # Ops whose outputs describe their input's shape, not its values: image dependence stops there.
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def as_fp16(array: np.ndarray) -> np.ndarray:
+    """``array`` in float16, finite values beyond ±65504 saturated to ±65504 instead of becoming ±inf.
+
+    A large finite constant (a "minus a lot" fill, a big scale) must stay finite: as inf it turns ``inf · 0`` and
+    ``inf - inf`` into NaN downstream. Infinities and NaN are kept as they are (the intended -inf masks).
+    """
+    array = np.asarray(array)
+    finite = np.isfinite(array)
+    return np.where(finite, np.clip(array, -FP16_MAX, FP16_MAX), array).astype(np.float16)
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -216,8 +231,8 @@ def convert_to_fp16(model: onnx.ModelProto, keep_scopes: Sequence[str] | None = 
             if key not in converted_constants:
                 array = numpy_helper.to_array(constant_values[name])
                 new_name = f"{key[0]}__{'fp16' if to == FLOAT16 else 'fp32'}"
-                dtype = np.float16 if to == FLOAT16 else np.float32
-                new_initializers.append(numpy_helper.from_array(array.astype(dtype), new_name))
+                value = as_fp16(array) if to == FLOAT16 else array.astype(np.float32)
+                new_initializers.append(numpy_helper.from_array(value, new_name))
                 converted_constants[key] = new_name
                 current[new_name] = to
             return converted_constants[key]
@@ -282,7 +297,7 @@ def convert_to_fp16(model: onnx.ModelProto, keep_scopes: Sequence[str] | None = 
                 value = numpy_helper.to_array(attr.t) if attr is not None else np.zeros(1, np.float32)
                 if attr is None:  # the default fill is a float32 zero
                     attr = node.attribute.add(name="value", type=onnx.AttributeProto.TENSOR)
-                attr.t.CopyFrom(numpy_helper.from_array(value.astype(np.float16)))
+                attr.t.CopyFrom(numpy_helper.from_array(as_fp16(value)))
                 current[name] = FLOAT16
             else:
                 current[name] = types.get(name, 0)

@@ -194,6 +194,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int, 
     dummy = torch.rand(TRACE_BATCH, 3, height, width, device=device) * 255.0
     dynamic = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
     start = time.perf_counter()
+    traced_shapes: dict[str, tuple[int, ...]] = {}
+
+    def record_shapes(_module: nn.Module, _args: object, outputs: tuple[torch.Tensor, ...]) -> None:
+        traced_shapes.update({name: tuple(int(n) for n in t.shape) for name, t in zip(OUTPUT_NAMES, outputs)})
+
     with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / "model.onnx"
         with contextlib.ExitStack() as stack:
@@ -201,6 +206,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int, 
             if msda == "plugin":
                 stack.enter_context(plugin_msda())
             stack.enter_context(torch.no_grad())
+            hook = wrapper.register_forward_hook(record_shapes)
+            stack.callback(hook.remove)
             stack.enter_context(warnings.catch_warnings())
             # Shape checks in the model read traced sizes as Python values (TracerWarning); they only ever
             # involve the static H, W and the batch compared with itself. The exporter's own deprecation
@@ -213,6 +220,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int, 
                 dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False,
                 custom_opsets={PLUGIN_DOMAIN: 1} if msda == "plugin" else None)
         proto = onnx.load(str(tmp))  # also pulls in any per-tensor external files of a > 2 GB export
+    _declare_output_sizes(proto, traced_shapes)
     metadata: dict[str, object] = {
         "height": height, "width": width, "msda": msda, "opset": opset, "num_classes": wrapper.num_classes,
         "labels_dtype": str(LABEL_DTYPE).replace("torch.", ""), "fp32_scopes": fp32_scopes(wrapper),
@@ -226,6 +234,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int, 
     external = path.with_name(path.name + ".data").exists()
     return OnnxExport(path=path, seconds=seconds, bytes=size, external_data=external, opset=opset, msda=msda,
                       height=height, width=width)
+
+
+def _declare_output_sizes(model: onnx.ModelProto, traced: dict[str, tuple[int, ...]]) -> None:
+    """Write the traced non-batch sizes into the graph outputs' declared shapes.
+
+    The exporter leaves the outputs' H and W symbolic (it cannot follow them through the upsampling), although
+    they are fixed by the input size like every other non-batch axis; declaring them lets a runtime allocate
+    outputs from the file alone and makes the graph say what ``export.wrapper`` documents.
+    """
+    for output in model.graph.output:
+        shape = traced.get(output.name)
+        dims = output.type.tensor_type.shape.dim
+        if shape is None or len(shape) != len(dims):
+            raise RuntimeError(f"export: output '{output.name}' was traced with shape {shape}, but the graph "
+                               f"declares {len(dims)} axes")
+        for dim, size in list(zip(dims, shape))[1:]:  # axis 0 is the dynamic batch
+            dim.Clear()
+            dim.dim_value = size
 
 
 def op_counts(model: onnx.ModelProto) -> Counter[str]:
