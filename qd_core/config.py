@@ -2,7 +2,8 @@
 
 A config is a tree of frozen-free dataclasses. YAML files hold a partial tree: every key they name must exist
 in the dataclass (a typo is an error naming the key), and every value is checked against the field's type.
-Shipped configs live in ``configs/<name>.yaml`` at the top of the repository and can be named without path.
+Shipped configs live in ``configs/<name>.yaml`` at the top of the repository (``qd_core/configs/`` in an installed
+wheel) and can be named without path.
 
     cfg = load_config("tiny", overrides=["model.backbone.depth=4"])
 """
@@ -19,7 +20,14 @@ from typing import Any, Sequence
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The shipped configs: inside the package when installed from a wheel, else the checkout's configs/."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
