@@ -235,6 +235,24 @@ def test_time_limit_expects_minutes_of_a_compiled_backends_first_test(tmp_path: 
         collector.not_run[0].reason
 
 
+def test_time_limit_learns_nothing_from_a_skipped_test(tmp_path: Path):
+    """torch.compile's test skipped at batch 1 (its first test, minutes of compilation expected) took no time; its
+    batch-8 test must still be expected to compile for minutes, not to take that skip's milliseconds."""
+    from bench.cli import OutcomeCollector
+
+    suite = tmp_path / "test_compiled_batches.py"
+    suite.write_text(
+        "import pytest\n\nclass Spec:\n    def __init__(self, name):\n        self.name = name\n\n"
+        "@pytest.mark.parametrize('spec', [Spec('torch-compile'), Spec('torch-fp32')], ids=lambda s: s.name)\n"
+        "@pytest.mark.parametrize('batch', [1, 8])\n"
+        "def test_latency(spec, batch):\n    pass\n")
+    collector = OutcomeCollector(time_limit=100.0, progress=None)
+    assert pytest.main([str(suite), "-q", "-p", "no:cacheprovider"], plugins=[collector]) == 0
+    assert collector.passed == 2
+    assert [n.test for n in collector.not_run] == ["test_latency[1-torch-compile]", "test_latency[8-torch-compile]"]
+    assert all("expected for its backend's first test" in n.reason for n in collector.not_run)
+
+
 def test_cli_writes_the_report_when_no_benchmark_ran(tmp_path: Path):
     """pytest-benchmark writes no JSON when nothing ran (here: a time limit spent before the first test); the
     report is still written, listing every test that did not run and why."""
