@@ -198,6 +198,20 @@ def test_visualize_writes_outputs_at_each_image_size(checkpoint: Path, data_root
     assert np.asarray(Image.open(out / "a_overlay.png")).shape == (64, 128, 3)
 
 
+def test_visualize_shows_a_progress_bar_unless_told_not_to(checkpoint: Path, data_root: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(sorted((data_root / "source" / "leftImg8bit" / "val").rglob("*.png"))[0], images / "a.png")
+    argv = ["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(tmp_path / "vis"), "--mode",
+            "whole", "--overwrite"]
+    capsys.readouterr()
+    assert visualize_main(argv) == 0
+    assert "visualize" in capsys.readouterr().err  # the bar's description
+    assert visualize_main(argv + ["--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_visualize_never_reads_its_own_outputs_inside_the_image_folder(checkpoint: Path, data_root: Path,
                                                                       tmp_path: Path) -> None:
     images = tmp_path / "images"

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the prediction (default 0.5)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, scripts)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides of the checkpoint's config, e.g. inference.mode=whole")
     return p
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped.append(message)
 
         for pred in predict_dataset(model, dataset, device=device, mode=args.mode, num_workers=args.num_workers,
-                                    progress=True, desc="visualize", on_error=skip):
+                                    progress=not args.no_progress, desc="visualize", on_error=skip):
             save_visuals(pred, args.out, output_name(pred.image_path, args.images), args.alpha)
             count += 1
     except (OSError, ValueError) as err:
