@@ -218,21 +218,22 @@ def test_time_limit_skips_the_tests_that_would_end_after_it(tmp_path: Path):
     assert re.fullmatch(r"--time-limit 1e-09 s: \d+\.\d s spent", late.not_run[0].reason), late.not_run[0].reason
 
 
-def test_time_limit_expects_minutes_of_a_compiled_backends_first_test(tmp_path: Path):
-    """Before any test of torch.compile has run (nothing to go by), its first test is expected to compile for
-    minutes: with 100 s left it is skipped, not started and then killed mid-compilation; an eager one runs."""
+@pytest.mark.parametrize("compiled", ["torch-compile-bf16", "aoti", "qd-infer", "trt-fp16"])
+def test_time_limit_expects_minutes_of_a_compiled_backends_first_test(tmp_path: Path, compiled: str):
+    """Before any test of torch.compile (or of a backend that builds an AOTInductor package or a TensorRT engine in
+    its first test) has run, nothing to go by, its first test is expected to compile for minutes: with 100 s left it
+    is skipped, not started and then killed mid-compilation; an eager one runs."""
     from bench.cli import FIRST_TEST_S, OutcomeCollector
 
-    suite = tmp_path / "test_compiled.py"
+    suite = tmp_path / f"test_compiled_{compiled.replace('-', '_')}.py"  # one module name per file: pytest caches it
     suite.write_text(
         "import pytest\n\nclass Spec:\n    def __init__(self, name):\n        self.name = name\n\n"
-        "@pytest.mark.parametrize('spec', [Spec('torch-compile-bf16'), Spec('torch-fp32')], ids=lambda s: s.name)\n"
+        f"@pytest.mark.parametrize('spec', [Spec('{compiled}'), Spec('torch-fp32')], ids=lambda s: s.name)\n"
         "def test_latency(spec):\n    pass\n")
     collector = OutcomeCollector(time_limit=100.0, progress=None)
     assert pytest.main([str(suite), "-q", "-p", "no:cacheprovider"], plugins=[collector]) == 0
-    assert collector.passed == 1 and [n.test for n in collector.not_run] == ["test_latency[torch-compile-bf16]"]
-    assert f"~{FIRST_TEST_S['torch-compile-bf16']:.0f} s expected for its backend's first test" in \
-        collector.not_run[0].reason
+    assert collector.passed == 1 and [n.test for n in collector.not_run] == [f"test_latency[{compiled}]"]
+    assert f"~{FIRST_TEST_S[compiled]:.0f} s expected for its backend's first test" in collector.not_run[0].reason
 
 
 def test_time_limit_learns_nothing_from_a_skipped_test(tmp_path: Path):
