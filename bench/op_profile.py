@@ -11,7 +11,7 @@ runs ``--iters`` forwards of each batch size under ``torch.profiler`` after two 
   around it (normalisation, semantic logits, full-size labels) as ``(wrapper)``: the GPU time of the kernels it
   launched, their count, and its host time. GPU time below host time means the module is launch-bound: the GPU
   waits for the host, which CUDA graphs or compilation remove; the GPU column is what would be left.
-  On a GPU in ``bench.roofline``'s table (H100, H200, A100), each module's ideal time on it too, and how
+  On a GPU in ``bench.roofline``'s table (H100, H200, A100 SXM), each module's ideal time on it too, and how
   many times over it the GPU time is: the modules far over it are the ones with slow kernels.
 - the kernels with the largest total GPU time (on CPU: the operators with the largest own host time).
 
