@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from bench.evalset import EvalSet, load_eval_set
 from bench.metrics import gpu_spec_for
+from bench.native import native_sources
 from bench.settings import BenchSettings
 from export.runtime import Segmenter
 from export.wrapper import ExportWrapper
@@ -317,6 +318,8 @@ def unavailable_reason(spec: BackendSpec, settings: BenchSettings) -> str | None
         if spec.name == "trt-fp16":
             return "TensorRT needs CUDA"
         return f"{spec.name} needs CUDA (autocast on CPU is timed in bf16)"
+    if spec.name == "qd-infer" and not native_sources():
+        return "qd-infer is built from the source checkout (CMakeLists.txt, native/); this is an installed copy"
     if spec.name == "trt-fp16" and importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (the tensorrt package)"
     if spec.name.startswith("ort-") and importlib.util.find_spec("onnxruntime") is None:

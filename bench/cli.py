@@ -38,10 +38,11 @@ import pytest
 
 from bench.arguments import output_folder, positive, read_benchmark_json
 from bench.report import NotRun, build_report, render_markdown, write_report
-from bench.settings import ENV_PREFIX, NO_CHECKPOINT, REPO_ROOT, backend_names, newest_checkpoint, settings_from_env
+from bench.settings import (ENV_PREFIX, IN_CHECKOUT, NO_CHECKPOINT, REPO_ROOT, backend_names, newest_checkpoint,
+                            settings_from_env)
 
 BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_OUT = BENCH_DIR / "results"
+DEFAULT_OUT = BENCH_DIR / "results" if IN_CHECKOUT else Path("bench-results")
 # (images, larger batch, min rounds, max seconds per benchmark, pytest-benchmark warm-up calls on top of the suite's
 # own untimed first call); 7 images = one per synthetic domain.
 PRESETS = {
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation data: a synthetic root or a Cityscapes-layout folder (default: the "
                          "synthetic evaluation set, drawn into data/ on first use)")
     ap.add_argument("--quick", action="store_true", help="fewer images and rounds (a smoke run)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default bench/results)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="report folder (default bench/results; ./bench-results for an installed copy)")
     ap.add_argument("--images", type=int, default=None, help="evaluation images (default: by device and --quick)")
     ap.add_argument("--batch", type=int, default=None, help="the larger timed batch (batch 1 is always timed)")
     ap.add_argument("--backends", default=None, help="comma-separated backends to run (default: all)")
@@ -202,9 +204,14 @@ class OutcomeCollector:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             self.not_run.append(NotRun(report.nodeid.split("::")[-1], "skipped", reason.removeprefix("Skipped: ")))
         elif report.failed:
+            # The exception's own first line ("NativeError: configuring qd_infer failed: CMake Error: ..."): the last
+            # "E " line of the traceback is the last line of a long message, often a tool's boilerplate.
+            crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+            first = [ln.strip() for ln in str(getattr(crash, "message", "")).splitlines() if ln.strip()]
             text = getattr(report, "longreprtext", "") or str(report.longrepr)
             last = [ln for ln in text.splitlines() if ln.startswith("E ")]
-            reason = last[-1][1:].strip() if last else (text.splitlines() or ["failed"])[-1]
+            reason = (first[0] if first else last[-1][1:].strip() if last
+                      else (text.splitlines() or ["failed"])[-1])
             self.not_run.append(NotRun(report.nodeid.split("::")[-1], f"failed ({report.when})", reason))
 
 

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bench.settings import REPO_ROOT
 from qd_core.data import cityscapes_dataset
 from qd_core.data.transforms import resize_image, resize_label
 
 SOURCE_DOMAIN = "source"
-# Where the synthetic evaluation set is drawn when no folder is given (ignored by git, like all of data/).
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data" / "bench-synthetic"
+# Where the synthetic evaluation set is drawn when no folder is given (ignored by git, like all of data/; the
+# current folder's data/ for an installed copy).
+DEFAULT_ROOT = REPO_ROOT / "data" / "bench-synthetic"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.settings import REPO_ROOT
 from export.runtime import Segmenter
 
 # Artifacts this process wrote, each with what it was made from: (model, size, batch, device). The model itself
@@ -102,7 +103,7 @@ def _build(name: str, model: nn.Module, size: tuple[int, int], batch: int, devic
     if name == "qd-infer":
         from bench.native import NativeSegmenter, build_qd_infer
 
-        exe, _ = build_qd_infer(Path(__file__).resolve().parent.parent / "build" / "bench-native")
+        exe, _ = build_qd_infer(REPO_ROOT / "build" / "bench-native")
         threads = torch.get_num_threads() if device == "cpu" else 0
         return NativeSegmenter(exe, aoti_package(model, size, batch, device, work), threads=threads)
     raise ValueError(f"name: expected ort-fp32, ort-fp16, trt-fp16, aoti or qd-infer, got {name!r}")

@@ -35,12 +35,29 @@ def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def headline(output: str) -> str:
+    """The line of a build tool's output that says what went wrong: its first error line, else its last line."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["no output"])[0 if errors else -1]
+
+
+def native_sources() -> Path | None:
+    """The checkout holding qd_infer's sources (CMakeLists.txt, native/), or None for an installed copy."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "CMakeLists.txt").is_file() and (root / "native").is_dir() else None
+
+
 def build_qd_infer(build_dir: Path, jobs: int = 2) -> tuple[Path, str]:
     """Configure and build qd_infer into ``build_dir`` (incrementally); returns (executable, configure output).
 
-    Needs cmake, a C++20 compiler and libpng / libjpeg development files (scripts/system_deps.sh installs them).
+    Needs the source checkout (CMakeLists.txt and native/), cmake, a C++20 compiler and libpng / libjpeg development
+    files (scripts/system_deps.sh installs them).
     """
-    root = Path(__file__).resolve().parent.parent
+    root = native_sources()
+    if root is None:
+        raise NativeError("qd_infer is built from the source checkout (CMakeLists.txt, native/); this is an "
+                          "installed copy of the package")
     if shutil.which("cmake") is None:
         exe = build_dir / "native" / "qd_infer"
         sources = [p for p in (root / "native").rglob("*") if p.is_file()] + [root / "CMakeLists.txt"]
@@ -52,10 +69,12 @@ def build_qd_infer(build_dir: Path, jobs: int = 2) -> tuple[Path, str]:
     configure = subprocess.run(["cmake", "-S", str(root), "-B", str(build_dir),
                                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], capture_output=True, text=True)
     if configure.returncode:
-        raise NativeError(f"configuring qd_infer failed:\n{tail(configure.stdout + configure.stderr)}")
+        output = configure.stdout + configure.stderr
+        raise NativeError(f"configuring qd_infer failed: {headline(output)}\n{tail(output)}")
     build = subprocess.run(["cmake", "--build", str(build_dir), f"-j{jobs}"], capture_output=True, text=True)
     if build.returncode:
-        raise NativeError(f"building qd_infer failed:\n{tail(build.stdout + build.stderr)}")
+        output = build.stdout + build.stderr
+        raise NativeError(f"building qd_infer failed: {headline(output)}\n{tail(output)}")
     return build_dir / "native" / "qd_infer", configure.stdout
 
 

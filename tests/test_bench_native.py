@@ -124,3 +124,16 @@ def test_an_up_to_date_build_is_used_without_cmake_and_a_stale_one_is_not(tmp_pa
     os.utime(exe, (1, 1))  # older than the sources: a stale build is refused, not run
     with pytest.raises(NativeError, match="cmake is not installed"):
         build_qd_infer(tmp_path)
+
+
+def test_a_failed_build_names_the_tools_error_line_first():
+    """cmake ends its error output with boilerplate ("Specify --help for usage..."); the headline a report shows
+    is the line that says what went wrong."""
+    from bench.native import headline
+
+    output = ("-- The C compiler identification is GNU 12.2.0\n"
+              "CMake Error: The source directory \"/x\" does not appear to contain CMakeLists.txt.\n"
+              "Specify --help for usage, or press the help button on the CMake GUI.\n")
+    assert headline(output) == 'CMake Error: The source directory "/x" does not appear to contain CMakeLists.txt.'
+    assert headline("make: *** [all] Stopped\nlast line\n") == "last line"  # no error line: the last one
+    assert headline("") == "no output"

@@ -236,6 +236,21 @@ def test_time_limit_expects_minutes_of_a_compiled_backends_first_test(tmp_path: 
     assert f"~{FIRST_TEST_S[compiled]:.0f} s expected for its backend's first test" in collector.not_run[0].reason
 
 
+def test_a_failed_test_is_reported_by_its_exceptions_first_line(tmp_path: Path):
+    """A long error message (a build tool's output after its headline) is reported by its first line, not by the
+    traceback's last "E " line, which is the message's last line."""
+    from bench.cli import OutcomeCollector
+
+    suite = tmp_path / "test_failing.py"
+    suite.write_text("def test_build():\n"
+                     "    raise RuntimeError('building failed: CMake Error: no CMakeLists.txt\\n-- lots of output\\n"
+                     "Specify --help for usage')\n")
+    collector = OutcomeCollector(progress=None)
+    assert pytest.main([str(suite), "-q", "-p", "no:cacheprovider"], plugins=[collector]) == 1
+    assert [(n.test, n.outcome, n.reason) for n in collector.not_run] == [
+        ("test_build", "failed (call)", "RuntimeError: building failed: CMake Error: no CMakeLists.txt")]
+
+
 def test_time_limit_learns_nothing_from_a_skipped_test(tmp_path: Path):
     """torch.compile's test skipped at batch 1 (its first test, minutes of compilation expected) took no time; its
     batch-8 test must still be expected to compile for minutes, not to take that skip's milliseconds."""

@@ -1,5 +1,7 @@
 """The package as pip installs it: every package folder listed in pyproject.toml, and a built wheel that carries the
-shipped configs, so ``load_config("tiny")`` works from an installed copy, away from any checkout."""
+shipped configs, so ``load_config("tiny")`` works from an installed copy, away from any checkout; the benchmark
+there keeps its data, runs and results in the current folder (never in site-packages) and skips the C++ runner,
+whose sources only a checkout has."""
 from __future__ import annotations
 
 import json
@@ -44,9 +46,15 @@ def test_installed_wheel_ships_and_loads_every_config(tmp_path):
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     assert {"tiny", "vitl16_512"} <= set(names)
-    script = ("import json, sys, qd_core; from qd_core.config import dump_config, load_config; "
-              "json.dump({'file': qd_core.__file__, 'configs': {n: dump_config(load_config(n)) for n in sys.argv[1:]}},"
-              " sys.stdout)")
+    script = ("import json, sys, qd_core; from qd_core.config import dump_config, load_config\n"
+              "import bench.cli, bench.evalset, bench.settings\n"
+              "from bench.backends import BACKENDS, unavailable_reason\n"
+              "from bench.native import native_sources\n"
+              "qd = next(s for s in BACKENDS if s.name == 'qd-infer')\n"
+              "json.dump({'file': qd_core.__file__, 'configs': {n: dump_config(load_config(n)) for n in sys.argv[1:]},"
+              " 'root': str(bench.settings.REPO_ROOT), 'out': str(bench.cli.DEFAULT_OUT.resolve()),"
+              " 'data': str(bench.evalset.DEFAULT_ROOT), 'native': native_sources() is None,"
+              " 'qd_infer': unavailable_reason(qd, bench.settings.settings_from_env({}))}, sys.stdout)")
     away = tmp_path / "elsewhere"
     away.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
@@ -55,3 +63,6 @@ def test_installed_wheel_ships_and_loads_every_config(tmp_path):
     result = json.loads(out.stdout)
     assert Path(result["file"]).is_relative_to(site)  # the installed copy, not the checkout
     assert result["configs"] == {n: dump_config(load_config(n)) for n in names}
+    assert result["root"] == str(away) and result["out"] == str(away / "bench-results")
+    assert result["data"] == str(away / "data" / "bench-synthetic")
+    assert result["native"] and "source checkout" in result["qd_infer"]
