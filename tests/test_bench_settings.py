@@ -269,9 +269,9 @@ def test_time_limit_learns_nothing_from_a_skipped_test(tmp_path: Path):
     assert all("expected for its backend's first test" in n.reason for n in collector.not_run)
 
 
-def test_cli_writes_the_report_when_no_benchmark_ran(tmp_path: Path):
+def test_cli_writes_the_report_when_no_benchmark_ran(tmp_path: Path, capsys: pytest.CaptureFixture):
     """pytest-benchmark writes no JSON when nothing ran (here: a time limit spent before the first test); the
-    report is still written, listing every test that did not run and why."""
+    report is still written, listing every test that did not run and why. The weights are named at the start."""
     from qd_core.data import ensure_synthetic
 
     root = ensure_synthetic(tmp_path / "synth", num_train=1, num_val=1, size=(64, 128), progress=False)
@@ -279,6 +279,7 @@ def test_cli_writes_the_report_when_no_benchmark_ran(tmp_path: Path):
     assert main(["--device", "cpu", "--quick", "--checkpoint", "none", "--no-kernels", "--backends", "torch-fp32",
                  "--images", "1", "--batch", "1", "--data", str(root), "--time-limit", "1e-6", "--out",
                  str(out)]) == 0
+    assert capsys.readouterr().err.startswith("weights: random (--checkpoint none)\n")
     report = json.loads(next(out.glob("cpu-*.json")).read_text())
     assert not report["latency"]
     text = next(out.glob("cpu-*.md")).read_text()
