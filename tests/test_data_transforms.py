@@ -87,6 +87,22 @@ def test_resizing_matches_opencv_as_the_reference_pipeline_uses_it(in_h: int, in
     assert resize_label(wide, (out_h, out_w)).dtype == np.int64
 
 
+def test_label_resizing_takes_opencvs_source_rows_where_torch_and_exact_division_do_not() -> None:
+    """Cityscapes-sized labels at training scales (1024 → 614, 460, 972; 2048 → 920, 1228, 1944), where torch's
+    float32 "nearest" reads a row too low, GTA's 1914 → 1024, where exact ⌊dst · in / out⌋ differs, the 128 → 82 of
+    the C++ runner's tests, and every size pair from 1 to 64 both ways: always cv2's rows."""
+    import cv2
+
+    pairs = [(1024, 614), (1024, 460), (1024, 972), (2048, 920), (2048, 1228), (2048, 1944), (1914, 1024),
+             (128, 82)] + [(a, b) for a in range(1, 65) for b in range(1, 65)]
+    for n_in, n_out in pairs:
+        column = (np.arange(n_in) % 251).astype(np.uint8).reshape(n_in, 1)  # neighbouring rows always differ
+        want = cv2.resize(column, (1, n_out), interpolation=cv2.INTER_NEAREST).reshape(-1)
+        assert np.array_equal(resize_label(column, (n_out, 1))[:, 0], want), (n_in, n_out)
+        row = column.reshape(1, n_in)
+        assert np.array_equal(resize_label(row, (1, n_out))[0], want), (n_in, n_out)
+
+
 def test_resizing_to_the_same_size_returns_the_input() -> None:
     image, label = _scene(20, 30)
     assert resize_image(image, (20, 30)) is image and resize_label(label, (20, 30)) is label

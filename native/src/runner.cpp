@@ -4,10 +4,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/upsample_bilinear2d.h>
-#include <ATen/ops/upsample_nearest2d.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -74,14 +74,26 @@ at::Tensor make_batch(const std::vector<Decoded>& batch, const ModelInfo& info, 
   return x;
 }
 
-// Nearest-neighbour resize of a label map by ATen's own kernel, so the labels are those F.interpolate(mode="nearest")
-// gives in Python: its source index floor(dst · (float)(in / out)) differs from exact integer division for some
-// sizes (in 128, out 82: row 41 reads row 63, not 64).
+// The source row (or column) of each output one under OpenCV's INTER_NEAREST, as the Python side resizes labels
+// (qd_core.data.transforms.nearest_indices): floor(dst · (1 / (out / in))) in double, capped at in − 1. Exact
+// integer division and ATen's nearest kernel (a float scale) each differ from it by one row at a few sizes.
+std::vector<int> nearest_indices(int in, int out) {
+  const double scale = 1.0 / (static_cast<double>(out) / in);
+  std::vector<int> index(static_cast<std::size_t>(out));
+  for (int i = 0; i < out; ++i) index[i] = std::min(static_cast<int>(std::floor(i * scale)), in - 1);
+  return index;
+}
+
+// Nearest-neighbour resize of a (in_h, in_w) label map to (out_h, out_w), the labels export.infer writes.
 std::vector<std::uint8_t> resize_labels(const std::uint8_t* labels, int in_h, int in_w, int out_h, int out_w) {
-  const at::Tensor in = at::from_blob(const_cast<std::uint8_t*>(labels), {1, 1, in_h, in_w}, at::kByte);
-  const at::Tensor resized = at::upsample_nearest2d(in, {out_h, out_w}).contiguous();
-  const std::uint8_t* data = resized.data_ptr<std::uint8_t>();
-  return std::vector<std::uint8_t>(data, data + static_cast<std::size_t>(out_h) * out_w);
+  const std::vector<int> rows = nearest_indices(in_h, out_h), cols = nearest_indices(in_w, out_w);
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(out_h) * out_w);
+  for (int y = 0; y < out_h; ++y) {
+    const std::uint8_t* src = labels + static_cast<std::size_t>(rows[y]) * in_w;
+    std::uint8_t* dst = out.data() + static_cast<std::size_t>(y) * out_w;
+    for (int x = 0; x < out_w; ++x) dst[x] = src[cols[x]];
+  }
+  return out;
 }
 
 class Runner {

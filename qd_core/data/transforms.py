@@ -6,9 +6,9 @@ after normalisation, label 255). Every random choice comes from the ``numpy.rand
 same generator state gives the same sample.
 
 Resizing follows the reference pipeline's OpenCV (mmcv ``imresize``): images bilinearly with half-pixel centres and
-no anti-aliasing, labels by nearest neighbour taking source index ⌊dst · in / out⌋. Both run in torch, which uses
-the same sampling: labels come out identical to ``cv2.resize(..., INTER_NEAREST)`` and images within one grey level
-of ``cv2.resize(..., INTER_LINEAR)`` (both interpolate uint8 in fixed point, rounding differently).
+no anti-aliasing, in torch, within one grey level of ``cv2.resize(..., INTER_LINEAR)`` (both interpolate uint8 in
+fixed point, rounding differently); labels by nearest neighbour at OpenCV's own source index (``nearest_indices``),
+identical to ``cv2.resize(..., INTER_NEAREST)``.
 Pillow would not do: its bilinear filter widens when shrinking (a softer image at the 2× test-time downscale) and
 its nearest neighbour samples pixel centres, shifting labels by up to a pixel against their images.
 """
@@ -66,15 +66,24 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out,) int64: the source row (or column) of each output one under OpenCV's ``INTER_NEAREST``.
+
+    OpenCV takes ⌊dst · (1 / (out / in))⌋ in float64, capped at in − 1. Neither exact ⌊dst · in / out⌋ nor torch's
+    "nearest" (a float32 scale) is that: where dst · in / out is (nearly) whole they land one row off at a few dst
+    (1024 → 614 rows, dst 307: torch reads 511, OpenCV 512; 1914 → 1024, exact division differs once).
+    """
+    scale = 1.0 / (n_out / n_in)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float64) * scale).astype(np.int64), n_in - 1)
+
+
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize (OpenCV ``INTER_NEAREST``) of a (H, W) label with values in 0..255 to (h, w);
+    """Nearest-neighbour resize of a (H, W) label to (h, w), identical to ``cv2.resize(..., INTER_NEAREST)``;
     keeps the dtype."""
     h, w = size
     if (h, w) == label.shape:
         return label
-    # torch's "nearest" is OpenCV's: source index ⌊dst · in / out⌋ (not the pixel-centre rule of "nearest-exact").
-    src = _uint8_tensor(label)[None, None]
-    return F.interpolate(src, size=(h, w), mode="nearest")[0, 0].numpy().astype(label.dtype)
+    return label[nearest_indices(label.shape[0], h)[:, None], nearest_indices(label.shape[1], w)[None, :]]
 
 
 def short_edge_size(height: int, width: int, short: int, max_long: int) -> tuple[int, int]:
