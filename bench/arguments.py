@@ -3,7 +3,7 @@
 Every check raises ValueError with one line naming the flag, the value and what was expected; the entry points
 print it as ``error: ...`` and exit 2. They run before any work, so a bad output path is found before minutes of
 profiling or benchmarking, not when the result is written. Standard library only: ``bench.kernel_summary`` runs
-without torch.
+without torch (and writes its table with ``write_text_atomic``, not the torch-importing checkpoint helpers).
 """
 from __future__ import annotations
 
@@ -79,3 +79,14 @@ def read_benchmark_json(path: Path, flag: str = "") -> dict[str, Any]:
     if bad is not None:
         raise ValueError(f"{where}: benchmarks[{bad}]: expected an object with a 'name'")
     return data
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temp file beside it and a rename; the temp file removed if either step fails."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -8,9 +8,10 @@
 
 Nothing here re-implements an export step; this module only names the files and feeds one step's output to the
 next. Files are written afresh by each process (a file left in the work folder by an earlier run may come from
-other weights) and reused within it only for the same model object, size, batch and device (two sessions in one
-process may share a work folder). ONNX Runtime gets as many threads as torch uses, so CPU latencies compare like
-with like.
+other weights) and reused within it only for what they were made from: the same model object and size (the ONNX
+files, whose batch axis is dynamic), and batch and device too (the TensorRT engine, the AOTInductor package); two
+sessions in one process may share a work folder. ONNX Runtime gets as many threads as torch uses, so CPU latencies
+compare like with like.
 """
 from __future__ import annotations
 

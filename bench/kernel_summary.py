@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.arguments import description, output_file, positive, read_benchmark_json
+from bench.arguments import description, output_file, positive, read_benchmark_json, write_text_atomic
 
 H100_BANDWIDTH_TBS = 3.35  # H100 SXM5 HBM3 peak, TB/s
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -324,9 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Like argparse's own errors: exit status 2 through SystemExit, but one line, without the usage.
         ap.exit(2, f"error: {e}\n")
     if args.out is not None:
-        from qd_core.checkpoint import atomic_write  # torch comes with it; only needed here
-
-        atomic_write(args.out, lambda tmp: tmp.write_text(text))
+        write_text_atomic(args.out, text)
     else:
         print(text, end="")
     return 0

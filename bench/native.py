@@ -1,6 +1,6 @@
 """qd_infer, the C++ runner, as a benchmark backend: built with CMake, fed PNG files, timed by its own clock.
 
-    exe = build_qd_infer(REPO_ROOT / "build" / "bench-native")
+    exe, _ = build_qd_infer(REPO_ROOT / "build" / "bench-native")
     seg = NativeSegmenter(exe, Path("model.pt2"), threads=2)
     labels = seg.predict(images)                        # (B, H, W) from the label PNGs qd_infer writes
     seconds = seg.timed_passes(images, warmup=3, iters=20)  # one entry per timed forward pass

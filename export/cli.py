@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=4,
                    help="evaluation images per domain for the parity check, 0 = skip the check (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="device of the PyTorch reference and of ONNX Runtime during the parity check "
-                        "(default cpu)")
+                   help="device of the PyTorch reference and of ONNX Runtime during the parity check, and the "
+                        "device the --aoti package is compiled for (it runs only there; default cpu)")
     return p
 
 

@@ -173,7 +173,8 @@ def write_metadata(model: onnx.ModelProto, values: dict[str, object]) -> None:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int, width: int, opset: int = 18,
                 msda: str = "gather", extra_metadata: dict[str, object] | None = None) -> OnnxExport:
-    """Trace ``ExportWrapper(model)`` on the CPU at (``TRACE_BATCH``, 3, height, width) and write fp32 ONNX.
+    """Trace ``ExportWrapper(model)`` on the model's device at (``TRACE_BATCH``, 3, height, width) and write fp32
+    ONNX.
 
     Args:
         model: the student (``qd_core.model.QueryDiffStudent``); put in eval mode, weights unchanged.

@@ -126,7 +126,8 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
             read as fp32; dh ≤ 256.
         spatial_shapes: (L, 2) integer (h, w) per level; level_start_index: (L,) integer offsets in S; both on
             value's device.
-        sampling_locations: (B, Nq, H, L, P, 2) fp32 normalised (x, y); points outside [0, 1] read zeros.
+        sampling_locations: (B, Nq, H, L, P, 2) fp32 normalised (x, y); bilinear with zero padding: the corners
+            that fall outside the level read zero.
         attention_weights: (B, Nq, H, L, P) fp32.
     Returns:
         (B, Nq, H·dh) fp32, differentiable in value, sampling_locations and attention_weights. Same result as

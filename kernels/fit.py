@@ -12,8 +12,8 @@ fp32 (tf32x3 splits every operand in three):
   with 1 KiB to spare, too little to count on.
 
 Shapes beyond these raise in ``kernels.masked_attention`` instead of failing in the launch, and the model's
-dispatch (``qd_core.attention``) runs them with the PyTorch path. The model's own heads (d = 32, Q = 100) are far
-inside.
+dispatch (``qd_core.attention``) runs them with the PyTorch path. The model's own heads (d = 32, Q = 100) fit: in
+bf16/fp16 with room to spare, in fp32 with the backward's tiles exactly at its limit (Q rounds up to 128 rows).
 """
 from __future__ import annotations
 

@@ -198,7 +198,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
             float dtype, read as fp32; dh ≤ 256.
         spatial_shapes: (L, 2) integer (h, w) per level, on value's device.
         level_start_index: (L,) integer offset of each level in S, on value's device.
-        sampling_locations: (B, Nq, H, L, P, 2) fp32 normalised (x, y); outside [0, 1] reads zeros.
+        sampling_locations: (B, Nq, H, L, P, 2) fp32 normalised (x, y); corners outside the level read zero.
         attention_weights: (B, Nq, H, L, P) fp32.
     Returns:
         (B, Nq, H·dh) fp32, differentiable in value, sampling_locations and attention_weights.

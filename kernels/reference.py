@@ -1,7 +1,9 @@
 """Plain-PyTorch ground truth of the attention hot paths and of the full-size labels.
 
-These are the definitions the Triton kernels are tested against and the path the model takes on CPU and in
-export (they trace to plain MatMul/Softmax/Where ONNX nodes). Accumulation is in fp32 whatever the input dtype.
+These are the definitions the Triton kernels are tested against. The attention references are also the path the
+model takes on CPU and in export (they trace to plain MatMul/Softmax/Where ONNX nodes); the model computes its
+labels and the refinement's convolutions with its own modules. The attention and label references compute in fp32
+whatever the input dtype; the depthwise reference is ``conv2d`` in the input's dtype.
 """
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask_embed: Tens
 def semantic_labels_reference(class_probs: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
     """(B, Q, K) class probabilities, (B, Q, h, w) mask logits → labels (B, H, W) int32: argmax over k of
     Σ_q class_probs[b, q, k] · sigmoid(bilinear resize of mask_logits to ``size``, align_corners=False)."""
-    full = torch.nn.functional.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
-    return torch.einsum("bqk,bqhw->bkhw", class_probs.to(full.dtype), full.sigmoid()).argmax(dim=1).to(torch.int32)
+    full = torch.nn.functional.interpolate(mask_logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return torch.einsum("bqk,bqhw->bkhw", class_probs.float(), full.sigmoid()).argmax(dim=1).to(torch.int32)
 
 
 def depthwise_conv3x3_reference(x: Tensor, weights: list[Tensor], dilations: list[int]) -> list[Tensor]:

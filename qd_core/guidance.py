@@ -137,8 +137,9 @@ class GuidanceLoss(nn.Module):
         """queries Q (B, N, D), weak F_w (B, M, D), strong F_s (B, M, D) → {"loss_dist", "loss_sup"} scalars."""
         self._check(queries, weak, strong)
         with torch.autocast(device_type=queries.device.type, enabled=False):
-            # The module's own precision: fp32 unless it was converted (.half(), .bfloat16()); the softmaxes, the
-            # KL and the smooth-L1 are fp32 either way.
+            # The module's own precision: fp32 unless it was converted (.half(), .bfloat16()), the similarity S
+            # and the reconstruction included; the KL's log-softmax and target softmax, the KL and the smooth-L1
+            # are fp32 either way.
             dtype = self.value_proj.weight.dtype
             q, fw, fs = queries.to(dtype), weak.to(dtype), strong.to(dtype)
             s = self.similarity(q, fw)

@@ -92,8 +92,9 @@ class QueryDiffStudent(nn.Module):
         return (images.float() - self.pixel_mean) / self.pixel_std
 
     def forward(self, images: Tensor, *, all_layers: bool = True) -> StudentOutput:
-        """images: (B, 3, H, W) normalised, H and W multiples of 32 → all decoder outputs (training's deep
-        supervision), or with ``all_layers=False`` the last one only (inference: the others are not computed)."""
+        """images: (B, 3, H, W) normalised, H and W multiples of ``size_multiple`` (32 for patch 16) → all decoder
+        outputs (training's deep supervision), or with ``all_layers=False`` the last one only (inference: the others
+        are not computed)."""
         self.check_images(images)
         tokens = self.reins.all_tokens() if self.reins is not None else None  # (L, m, D), shared with the queries
         feats = self.backbone(images, adapter=self.reins.bind(tokens) if self.reins is not None else None)

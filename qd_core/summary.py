@@ -4,7 +4,7 @@
 
 FLOPs are counted by ``torch.utils.flop_counter`` on the meta device (no memory, no compute): matrix products,
 convolutions and attention, 2 FLOPs per multiply-add. Elementwise work (norms, softmax, bilinear sampling) is
-not counted, as is usual for MFU. The same pass counts the ATen operations of one eager forward (with the PyTorch
+not counted, as is usual for MFU. A second pass counts the ATen operations of one eager forward (with the PyTorch
 attention path), those that are not views being about one GPU kernel launch each: at batch 1 an eager forward is
 bound by their host cost, so this is the figure that fewer-launch rewrites move.
 """

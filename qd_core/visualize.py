@@ -11,10 +11,11 @@ from qd_core.classes import CITYSCAPES_PALETTE
 
 
 def colorize(label: np.ndarray, palette: tuple[tuple[int, int, int], ...] = CITYSCAPES_PALETTE) -> np.ndarray:
-    """Train-id label (H, W) → RGB uint8 (H, W, 3); ids without a colour (255 = ignore) are black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
+    """Train-id label (H, W) → RGB uint8 (H, W, 3); ids without a colour (255 = ignore, negative ones) are black."""
+    lut = np.zeros((len(palette) + 1, 3), dtype=np.uint8)  # the last row: black
     lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    return lut[np.asarray(label).astype(np.intp).clip(0, 255)]
+    ids = np.asarray(label).astype(np.intp)
+    return lut[np.where((ids >= 0) & (ids < len(palette)), ids, len(palette))]
 
 
 def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -57,3 +57,20 @@ def test_an_out_path_that_is_a_folder_is_one_line_and_nothing_is_written(tmp_pat
     assert list(folder.iterdir()) == []
     # The same JSON with a usable --out is summarised: the refusals above are about the arguments alone.
     assert ks.main([str(path), "--out", str(folder / "k.md")]) == 0 and "1.00×" in (folder / "k.md").read_text()
+
+
+def test_the_summary_and_its_out_file_need_no_torch(tmp_path: Path):
+    """The table is made where the GPU's JSON was fetched to, which may have no torch (``bench.arguments``): with
+    ``import torch`` failing, the summary is still written to --out."""
+    import subprocess
+    import sys
+
+    path = _kernel_json(tmp_path, {"benchmarks": [_good_entry("triton"), _good_entry("sdpa")]})
+    out = tmp_path / "k.md"
+    script = ("import runpy, sys; sys.modules['torch'] = None  # import torch raises ImportError\n"
+              f"sys.argv = ['kernel_summary', {str(path)!r}, '--out', {str(out)!r}]\n"
+              "runpy.run_module('bench.kernel_summary', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1.00×" in out.read_text()

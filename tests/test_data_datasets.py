@@ -271,6 +271,19 @@ def test_unknown_class_ids_are_named(tmp_path: Path) -> None:
         SegmentationDataset([sample])[0]
 
 
+def test_negative_ids_and_colours_outside_the_palette() -> None:
+    """A label array of a signed type (a converter's int32, not a PNG) with -1 is refused like any id outside
+    0..18 ∪ {255}; colorize draws ids without a colour, negative ones included, in black, not in road's colour."""
+    from qd_core.data.labels import check_train_ids
+    from qd_core.visualize import colorize
+
+    with pytest.raises(ValueError, match=r"x\.png: label holds unknown class ids \[-1\]"):
+        check_train_ids(np.array([[-1, 3, 255]], np.int32), "x.png")
+    check_train_ids(np.array([[0, 18, 255]], np.int32), "x.png")
+    rgb = colorize(np.array([[-1, 0, 18, 19, 255, 300]]))
+    assert (rgb[0, [0, 3, 4, 5]] == 0).all() and rgb[0, 1].any() and rgb[0, 2].any()
+
+
 def test_ignore_index_and_all_train_ids_are_accepted(tmp_path: Path) -> None:
     label = np.arange(H * W, dtype=np.uint8).reshape(H, W) % 19
     label[0, 0] = 255

@@ -1132,6 +1132,13 @@ def test_semantic_labels_reference_is_the_half_pixel_resize_sigmoid_class_produc
     labels = kernels.semantic_labels_reference(probs, masks, size)
     assert labels.dtype == torch.int32 and labels.shape == (b, *size)
     assert torch.equal(labels[clear], sums.argmax(dim=1).to(torch.int32)[clear])
+    # bf16 inputs are summed in fp32 (the module docstring), not in bf16: the labels of the inputs' fp32 values
+    # (100 queries and 19 classes, where bf16 sums tie and swap the best two at a few per cent of the pixels).
+    half_p = torch.rand(1, 100, 19, generator=g).softmax(-1).bfloat16()
+    half_m = (torch.randn(1, 100, 12, 10, generator=g) * 3).bfloat16()
+    size = (48, 40)
+    assert torch.equal(kernels.semantic_labels_reference(half_p, half_m, size),
+                       kernels.semantic_labels_reference(half_p.float(), half_m.float(), size))
 
 
 def test_attention_references_return_the_query_dtype():

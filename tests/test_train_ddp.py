@@ -150,6 +150,43 @@ def test_distributed_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path: P
         torch.testing.assert_close(r["running"][1], r["running_ref"][1], rtol=1e-5, atol=1e-6)
 
 
+def _main_first_worker(rank: int, port: int, out: str, failure: str) -> None:
+    from train.distributed import DistEnv, main_first
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+
+    def prepare() -> int:
+        if failure == "input":
+            raise ValueError("data.val: '/nowhere' does not exist")
+        if failure == "crash":
+            raise KeyError("teacher")
+        return 7
+
+    try:
+        outcome = f"returned {main_first(DistEnv(rank=rank, world_size=2), prepare)}"
+    except Exception as err:
+        outcome = f"{type(err).__name__}: {err}"
+    Path(out, f"{rank}.txt").write_text(outcome)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("failure", ["none", "input", "crash"])
+def test_main_first_ends_every_rank_when_rank_zero_fails(tmp_path: Path, failure: str) -> None:
+    """Rank 0 prepares alone; when that fails, the other rank must not wait for it at the next collective: a bad
+    input is the same one-line ValueError everywhere, any other failure re-raised on rank 0 and named on the other."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_main_first_worker, args=(port, str(tmp_path), failure), nprocs=2)
+    outcomes = [(tmp_path / f"{rank}.txt").read_text() for rank in range(2)]
+    assert outcomes == {
+        "none": ["returned 7", "returned None"],
+        "input": ["ValueError: data.val: '/nowhere' does not exist"] * 2,
+        "crash": ["KeyError: 'teacher'", "RuntimeError: rank 0 failed: KeyError: 'teacher'"],
+    }[failure]
+
+
 def test_sync_batchnorm_replaces_every_batchnorm_and_keeps_the_state() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -70,21 +70,30 @@ def barrier(env: DistEnv) -> None:
 
 
 def main_first(env: DistEnv, fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0 only; every rank raises the same ValueError if it failed there.
+    """Run ``fn`` on rank 0 only. If it fails there with an OSError or ValueError (bad input: one line), every rank
+    raises a ValueError with its message; any other exception is re-raised on rank 0 and the other ranks raise a
+    RuntimeError naming it.
 
     Without the broadcast, the other ranks would wait at the next collective for a rank that already left.
     """
     result: T | None = None
-    error: list[Any] = [None]
+    error: list[Any] = [None]  # None, or (kind, message) with kind "input" or "crash"
+    crash: Exception | None = None
     if env.is_main:
         try:
             result = fn()
         except (OSError, ValueError) as err:
-            error[0] = str(err)
+            error[0] = ("input", str(err))
+        except Exception as err:
+            crash = err
+            error[0] = ("crash", f"rank 0 failed: {type(err).__name__}: {err}")
     if env.distributed:
         dist.broadcast_object_list(error, src=0)
+    if crash is not None:
+        raise crash
     if error[0] is not None:
-        raise ValueError(error[0])
+        kind, message = error[0]
+        raise (ValueError if kind == "input" else RuntimeError)(message)
     return result
 
 

@@ -11,7 +11,9 @@ term is divided by counts taken over the whole step (all micro-batches, all rank
 
 Each micro-batch contributes Σ_its images / (total / world_size); DDP averages over ranks and accumulation sums
 micro-batches, so the step's gradient is Σ_all images / total: one large batch. With one process and one
-micro-batch this is exactly ``Mask2FormerLoss`` (CE normalised over the whole step, [A], instead of per GPU).
+micro-batch this is ``Mask2FormerLoss``'s normalisation (CE normalised over the whole step, [A], instead of per GPU)
+and, for one image, its value; for several, its random points differ (one generator per image here, one per batch
+there), so the values agree in expectation.
 The guidance losses are batch means, scaled by 1/grad_accum.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ from qd_core.losses import Instances, Mask2FormerLoss, semantic_to_instances
 
 @dataclass(frozen=True)
 class StepNorm:
-    """Whole-step normalisers of the segmentation terms, already divided by the world size (≥ 1 each)."""
+    """Whole-step normalisers of the segmentation terms, already divided by the world size (``num_masks`` ≥ 1,
+    ``cls_weight`` > 0)."""
 
     num_masks: float
     cls_weight: float

@@ -26,7 +26,7 @@ from qd_core.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE,
 from qd_core.data.transforms import EvalTransform, TrainTransform
 
 # Loaded on first use: importing them here would make ``python -m qd_core.data.synthetic`` warn that the module
-# is already in sys.modules, and would pull the corruption library into every import of the package.
+# is already in sys.modules, and would pull OpenCV (which the corruptions use) into every import of the package.
 _LAZY = {
     "ensure_synthetic": "qd_core.data.synthetic",
     "generate_synthetic": "qd_core.data.synthetic",

@@ -41,7 +41,7 @@ def train_id_to_label_id_lut() -> np.ndarray:
 
 def check_train_ids(label: np.ndarray, path: str | Path) -> None:
     """Raise ValueError naming ``path`` if ``label`` (H, W) holds a value outside 0..18 ∪ {255}."""
-    bad = (label >= NUM_CLASSES) & (label != IGNORE_INDEX)
+    bad = ((label >= NUM_CLASSES) & (label != IGNORE_INDEX)) | (label < 0)
     if bad.any():
         values = np.unique(label[bad])
         shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if values.size > 8 else "")

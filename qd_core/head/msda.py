@@ -167,10 +167,11 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: SpatialShapes, level_star
         spatial_shapes: (L, 2) long tensor of (h, w) per level, or a Python sequence of (h, w) ints. The list
             form keeps both paths free of host reads; with a tensor the ``grid_sample`` path reads it on the
             host (``.tolist()``), the ``gather`` path never does.
-        level_start_index: (L,) long, offset of each level in S (a sequence of ints is accepted too). Only the
-            ``gather`` path uses it.
+        level_start_index: (L,) long, offset of each level in S (a sequence of ints is accepted too). The
+            ``gather`` and ``triton`` paths use it.
         sampling_locations: (B, Nq, H, L, P, 2) normalised (x, y); (0, 0) is the top-left corner and (1, 1)
-            the bottom-right corner of the level. Points outside [0, 1] read zeros.
+            the bottom-right corner of the level. Bilinear with zero padding: the corners that fall outside
+            the level read zero (a point just outside still reads the border pixels in part).
         attention_weights: (B, Nq, H, L, P), usually softmax-normalised over (L, P).
         sampling: ``"grid_sample"``, ``"gather"`` or ``"triton"``; they agree to float rounding. ``"triton"``
             reads value in its own dtype (as fp32), the others take it as given.

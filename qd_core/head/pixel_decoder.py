@@ -142,7 +142,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def set_msda_sampling(self, mode: str) -> None:
-        """Pick the sampling core of every MSDeformAttn layer: ``"grid_sample"`` or ``"gather"`` (export)."""
+        """Pick the sampling core of every MSDeformAttn layer: ``"grid_sample"`` (on CUDA it runs the Triton kernel
+        where the kernels are used), ``"gather"`` (export) or ``"triton"``."""
         if mode not in SAMPLING_MODES:
             raise ValueError(f"mode={mode!r}: expected one of {SAMPLING_MODES}")
         for m in self.modules():
