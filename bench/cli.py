@@ -347,13 +347,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if existing and not args.overwrite:
         print(f"error: {existing[0]}: exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    if checkpoint != NO_CHECKPOINT:
-        weights = checkpoint
-    elif args.checkpoint:
-        weights = "random (--checkpoint none)"
-    else:
-        weights = f"random (no {REPO_ROOT / 'runs'}/*/best.safetensors; --checkpoint C names one)"
-    print(f"weights: {weights}", file=sys.stderr)  # the report says so too, but only at the end
     try:  # after the cheap checks: loading a ViT-L takes a while
         build_session(env)
     except (ValueError, OSError) as e:
@@ -363,6 +356,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted while loading the model and the images; nothing ran, nothing written",
               file=sys.stderr)
         return 2
+    if checkpoint != NO_CHECKPOINT:
+        weights = checkpoint
+    elif args.checkpoint:
+        weights = "random (--checkpoint none)"
+    else:
+        weights = f"random (no {REPO_ROOT / 'runs'}/*/best.safetensors; --checkpoint C names one)"
+    print(f"weights: {weights}", file=sys.stderr)  # the report says so too, but only at the end
     os.environ.update(env)
 
     run_kernels = args.kernels if args.kernels is not None else device == "cuda"
