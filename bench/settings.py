@@ -20,16 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-
-def _work_root() -> Path:
-    """Where the benchmark looks for runs/ and keeps data/, build/ and (by default) its results: the checkout it
-    lives in, or, for a copy installed with pip, the current folder (site-packages is no place for them)."""
-    checkout = Path(__file__).resolve().parent.parent
-    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
-
-
-REPO_ROOT = _work_root()
-IN_CHECKOUT = REPO_ROOT == Path(__file__).resolve().parent.parent
+_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+IN_CHECKOUT = (_PACKAGE_PARENT / "pyproject.toml").is_file()
+# Where the benchmark looks for runs/ and keeps data/, build/ and (by default) its results: the checkout it lives
+# in, or, for a copy installed with pip, the current folder (site-packages is no place for them).
+REPO_ROOT = _PACKAGE_PARENT if IN_CHECKOUT else Path.cwd()
 DEFAULT_CONFIG = "tiny"
 # Synthetic scenes are drawn round-robin over the source and the six target domains, so 7 images is one of each.
 DEFAULT_IMAGES = {"cpu": 7, "cuda": 28}

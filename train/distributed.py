@@ -77,23 +77,23 @@ def main_first(env: DistEnv, fn: Callable[[], T]) -> T | None:
     Without the broadcast, the other ranks would wait at the next collective for a rank that already left.
     """
     result: T | None = None
-    error: list[Any] = [None]  # None, or (kind, message) with kind "input" or "crash"
+    error: list[Any] = [None]  # None, or (exception class, message) to raise on every rank
     crash: Exception | None = None
     if env.is_main:
         try:
             result = fn()
         except (OSError, ValueError) as err:
-            error[0] = ("input", str(err))
+            error[0] = (ValueError, str(err))
         except Exception as err:
             crash = err
-            error[0] = ("crash", f"rank 0 failed: {type(err).__name__}: {err}")
+            error[0] = (RuntimeError, f"rank 0 failed: {type(err).__name__}: {err}")
     if env.distributed:
         dist.broadcast_object_list(error, src=0)
     if crash is not None:
         raise crash
     if error[0] is not None:
         kind, message = error[0]
-        raise (ValueError if kind == "input" else RuntimeError)(message)
+        raise kind(message)
     return result
 
 
